@@ -1,0 +1,290 @@
+"""Reading the catalog: pinned snapshots as pandas, pyarrow datasets and DuckDB SQL.
+
+``open_catalog(url)`` pins the latest catalog version; ``version=N`` or ``as_of=datetime``
+pins an older one. Every accessor of the returned :class:`Catalog` reads that snapshot, so
+a notebook or a training run that records ``catalog.version`` can read exactly the same
+rows again later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import html
+import os
+from typing import TYPE_CHECKING, Any
+
+from voxlake.catalog.tables import TABLES, _delta_options, table_url
+from voxlake.errors import CatalogError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+__all__ = ["Catalog", "open_catalog"]
+
+
+class Catalog:
+    """A read-only, version-pinned view of a voxlake catalog.
+
+    Use :func:`open_catalog` to create one.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        version: int,
+        table_versions: Mapping[str, int],
+        committed_at: dt.datetime | None,
+        storage_options: dict[str, str] | None,
+    ) -> None:
+        self.url = url
+        self.version = version
+        self.table_versions = dict(table_versions)
+        self.committed_at = committed_at
+        self.storage_options = storage_options
+
+    def __repr__(self) -> str:
+        return f"Catalog({self.url!r}, version={self.version})"
+
+    # -- raw access -----------------------------------------------------------------
+    def delta_table(self, name: str) -> Any:
+        """The ``deltalake.DeltaTable`` of ``name`` at the pinned version."""
+        from deltalake import DeltaTable
+
+        if name not in self.table_versions:
+            raise CatalogError(f"unknown catalog table {name!r}; known: {list(TABLES)}")
+        return DeltaTable(
+            table_url(self.url, name),
+            version=self.table_versions[name],
+            storage_options=self.storage_options,
+        )
+
+    def dataset(self, name: str) -> pads.Dataset:
+        """A pyarrow dataset of ``name``: filters and projections push down to Parquet.
+
+        Example: ``cat.dataset("volumes").to_table(filter=pc.field("modality") == "CT")``.
+        """
+        return self.delta_table(name).to_pyarrow_dataset()  # type: ignore[no-any-return]
+
+    def read(
+        self, name: str, *, columns: list[str] | None = None, filter: Any = None
+    ) -> pd.DataFrame:
+        """Read table ``name`` into pandas, with optional column projection and filter."""
+        frame: pd.DataFrame = (
+            self.dataset(name).to_table(columns=columns, filter=filter).to_pandas()
+        )
+        return frame
+
+    # -- convenience frames ---------------------------------------------------------
+    @functools.cached_property
+    def instances(self) -> pd.DataFrame:
+        """All instance rows (pandas)."""
+        return self.read("instances")
+
+    @functools.cached_property
+    def volumes(self) -> pd.DataFrame:
+        """All volume rows (pandas)."""
+        return self.read("volumes")
+
+    @functools.cached_property
+    def failures(self) -> pd.DataFrame:
+        """All failure rows (pandas)."""
+        return self.read("failures")
+
+    @functools.cached_property
+    def runs(self) -> pd.DataFrame:
+        """All ingest runs (pandas), oldest first."""
+        return self.read("runs").sort_values("started_at", ignore_index=True)
+
+    @functools.cached_property
+    def labels(self) -> pd.DataFrame:
+        """All label rows (pandas)."""
+        return self.read("labels")
+
+    def to_dask(self, name: str) -> Any:
+        """A ``dask.dataframe`` over the table's Parquet files (for tables beyond memory)."""
+        import dask.dataframe as dd
+
+        files = self.delta_table(name).file_uris()
+        if not files:
+            return dd.from_pandas(self.read(name), npartitions=1)
+        return dd.read_parquet(files, storage_options=self._fsspec_options())
+
+    def _fsspec_options(self) -> dict[str, Any] | None:
+        opts = self.storage_options or {}
+        if "AWS_ENDPOINT_URL" not in opts:
+            return None
+        return {
+            "key": opts.get("AWS_ACCESS_KEY_ID"),
+            "secret": opts.get("AWS_SECRET_ACCESS_KEY"),
+            "client_kwargs": {
+                "endpoint_url": opts["AWS_ENDPOINT_URL"],
+                "region_name": opts.get("AWS_REGION", "us-east-1"),
+            },
+        }
+
+    # -- SQL -------------------------------------------------------------------------
+    def sql(self, query: str) -> pd.DataFrame:
+        """Run DuckDB SQL with every table registered as a view; return pandas.
+
+        Tables are scanned as pyarrow datasets, so ``WHERE`` filters push down.
+        """
+        import duckdb
+
+        con = duckdb.connect()
+        try:
+            for name in TABLES:
+                con.register(name, self.dataset(name))
+            return con.execute(query).df()
+        except duckdb.Error as exc:
+            raise CatalogError(f"SQL failed: {exc}", code="bad_sql") from exc
+        finally:
+            con.close()
+
+    # -- history ---------------------------------------------------------------------
+    def history(self) -> pd.DataFrame:
+        """One row per catalog version up to the pinned one, with its run's status."""
+        from deltalake import DeltaTable
+
+        commits = DeltaTable(
+            table_url(self.url, "_commits"), storage_options=self.storage_options
+        ).to_pandas()
+        commits = commits.sort_values("committed_at", ignore_index=True)
+        commits.insert(0, "version", range(1, len(commits) + 1))
+        commits = commits[commits["version"] <= self.version]
+        runs = self.runs[["run_id", "status", "files_seen", "volumes_written", "failures"]]
+        return commits.merge(runs, on="run_id", how="left")
+
+    # -- training helpers ------------------------------------------------------------
+    def training_selection(self, label: str = "label") -> pd.DataFrame:
+        """Volumes joined with their label ``label`` (series, else study, else patient).
+
+        Rows without a label are dropped. Raw identifiers never appear: labels are stored
+        under keyed hashes (see :func:`voxlake.catalog.attach_labels`).
+        """
+        volumes = self.volumes.copy()
+        labels = self.labels
+        labels = labels[labels["name"] == label]
+        volumes[label] = float("nan")
+        for kind in ("patient", "study", "series"):
+            sub = labels[labels["key_kind"] == kind].drop_duplicates("key", keep="last")
+            mapping = dict(zip(sub["key"], sub["value"], strict=True))
+            values = volumes[f"{kind}_key"].map(mapping)
+            volumes[label] = values.where(values.notna(), volumes[label])
+        selected = volumes[volumes[label].notna()].reset_index(drop=True)
+        selected.attrs["catalog_version"] = self.version
+        return selected
+
+    # -- display ---------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Counts per table and per modality / failure code."""
+        volumes = self.read("volumes", columns=["modality", "nbytes"])
+        failures = self.read("failures", columns=["code"])
+        return {
+            "url": self.url,
+            "version": self.version,
+            "committed_at": self.committed_at,
+            "instances": self.dataset("instances").count_rows(),
+            "volumes": len(volumes),
+            "failures": len(failures),
+            "runs": self.dataset("runs").count_rows(),
+            "volume_bytes": int(volumes["nbytes"].sum()) if len(volumes) else 0,
+            "volumes_by_modality": volumes["modality"].value_counts().to_dict(),
+            "failures_by_code": failures["code"].value_counts().to_dict(),
+        }
+
+    def _repr_html_(self) -> str:
+        info = self.summary()
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
+            f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+            for k, v in info.items()
+        )
+        return f"<b>voxlake catalog</b><table>{rows}</table>"
+
+
+def _commits(url: str, storage_options: dict[str, str] | None) -> pd.DataFrame:
+    from deltalake import DeltaTable
+
+    uri = table_url(url, "_commits")
+    try:
+        table = DeltaTable(uri, storage_options=storage_options)
+    except Exception as exc:
+        raise CatalogError(
+            f"no voxlake catalog at {url}",
+            code="catalog_not_found",
+            hint="run `voxlake ingest ... --catalog URL` first, or check the URL",
+        ) from exc
+    frame = table.to_pandas().sort_values("committed_at", ignore_index=True)
+    return frame
+
+
+def open_catalog(
+    url: str | os.PathLike[str],
+    *,
+    version: int | None = None,
+    as_of: dt.datetime | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Catalog:
+    """Open a catalog pinned to a version.
+
+    Parameters
+    ----------
+    url
+        Catalog root (local path or ``s3://...``).
+    version
+        Catalog version (1 = the first commit). Default: the latest.
+    as_of
+        Pin the latest version committed at or before this time (timezone-aware; naive
+        datetimes are taken as UTC).
+    storage_options
+        delta-rs storage options for remote catalogs.
+
+    Examples
+    --------
+    >>> cat = open_catalog("catalog")                         # doctest: +SKIP
+    >>> cat.sql("SELECT modality, count(*) FROM volumes GROUP BY 1")  # doctest: +SKIP
+    """
+    root = os.fspath(url).rstrip("/")
+    options = _delta_options(storage_options)
+    commits = _commits(root, options)
+    if version is not None and as_of is not None:
+        raise CatalogError("give version or as_of, not both", code="config")
+    if commits.empty:
+        if version not in (None, 0):
+            raise CatalogError(f"catalog has no version {version}", code="no_such_version")
+        return Catalog(
+            root,
+            version=0,
+            table_versions=dict.fromkeys(TABLES, 0),
+            committed_at=None,
+            storage_options=options,
+        )
+    if as_of is not None:
+        moment = as_of if as_of.tzinfo else as_of.replace(tzinfo=dt.UTC)
+        eligible = commits[commits["committed_at"] <= moment]
+        if eligible.empty:
+            raise CatalogError(
+                "catalog has no version at or before that time", code="no_such_version"
+            )
+        position = int(eligible.index[-1])
+    elif version is None:
+        position = len(commits) - 1
+    else:
+        if not 1 <= version <= len(commits):
+            raise CatalogError(
+                f"catalog has versions 1..{len(commits)}, not {version}", code="no_such_version"
+            )
+        position = version - 1
+    row = commits.iloc[position]
+    return Catalog(
+        root,
+        version=position + 1,
+        table_versions={name: int(row[f"{name}_version"]) for name in TABLES},
+        committed_at=row["committed_at"].to_pydatetime(),
+        storage_options=options,
+    )

@@ -1,0 +1,243 @@
+"""Writing the catalog: Delta tables under one root, committed as transactions.
+
+Layout under the catalog root URL::
+
+    <root>/instances/  volumes/  failures/  runs/  labels/   one Delta table each
+    <root>/_commits/                                          the catalog's own log
+
+Each table versions independently in Delta. The ``_commits`` table ties them together:
+every catalog commit (a batch of instance rows, some volume rows, a run update) writes its
+table(s) and then appends one row recording the latest version of *every* table. The
+catalog version users pin (``open_catalog(url, version=N)``) is the version of
+``_commits``, so one integer names a consistent snapshot of all five tables. A writer
+killed between a table write and its ``_commits`` row leaves the catalog at its previous
+version; the orphan table commit becomes visible only with the next catalog commit, and
+it holds only complete rows (rows are idempotent merges on keys).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from voxlake.catalog.schema import SCHEMAS, TABLE_KEYS
+from voxlake.errors import CatalogError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+__all__ = [
+    "COMMITS_SCHEMA",
+    "TABLES",
+    "CatalogWriter",
+    "rows_to_table",
+    "table_url",
+]
+
+logger = logging.getLogger(__name__)
+
+TABLES: tuple[str, ...] = ("instances", "volumes", "failures", "runs", "labels")
+
+COMMITS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string()),
+        pa.field("operation", pa.string()),
+        pa.field("committed_at", pa.timestamp("us", tz="UTC")),
+        *(pa.field(f"{name}_version", pa.int64()) for name in TABLES),
+    ],
+    metadata={"description": "One row per catalog commit: the table versions it makes visible."},
+)
+
+
+def table_url(root: str | os.PathLike[str], name: str) -> str:
+    """URL of one table under the catalog root."""
+    return f"{os.fspath(root).rstrip('/')}/{name}"
+
+
+def _delta_options(storage_options: Mapping[str, Any] | None) -> dict[str, str] | None:
+    if not storage_options:
+        return None
+    return {str(k): str(v) for k, v in storage_options.items()}
+
+
+def rows_to_table(name: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Build an arrow table with the catalog schema of ``name`` from row dicts.
+
+    Missing columns become nulls; unknown keys are an error (the schema is the contract).
+    """
+    schema = SCHEMAS[name]
+    rows = list(rows)
+    unknown = {k for row in rows for k in row} - set(schema.names)
+    if unknown:
+        raise CatalogError(f"rows for {name!r} have unknown columns: {sorted(unknown)}")
+    columns = {field.name: [row.get(field.name) for row in rows] for field in schema}
+    try:
+        return pa.table(columns, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise CatalogError(f"rows for {name!r} do not match the schema: {exc}") from exc
+
+
+def _dedupe_last(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
+    """Keep the last row per key (a merge source must not match a target row twice)."""
+    if table.num_rows < 2:
+        return table
+    seen: dict[tuple[Any, ...], int] = {}
+    key_columns = [table.column(k).to_pylist() for k in keys]
+    for index, key in enumerate(zip(*key_columns, strict=True)):
+        seen[key] = index
+    if len(seen) == table.num_rows:
+        return table
+    return table.take(sorted(seen.values()))
+
+
+class CatalogWriter:
+    """Commits rows to the catalog's Delta tables (driver side only).
+
+    Parameters
+    ----------
+    url
+        Catalog root (local path or ``s3://bucket/prefix``).
+    storage_options
+        delta-rs storage options (``AWS_ENDPOINT_URL``, ``AWS_REGION``...).
+    """
+
+    def __init__(
+        self, url: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
+        self.url = os.fspath(url).rstrip("/")
+        self.storage_options = _delta_options(storage_options)
+        self._ensure_tables()
+
+    def _ensure_tables(self) -> None:
+        from deltalake import DeltaTable
+
+        if "://" not in self.url:
+            os.makedirs(self.url, exist_ok=True)
+        schemas = {**SCHEMAS, "_commits": COMMITS_SCHEMA}
+        for name, schema in schemas.items():
+            uri = table_url(self.url, name)
+            try:
+                DeltaTable.create(
+                    uri,
+                    schema,
+                    mode="ignore",
+                    name=name,
+                    description=schema.metadata.get(b"description", b"").decode(),
+                    storage_options=self.storage_options,
+                )
+            except Exception as exc:
+                raise CatalogError(
+                    f"cannot create catalog table {name!r} at {self.url}: {exc}",
+                    hint="check the catalog URL and storage credentials",
+                ) from exc
+
+    def _table(self, name: str) -> Any:
+        from deltalake import DeltaTable
+
+        return DeltaTable(table_url(self.url, name), storage_options=self.storage_options)
+
+    def upsert(
+        self,
+        name: str,
+        rows: pa.Table | Iterable[Mapping[str, Any]],
+        *,
+        run_id: str,
+        assume_new: bool = False,
+    ) -> int | None:
+        """Merge ``rows`` into table ``name`` on its keys; return the new table version.
+
+        ``assume_new=True`` appends instead of merging, for rows whose keys the caller
+        knows are absent (much cheaper on large tables). Returns None when ``rows`` is empty.
+        """
+        from deltalake import CommitProperties, write_deltalake
+
+        table = rows if isinstance(rows, pa.Table) else rows_to_table(name, rows)
+        if table.num_rows == 0:
+            return None
+        keys = TABLE_KEYS[name]
+        table = _dedupe_last(table, keys)
+        props = CommitProperties(custom_metadata={"voxlake.run_id": run_id})
+        target = self._table(name)
+        try:
+            if assume_new:
+                write_deltalake(target, table, mode="append", commit_properties=props)
+            else:
+                predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+                (
+                    target.merge(
+                        table,
+                        predicate,
+                        source_alias="s",
+                        target_alias="t",
+                        commit_properties=props,
+                    )
+                    .when_matched_update_all()
+                    .when_not_matched_insert_all()
+                    .execute()
+                )
+        except Exception as exc:
+            raise CatalogError(f"commit to {name!r} failed: {exc}") from exc
+        target.update_incremental()
+        return int(target.version())
+
+    def delete(self, name: str, predicate: str, *, run_id: str) -> None:
+        """Delete rows matching a SQL ``predicate`` from table ``name``."""
+        from deltalake import CommitProperties
+
+        props = CommitProperties(custom_metadata={"voxlake.run_id": run_id})
+        self._table(name).delete(predicate, commit_properties=props)
+
+    def record_commit(self, *, run_id: str, operation: str) -> int:
+        """Append a ``_commits`` row with every table's latest version; return the version."""
+        from deltalake import CommitProperties, write_deltalake
+
+        versions = {f"{name}_version": int(self._table(name).version()) for name in TABLES}
+        commits = self._table("_commits")
+        # Catalog versions are positions in committed_at order: keep timestamps strictly
+        # increasing even if this host's clock is behind the last writer's.
+        now = dt.datetime.now(dt.UTC)
+        latest = commits.to_pyarrow_dataset().to_table(columns=["committed_at"]).column(0)
+        if len(latest):
+            import pyarrow.compute as pc
+
+            last = pc.max(latest).as_py()
+            if last is not None and now <= last:
+                now = last + dt.timedelta(microseconds=1)
+        row = {"run_id": run_id, "operation": operation, "committed_at": now, **versions}
+        props = CommitProperties(custom_metadata={"voxlake.run_id": run_id})
+        write_deltalake(
+            commits,
+            pa.Table.from_pylist([row], schema=COMMITS_SCHEMA),
+            mode="append",
+            commit_properties=props,
+        )
+        commits.update_incremental()
+        version = int(commits.version())
+        logger.debug("catalog commit %d (%s) for run %s", version, operation, run_id)
+        return version
+
+    def commit(
+        self,
+        changes: Mapping[str, pa.Table | list[dict[str, Any]]],
+        *,
+        run_id: str,
+        operation: str,
+        assume_new: Mapping[str, bool] | None = None,
+    ) -> int | None:
+        """Write several tables, then record one catalog commit. Returns the catalog version.
+
+        Nothing is recorded (None returned) when every change is empty.
+        """
+        wrote = False
+        for name, rows in changes.items():
+            version = self.upsert(
+                name, rows, run_id=run_id, assume_new=bool((assume_new or {}).get(name))
+            )
+            wrote = wrote or version is not None
+        if not wrote:
+            return None
+        return self.record_commit(run_id=run_id, operation=operation)

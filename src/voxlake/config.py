@@ -1,0 +1,234 @@
+"""Configuration: frozen keyword-only dataclasses, read from TOML and ``VOXLAKE_*`` at the edge.
+
+Library code receives these objects explicitly; only the CLI reads files and the
+environment (:func:`load_config`). Every key is documented in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from voxlake.errors import ConfigError, SecretMissingError
+
+__all__ = [
+    "DEMO_SECRET",
+    "DeidConfig",
+    "IngestConfig",
+    "StoreConfig",
+    "StreamConfig",
+    "load_config",
+    "resolve_secret",
+]
+
+#: Secret used only by ``voxlake demo`` and sample data; never for real archives.
+DEMO_SECRET = "voxlake-demo-secret-not-for-real-data"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeidConfig:
+    """De-identification options (DICOM PS3.15 Annex E, Basic Profile).
+
+    Attributes
+    ----------
+    date_mode
+        ``"shift"``: dates move by a per-patient offset derived from the secret (intervals
+        between a patient's studies are preserved); ``"year"``: keep only the year;
+        ``"remove"``: drop dates.
+    max_date_shift_days
+        Offsets are drawn in ``[-max, +max]`` days (never 0 when max > 0).
+    keep_descriptions
+        Keep StudyDescription, SeriesDescription, ProtocolName and similar free text.
+        Scientists select series by them, but a technologist may have typed a name there.
+    keep_private_tags
+        Keep private (odd-group) elements. Off by default: vendors put names in them.
+    """
+
+    date_mode: Literal["shift", "year", "remove"] = "shift"
+    max_date_shift_days: int = 365
+    keep_descriptions: bool = True
+    keep_private_tags: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """Layout of the OME-Zarr volume store.
+
+    Attributes
+    ----------
+    chunk
+        Edge of cube-ish chunks (voxels); random patches read only the chunks they touch.
+    shard_depth
+        Slices per shard along z; a shard spans the whole (y, x) plane so object storage
+        holds few large objects.
+    codec
+        ``"blosc-zstd"`` (level 1, byte shuffle: measured 3.2x on CT at ~1 GB/s) or
+        ``"zstd"``.
+    clevel
+        Compression level.
+    """
+
+    chunk: int = 64
+    shard_depth: int = 128
+    codec: Literal["blosc-zstd", "zstd"] = "blosc-zstd"
+    clevel: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestConfig:
+    """Options for one ingest run.
+
+    Attributes
+    ----------
+    secret
+        Keyed-hash secret for ``patient_key`` etc. Required (env ``VOXLAKE_SECRET``).
+    workers
+        Local Dask worker processes when no scheduler is given.
+    threads_per_worker
+        Threads per local worker.
+    memory_limit
+        Memory limit per local worker (Dask syntax, e.g. ``"4GiB"``).
+    scheduler
+        Address of an existing Dask scheduler (``tcp://host:8786``); overrides ``workers``.
+    dashboard_address
+        Where a local cluster serves its dashboard (``":0"`` picks a free port).
+    batch_size
+        Files per header-parsing task and per catalog commit.
+    on_error
+        ``"quarantine"`` records a failure row and goes on; ``"raise"`` stops the run.
+    max_voxels
+        Refuse (before allocating) any volume declaring more voxels than this.
+    max_file_bytes
+        Refuse files (or decompressed members) larger than this.
+    spacing_tolerance
+        Relative tolerance on slice spacing uniformity.
+    deid
+        De-identification options.
+    store
+        Volume-store layout.
+    storage_options
+        fsspec options for sources.
+    """
+
+    secret: str | None = None
+    workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str = "4GiB"
+    scheduler: str | None = None
+    dashboard_address: str = ":8787"
+    batch_size: int = 256
+    on_error: Literal["quarantine", "raise"] = "quarantine"
+    max_voxels: int = 2_000_000_000
+    max_file_bytes: int = 4 * 1024**3
+    spacing_tolerance: float = 0.05
+    deid: DeidConfig = field(default_factory=DeidConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError("workers must be at least 1", workers=self.workers)
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be at least 1", batch_size=self.batch_size)
+        if self.on_error not in ("quarantine", "raise"):
+            raise ConfigError(f"on_error must be 'quarantine' or 'raise', not {self.on_error!r}")
+
+    def require_secret(self) -> str:
+        """Return the secret or raise :class:`SecretMissingError`."""
+        return resolve_secret(self.secret)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig:
+    """Options for :class:`voxlake.training.VolumeStream`.
+
+    Attributes
+    ----------
+    shape
+        Output (D, H, W) every sample is resized to, so batches stack.
+    seed
+        Seed of the sample order (with epoch, world size, rank and worker).
+    shuffle
+        Shuffle the sample order each epoch.
+    prefetch
+        Volumes read ahead by background threads per DataLoader worker.
+    """
+
+    shape: tuple[int, int, int] = (64, 64, 64)
+    seed: int = 0
+    shuffle: bool = True
+    prefetch: int = 2
+
+
+def resolve_secret(secret: str | None) -> str:
+    """Return ``secret``, falling back to ``VOXLAKE_SECRET``; raise if neither is set."""
+    value = secret if secret else os.environ.get("VOXLAKE_SECRET")
+    if not value:
+        raise SecretMissingError(
+            "no de-identification secret configured",
+            hint="set VOXLAKE_SECRET or pass --secret; keep it out of the catalog and code",
+        )
+    return value
+
+
+_SECTIONS: dict[str, type[Any]] = {"deid": DeidConfig, "store": StoreConfig}
+
+
+def _coerce(cls: type[Any], data: dict[str, Any]) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}",
+            hint="see docs/configuration.md for every key",
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS and isinstance(value, dict):
+            kwargs[key] = _coerce(_SECTIONS[key], value)
+        elif key == "shape" and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"invalid {cls.__name__}: {exc}") from exc
+
+
+_ENV_INGEST = {
+    "VOXLAKE_SECRET": ("secret", str),
+    "VOXLAKE_WORKERS": ("workers", int),
+    "VOXLAKE_SCHEDULER": ("scheduler", str),
+    "VOXLAKE_BATCH_SIZE": ("batch_size", int),
+    "VOXLAKE_MEMORY_LIMIT": ("memory_limit", str),
+}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, env: dict[str, str] | None = None
+) -> IngestConfig:
+    """Read an :class:`IngestConfig` from a TOML file (``[ingest]`` table) and ``VOXLAKE_*``.
+
+    Environment variables override the file; explicit CLI flags override both (the CLI
+    applies them with :func:`dataclasses.replace`).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        data = dict(raw.get("ingest", {}))
+    environ = os.environ if env is None else env
+    for var, (key, kind) in _ENV_INGEST.items():
+        if environ.get(var):
+            try:
+                data[key] = kind(environ[var])
+            except ValueError as exc:
+                raise ConfigError(f"{var} must be {kind.__name__}") from exc
+    return _coerce(IngestConfig, data)  # type: ignore[no-any-return]

@@ -1,0 +1,284 @@
+"""Header pass (Dask tasks): read files, sniff, parse, de-identify, build catalog rows.
+
+One task handles a batch of files and returns plain rows: an ``instances`` row for every
+usable file and a ``failures`` row for every file that is not. Nothing identifying leaves
+this module: keys are keyed hashes, the header is de-identified before it is converted,
+and failure messages name the kind of problem, never a value from the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from voxlake.catalog.schema import DICOM_COLUMNS, Column
+from voxlake.errors import HeaderError, NotDicomError, SourceError, VoxlakeError
+from voxlake.keys import keyed_hash
+
+if TYPE_CHECKING:
+    import pydicom
+
+    from voxlake.config import IngestConfig
+    from voxlake.ingest.sources import FileRef
+
+__all__ = [
+    "HeaderBatch",
+    "failure_row",
+    "open_bytes",
+    "parse_dicom_bytes",
+    "read_headers",
+]
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_GZIP_MAGIC = b"\x1f\x8b"
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+@dataclass
+class HeaderBatch:
+    """Result of one header task."""
+
+    instances: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    bytes_read: int = 0
+
+
+def failure_row(
+    *,
+    subject: str,
+    subject_kind: str,
+    error: VoxlakeError,
+    run_id: str,
+    size: int | None = None,
+    mtime: float | None = None,
+    stage: str | None = None,
+    discriminator: str = "",
+) -> dict[str, Any]:
+    """Build a ``failures`` row from an error (one row per subject and stage)."""
+    stage = stage or error.stage
+    failure_id = hashlib.blake2b(
+        f"{subject}\x1f{stage}\x1f{discriminator}".encode(), digest_size=16
+    ).hexdigest()
+    return {
+        "failure_id": failure_id,
+        "subject": subject,
+        "subject_kind": subject_kind,
+        "stage": stage,
+        "code": error.code,
+        "message": error.message,
+        "size": size,
+        "mtime": mtime,
+        "run_id": run_id,
+        "ingested_at": dt.datetime.now(dt.UTC),
+    }
+
+
+def open_bytes(url: str, *, max_bytes: int, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Read a whole file (local path, ``file://`` or fsspec URL), refusing oversize files."""
+    from voxlake.ingest.sources import local_path_of
+
+    local = local_path_of(url)
+    try:
+        if local is not None:
+            with open(local, "rb") as handle:
+                data = handle.read(max_bytes + 1)
+        else:
+            import fsspec
+
+            with fsspec.open(url, "rb", **(storage_options or {})) as handle:
+                data = handle.read(max_bytes + 1)
+    except PermissionError as exc:
+        raise SourceError("permission denied", code="permission_denied") from exc
+    except OSError as exc:
+        raise SourceError(f"cannot read file: {exc.strerror or type(exc).__name__}") from exc
+    if len(data) > max_bytes:
+        raise SourceError(f"file larger than the {max_bytes} byte cap", code="file_too_large")
+    return data
+
+
+def _gunzip(data: bytes, max_bytes: int) -> bytes:
+    """Decompress gzip data with a size cap (a gzip bomb is refused, not expanded)."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, max_bytes + 1)
+    except zlib.error as exc:
+        raise NotDicomError("corrupt gzip stream", code="corrupt_gzip") from exc
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise SourceError(
+            f"gzip member expands beyond the {max_bytes} byte cap", code="decompression_cap"
+        )
+    return out
+
+
+def parse_dicom_bytes(data: bytes, *, max_bytes: int) -> tuple[pydicom.Dataset, bool]:
+    """Parse DICOM bytes (gzip-wrapped, with or without preamble).
+
+    Returns the dataset and whether the file was gzipped. Raises :class:`NotDicomError`
+    when the bytes are not DICOM.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    gzipped = data[:2] == _GZIP_MAGIC
+    if gzipped:
+        data = _gunzip(data, max_bytes)
+    if len(data) == 0:
+        raise NotDicomError("empty file", code="empty_file")
+    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+    except InvalidDicomError as exc:
+        raise NotDicomError("not a DICOM file") from exc
+    except Exception as exc:
+        code = "truncated_header" if has_preamble else "not_dicom"
+        raise NotDicomError(
+            f"DICOM header cannot be parsed ({type(exc).__name__})", code=code
+        ) from exc
+    if not has_preamble:
+        # A forced parse of arbitrary bytes "succeeds" with junk: demand real DICOM structure.
+        try:
+            tags = list(ds.keys())
+        except Exception as exc:
+            raise NotDicomError("not a DICOM file") from exc
+        if not tags or not any(0x0008 <= t.group <= 0x0028 for t in tags):
+            raise NotDicomError("not a DICOM file")
+        if "SOPClassUID" not in ds and "Modality" not in ds:
+            raise NotDicomError("not a DICOM file")
+    return ds, gzipped
+
+
+def _convert(column: Column, value: Any) -> Any:
+    from pydicom.multival import MultiValue
+
+    if value is None or value == "":
+        return None
+    many = isinstance(value, (MultiValue, list, tuple))
+    kind = column.kind
+    if kind == "floats":
+        return [float(v) for v in value] if many else [float(value)]
+    if kind == "strs":
+        return [str(v) for v in value] if many else [str(value)]
+    first = value[0] if many else value
+    if first is None or first == "":
+        return None
+    if kind == "str":
+        return "\\".join(str(v) for v in value) if many else str(value)
+    if kind == "int":
+        return int(float(first))
+    if kind == "float":
+        return float(first)
+    if kind == "date":
+        text = str(first)
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    raise ValueError(kind)
+
+
+def typed_columns(ds: pydicom.Dataset) -> dict[str, Any]:
+    """Typed catalog columns from a (de-identified) dataset; unusable values become null."""
+    row: dict[str, Any] = {}
+    for column in DICOM_COLUMNS:
+        value = None
+        if column.keyword is not None and column.keyword in ds:
+            try:
+                value = _convert(column, ds[column.keyword].value)
+            except Exception:
+                value = None  # a malformed optional value must not lose the file
+        row[column.name] = value
+    return row
+
+
+def _instance_row(
+    ref: FileRef, data: bytes, *, secret: str, config: IngestConfig, run_id: str
+) -> dict[str, Any]:
+    from voxlake.ingest.deid import Pseudonymizer, deidentify, header_to_json, original_identifiers
+
+    ds, _ = parse_dicom_bytes(data, max_bytes=config.max_file_bytes)
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID", "") or (meta or {}).get("MediaStorageSOPClassUID", ""))
+    if sop_class == DICOMDIR_SOP_CLASS or (
+        meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS
+    ):
+        raise NotDicomError("DICOMDIR media directory (index, not an image)", code="dicomdir")
+    ids = original_identifiers(ds)
+    if not ids.get("SOPInstanceUID") and not ids.get("SeriesInstanceUID"):
+        raise HeaderError("missing SOPInstanceUID and SeriesInstanceUID", code="missing_uid")
+    pseudonymizer = Pseudonymizer(secret)
+    clean = deidentify(ds, pseudonymizer=pseudonymizer, config=config.deid)
+    transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+
+    def key(kind: str, name: str) -> str | None:
+        value = ids.get(name, "")
+        return keyed_hash(secret, kind, value) if value else None
+
+    row = {
+        "url": ref.url,
+        "size": ref.size,
+        "mtime": ref.mtime,
+        "content_hash": hashlib.blake2b(data, digest_size=16).hexdigest(),
+        "file_format": "dicom",
+        "transfer_syntax_uid": transfer_syntax or None,
+        "has_pixels": any(k in ds for k in _PIXEL_KEYWORDS),
+        "patient_key": key("patient", "PatientID"),
+        "study_key": key("study", "StudyInstanceUID"),
+        "series_key": key("series", "SeriesInstanceUID"),
+        "instance_key": key("instance", "SOPInstanceUID"),
+        "frame_of_reference_key": key("frame_of_reference", "FrameOfReferenceUID"),
+        "accession_key": key("accession", "AccessionNumber"),
+        **typed_columns(clean),
+        "header_json": header_to_json(clean),
+        "run_id": run_id,
+        "ingested_at": dt.datetime.now(dt.UTC),
+    }
+    if not row["sop_class_uid"] and sop_class:
+        row["sop_class_uid"] = sop_class
+    return row
+
+
+def read_headers(
+    refs: list[FileRef], *, secret: str, config: IngestConfig, run_id: str
+) -> HeaderBatch:
+    """Parse a batch of files into instance rows and failure rows (runs on a worker)."""
+    batch = HeaderBatch()
+    for ref in refs:
+        try:
+            data = open_bytes(
+                ref.url, max_bytes=config.max_file_bytes, storage_options=config.storage_options
+            )
+            batch.bytes_read += len(data)
+            batch.instances.append(
+                _instance_row(ref, data, secret=secret, config=config, run_id=run_id)
+            )
+        except VoxlakeError as exc:
+            if config.on_error == "raise":
+                raise
+            batch.failures.append(
+                failure_row(
+                    subject=ref.url,
+                    subject_kind="file",
+                    error=exc,
+                    run_id=run_id,
+                    size=ref.size,
+                    mtime=ref.mtime,
+                    stage="file",
+                )
+            )
+        except Exception as exc:  # a parser bug on hostile bytes must not stop the run
+            if config.on_error == "raise":
+                raise
+            error = HeaderError(f"unexpected {type(exc).__name__} while reading header")
+            batch.failures.append(
+                failure_row(
+                    subject=ref.url,
+                    subject_kind="file",
+                    error=error,
+                    run_id=run_id,
+                    size=ref.size,
+                    mtime=ref.mtime,
+                    stage="file",
+                )
+            )
+    return batch

@@ -1,0 +1,455 @@
+"""The ingest driver: list, parse headers on workers, commit, plan, build volumes, commit.
+
+The driver never touches pixel data and workers never write the catalog. A volume becomes
+visible only when its catalog row is committed, after its Zarr group is complete. Every
+step is idempotent: files already catalogued with the same size and mtime are not read
+again, plans whose revision is already committed are not rebuilt, and rows merge on keys.
+So a run killed anywhere leaves the catalog at its last commit and a re-run finishes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from voxlake.catalog.query import open_catalog
+from voxlake.catalog.tables import CatalogWriter
+from voxlake.cluster import dask_client
+from voxlake.config import IngestConfig
+from voxlake.errors import VoxlakeError
+from voxlake.ingest.headers import HeaderBatch, failure_row, read_headers
+from voxlake.ingest.readers.dicom import build_volume
+from voxlake.ingest.series import plan_volumes
+from voxlake.ingest.sources import iter_file_batches
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import pandas as pd
+
+    from voxlake.ingest.series import VolumePlan
+
+__all__ = ["IngestReport", "ProgressEvent", "ProgressHandler", "ingest"]
+
+logger = logging.getLogger(__name__)
+
+_PLAN_COLUMNS = [
+    "url", "content_hash", "patient_key", "study_key", "series_key", "instance_key",
+    "has_pixels", "file_format", "modality", "manufacturer", "manufacturer_model_name",
+    "body_part_examined", "study_description", "series_description", "protocol_name",
+    "series_number", "study_date", "patient_age", "patient_sex",
+    "image_orientation_patient", "image_position_patient", "pixel_spacing", "rows", "columns",
+    "number_of_frames", "samples_per_pixel", "bits_allocated", "bits_stored",
+    "pixel_representation", "rescale_slope", "rescale_intercept", "rescale_type",
+    "echo_numbers", "acquisition_number", "temporal_position_identifier", "instance_number",
+    "image_type",
+]  # fmt: skip
+
+
+_VERSIONED_PACKAGES = (
+    "voxlake", "pydicom", "zarr", "deltalake", "dask", "numpy", "pylibjpeg",
+    "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "python-gdcm",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Progress of one stage: ``stage`` is "files", "headers" or "volumes"."""
+
+    stage: str
+    done: int
+    total: int | None
+    bytes: int = 0
+
+
+class ProgressHandler(Protocol):
+    """Receives :class:`ProgressEvent` s (the CLI draws a progress bar from them)."""
+
+    def __call__(self, event: ProgressEvent) -> None: ...
+
+
+@dataclass
+class IngestReport:
+    """What one ingest run did (also stored as its row in the ``runs`` table)."""
+
+    run_id: str
+    catalog_url: str
+    store_url: str
+    status: str = "running"
+    catalog_version: int = 0
+    files_seen: int = 0
+    files_skipped: int = 0
+    instances: int = 0
+    volumes_written: int = 0
+    volumes_skipped: int = 0
+    failures: int = 0
+    failures_by_code: dict[str, int] = field(default_factory=dict)
+    bytes_read: int = 0
+    duration_s: float = 0.0
+    dashboard_link: str | None = None
+
+    @property
+    def mb_per_s(self) -> float:
+        """Source megabytes read per second of wall-clock time."""
+        return self.bytes_read / 1e6 / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def files_per_s(self) -> float:
+        """Files read per second of wall-clock time."""
+        read = self.files_seen - self.files_skipped
+        return read / self.duration_s if self.duration_s else 0.0
+
+
+def new_run_id() -> str:
+    """A time-ordered, unique run id."""
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def _config_json(config: IngestConfig) -> str:
+    data = dataclasses.asdict(config)
+    data.pop("secret", None)
+    data.pop("storage_options", None)  # may hold credentials
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def _versions_json() -> str:
+    from importlib import metadata
+
+    versions = {}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return json.dumps(versions, sort_keys=True)
+
+
+def _sql_list(values: Sequence[str]) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+class _Run:
+    """State of one run on the driver."""
+
+    def __init__(
+        self,
+        sources: Sequence[str],
+        *,
+        catalog: str,
+        store: str,
+        config: IngestConfig,
+        catalog_storage_options: dict[str, Any] | None,
+        store_storage_options: dict[str, Any] | None,
+        progress: ProgressHandler | None,
+    ) -> None:
+        self.sources = list(sources)
+        self.config = config
+        self.secret = config.require_secret()
+        self.catalog_url = catalog
+        self.store_url = store
+        self.catalog_options = catalog_storage_options
+        self.store_options = store_storage_options
+        self.progress = progress or (lambda event: None)
+        self.run_id = new_run_id()
+        self.started = dt.datetime.now(dt.UTC)
+        self.clock = time.perf_counter()
+        self.report = IngestReport(self.run_id, catalog, store)
+        self.codes: Counter[str] = Counter()
+        self.writer = CatalogWriter(catalog, storage_options=catalog_storage_options)
+
+    # -- catalog helpers ---------------------------------------------------------------
+    def run_row(self, status: str, message: str | None = None) -> dict[str, Any]:
+        r = self.report
+        return {
+            "run_id": self.run_id,
+            "status": status,
+            "started_at": self.started,
+            "finished_at": None if status == "running" else dt.datetime.now(dt.UTC),
+            "sources": self.sources,
+            "config_json": _config_json(self.config),
+            "versions_json": _versions_json(),
+            "files_seen": r.files_seen,
+            "files_skipped": r.files_skipped,
+            "instances": r.instances,
+            "volumes_written": r.volumes_written,
+            "volumes_skipped": r.volumes_skipped,
+            "failures": r.failures,
+            "failures_by_code": json.dumps(dict(self.codes), sort_keys=True),
+            "bytes_read": r.bytes_read,
+            "duration_s": time.perf_counter() - self.clock,
+            "message": message,
+        }
+
+    def commit(self, changes: dict[str, Any], operation: str, **kw: Any) -> None:
+        version = self.writer.commit(changes, run_id=self.run_id, operation=operation, **kw)
+        if version is not None:
+            self.report.catalog_version = version
+
+    def count_failures(self, rows: list[dict[str, Any]]) -> None:
+        self.report.failures += len(rows)
+        self.codes.update(row["code"] for row in rows)
+
+    # -- stage 1: headers --------------------------------------------------------------
+    def seen_files(self) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]]:
+        catalog = open_catalog(self.catalog_url, storage_options=self.catalog_options)
+        inst = catalog.read("instances", columns=["url", "size", "mtime"])
+        fails = catalog.read("failures", columns=["subject", "subject_kind", "size", "mtime"])
+        fails = fails[fails["subject_kind"] == "file"]
+        ok = {
+            u: (int(s), float(m))
+            for u, s, m in zip(inst.url, inst["size"], inst.mtime, strict=True)
+        }
+        bad = {
+            u: (int(s), float(m))
+            for u, s, m in zip(fails.subject, fails["size"], fails.mtime, strict=True)
+            if s == s and m == m  # not NaN
+        }
+        return ok, bad
+
+    def headers(self, client: Any) -> None:
+        from distributed import as_completed
+
+        ok, bad = self.seen_files()
+        pending = as_completed()
+        submitted = 0
+        done = 0
+        for files, problems in iter_file_batches(
+            self.sources,
+            batch_size=self.config.batch_size,
+            storage_options=self.config.storage_options,
+        ):
+            self.report.files_seen += len(files)
+            fresh = [f for f in files if ok.get(f.url, bad.get(f.url)) != (f.size, f.mtime)]
+            self.report.files_skipped += len(files) - len(fresh)
+            if problems:
+                rows = [
+                    failure_row(
+                        subject=p.url,
+                        subject_kind="file",
+                        error=VoxlakeError(p.message, code=p.code),
+                        run_id=self.run_id,
+                        stage="file",
+                    )
+                    for p in problems
+                ]
+                self.count_failures(rows)
+                self.commit({"failures": rows}, "listing")
+            if fresh:
+                pending.add(
+                    client.submit(
+                        read_headers,
+                        fresh,
+                        secret=self.secret,
+                        config=self.config,
+                        run_id=self.run_id,
+                        pure=False,
+                    )
+                )
+                submitted += len(fresh)
+            self.progress(ProgressEvent("files", self.report.files_seen, None))
+            while pending.has_ready():
+                done += self._commit_headers(next(pending).result(), ok, bad)
+                self.progress(ProgressEvent("headers", done, submitted, self.report.bytes_read))
+        for future in pending:
+            done += self._commit_headers(future.result(), ok, bad)
+            self.progress(ProgressEvent("headers", done, submitted, self.report.bytes_read))
+
+    def _commit_headers(self, batch: HeaderBatch, ok: dict[str, Any], bad: dict[str, Any]) -> int:
+        self.report.bytes_read += batch.bytes_read
+        self.report.instances += len(batch.instances)
+        self.count_failures(batch.failures)
+        fresh = [r for r in batch.instances if r["url"] not in ok]
+        changed = [r for r in batch.instances if r["url"] in ok]
+        # A file that now parses clears its old failure; one that now fails loses its row.
+        healed = [r["url"] for r in batch.instances if r["url"] in bad]
+        broken = [r["subject"] for r in batch.failures if r["subject"] in ok]
+        if healed:
+            self.writer.delete("failures", f"subject IN ({_sql_list(healed)})", run_id=self.run_id)
+        if broken:
+            self.writer.delete("instances", f"url IN ({_sql_list(broken)})", run_id=self.run_id)
+        self.writer.upsert("instances", fresh, run_id=self.run_id, assume_new=True)
+        self.commit({"instances": changed, "failures": batch.failures}, "headers")
+        if (fresh or healed or broken) and not (changed or batch.failures):
+            self.report.catalog_version = self.writer.record_commit(
+                run_id=self.run_id, operation="headers"
+            )
+        return len(batch.instances) + len(batch.failures)
+
+    # -- stage 2: volumes --------------------------------------------------------------
+    def plan(self) -> tuple[list[VolumePlan], pd.DataFrame]:
+        catalog = open_catalog(self.catalog_url, storage_options=self.catalog_options)
+        instances = catalog.read("instances", columns=_PLAN_COLUMNS)
+        plans, plan_failures = plan_volumes(
+            instances,
+            spacing_tolerance=self.config.spacing_tolerance,
+            max_voxels=self.config.max_voxels,
+        )
+        volumes = catalog.read("volumes", columns=["volume_id", "revision"])
+        failures = catalog.read("failures", columns=["failure_id"])
+        known_failures = set(failures.failure_id)
+        rows = [
+            failure_row(subject=f.subject, subject_kind="series", error=f.error, run_id=self.run_id)
+            for f in plan_failures
+        ]
+        rows = [r for r in rows if r["failure_id"] not in known_failures]
+        self.count_failures(rows)
+        self.commit({"failures": rows}, "assemble")
+        committed = dict(zip(volumes.volume_id, volumes.revision, strict=True))
+        todo = []
+        for plan in plans:
+            fid = failure_row(
+                subject=plan.volume_id, subject_kind="volume", error=VoxlakeError(""),
+                run_id="", stage="volume", discriminator=plan.revision,
+            )["failure_id"]  # fmt: skip
+            if committed.get(plan.volume_id) == plan.revision or fid in known_failures:
+                self.report.volumes_skipped += 1
+            else:
+                todo.append(plan)
+        return todo, volumes
+
+    def volumes(self, client: Any, plans: list[VolumePlan]) -> None:
+        from distributed import as_completed
+
+        futures = {
+            client.submit(
+                build_volume,
+                plan,
+                store_url=self.store_url,
+                store_config=self.config.store,
+                run_id=self.run_id,
+                max_file_bytes=self.config.max_file_bytes,
+                storage_options=self.config.storage_options,
+                store_storage_options=self.store_options,
+                key=f"volume-{plan.volume_id}-{plan.revision}-{self.run_id}",
+                pure=False,
+            ): plan
+            for plan in plans
+        }
+        rows: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        last_commit = time.perf_counter()
+        every = max(1, min(32, len(plans) // 10))
+        self.progress(ProgressEvent("volumes", 0, len(plans)))
+        for done, future in enumerate(as_completed(futures), start=1):
+            plan = futures[future]
+            try:
+                rows.append(future.result())
+            except VoxlakeError as exc:
+                if self.config.on_error == "raise":
+                    raise
+                failures.append(self._volume_failure(plan, exc))
+            except Exception as exc:
+                if self.config.on_error == "raise":
+                    raise
+                error = VoxlakeError(
+                    f"{type(exc).__name__} while building the volume", code="volume_error"
+                )
+                failures.append(self._volume_failure(plan, error))
+            self.progress(ProgressEvent("volumes", done, len(plans)))
+            if len(rows) + len(failures) >= every or time.perf_counter() - last_commit > 10:
+                self._commit_volumes(rows, failures)
+                rows, failures, last_commit = [], [], time.perf_counter()
+        self._commit_volumes(rows, failures)
+
+    def _volume_failure(self, plan: VolumePlan, error: VoxlakeError) -> dict[str, Any]:
+        return failure_row(
+            subject=plan.volume_id, subject_kind="volume", error=error, run_id=self.run_id,
+            stage="volume", discriminator=plan.revision,
+        )  # fmt: skip
+
+    def _commit_volumes(self, rows: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
+        self.report.volumes_written += len(rows)
+        self.count_failures(failures)
+        if rows:
+            # The series now assembles: clear its old assembly failures.
+            subjects = sorted({r["series_key"] for r in rows})
+            self.writer.delete(
+                "failures",
+                f"subject_kind = 'series' AND subject IN ({_sql_list(subjects)})",
+                run_id=self.run_id,
+            )
+        self.commit({"volumes": rows, "failures": failures}, "volumes")
+
+    def finish(self, status: str, message: str | None = None) -> IngestReport:
+        self.report.status = status
+        self.report.failures_by_code = dict(self.codes)
+        self.report.duration_s = time.perf_counter() - self.clock
+        self.commit({"runs": [self.run_row(status, message)]}, f"run {status}")
+        return self.report
+
+
+def ingest(
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    catalog: str | os.PathLike[str],
+    store: str | os.PathLike[str],
+    config: IngestConfig | None = None,
+    client: Any = None,
+    catalog_storage_options: dict[str, Any] | None = None,
+    store_storage_options: dict[str, Any] | None = None,
+    progress: ProgressHandler | None = None,
+) -> IngestReport:
+    """Ingest DICOM sources into a catalog and a volume store.
+
+    Parameters
+    ----------
+    sources
+        Folders, files or fsspec URLs to crawl.
+    catalog
+        Catalog root URL (created when missing).
+    store
+        Volume store root URL (created when missing).
+    config
+        Run options; ``config.secret`` or ``VOXLAKE_SECRET`` must be set.
+    client
+        An existing ``distributed.Client``; default: a cluster from ``config``.
+    catalog_storage_options, store_storage_options
+        Options for remote catalog (delta-rs) and store (fsspec).
+    progress
+        Called with :class:`ProgressEvent` s.
+
+    Returns
+    -------
+    IngestReport
+        Counts, failures by code, bytes, duration and the catalog version reached.
+
+    Examples
+    --------
+    >>> report = ingest(["dicom/"], catalog="catalog", store="volumes.zarr",
+    ...                 config=IngestConfig(secret="..."))  # doctest: +SKIP
+    """
+    config = config or IngestConfig()
+    run = _Run(
+        [os.fspath(s) for s in sources],
+        catalog=os.fspath(catalog),
+        store=os.fspath(store),
+        config=config,
+        catalog_storage_options=catalog_storage_options,
+        store_storage_options=store_storage_options,
+        progress=progress,
+    )
+    run.commit({"runs": [run.run_row("running")]}, "run start")
+    try:
+        with dask_client(config, client=client) as dask:
+            run.report.dashboard_link = getattr(dask, "dashboard_link", None)
+            run.headers(dask)
+            plans, _ = run.plan()
+            run.volumes(dask, plans)
+    except KeyboardInterrupt:
+        run.finish("interrupted", "interrupted by the user")
+        raise
+    except VoxlakeError as exc:
+        run.finish("failed", f"{exc.code}: {exc.message}")
+        raise
+    except Exception as exc:
+        run.finish("failed", f"{type(exc).__name__}")
+        raise
+    return run.finish("completed")

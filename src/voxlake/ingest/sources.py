@@ -1,0 +1,153 @@
+"""List the files of a source lazily, in batches: folders, local or any fsspec URL.
+
+Runs on the driver and touches only metadata (names, sizes, mtimes); contents are read by
+the workers. Folders are crawled recursively without following directory symlinks (so a
+symlink loop cannot hang the crawl) and without trusting file extensions: what a file is
+gets decided by sniffing its bytes on the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import urllib.parse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from voxlake.errors import SourceError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+__all__ = ["FileRef", "ListingProblem", "iter_file_batches", "list_source", "local_path_of"]
+
+_SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file to ingest: its URL (or local path), size in bytes and mtime."""
+
+    url: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class ListingProblem:
+    """A path the crawl could not use (unreadable entry, broken link, bad name)."""
+
+    url: str
+    code: str
+    message: str
+
+
+def _local_url(path: str) -> str:
+    """A path as a catalog URL: itself when it is valid UTF-8, else a percent-encoded
+    ``file://`` URL (arrow strings must be UTF-8; the bytes are kept exactly)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + urllib.parse.quote(os.fsencode(path), safe="/")
+
+
+def local_path_of(url: str) -> str | None:
+    """Return the local filesystem path of ``url`` or None if it is remote."""
+    if url.startswith("file://"):
+        raw = urllib.parse.unquote_to_bytes(url[len("file://") :])
+        return os.fsdecode(raw)
+    if "://" in url:
+        return None
+    return url
+
+
+def _walk_local(root: str) -> Iterator[FileRef | ListingProblem]:
+    try:
+        top = os.stat(root)
+    except OSError as exc:
+        raise SourceError(f"source not found: {root}", code="source_not_found") from exc
+    if stat.S_ISREG(top.st_mode):
+        yield FileRef(_local_url(os.path.abspath(root)), top.st_size, top.st_mtime)
+        return
+    errors: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append, followlinks=False):
+        dirnames.sort()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in sorted(filenames):
+            if name in _SKIP_NAMES or name.startswith("._"):
+                continue
+            path = os.path.abspath(os.path.join(dirpath, name))
+            try:
+                info = os.stat(path)  # follows file symlinks; a dangling link fails here
+            except OSError as exc:
+                yield ListingProblem(
+                    _local_url(path), "unreadable", f"cannot stat file: {exc.strerror}"
+                )
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            yield FileRef(_local_url(path), info.st_size, info.st_mtime)
+    for error in errors:
+        where = _local_url(os.path.abspath(error.filename)) if error.filename else root
+        yield ListingProblem(where, "unreadable", f"cannot list folder: {error.strerror}")
+
+
+def _walk_fsspec(url: str, storage_options: dict[str, Any] | None) -> Iterator[FileRef]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    try:
+        entries = fs.find(path, detail=True)
+    except FileNotFoundError as exc:
+        raise SourceError(f"source not found: {url}", code="source_not_found") from exc
+    except Exception as exc:
+        raise SourceError(f"cannot list {url}: {exc}", code="source_unreachable") from exc
+    if not entries and fs.isfile(path):
+        entries = {path: fs.info(path)}
+    for name in sorted(entries):
+        info = entries[name]
+        if info.get("type") not in ("file", None):
+            continue
+        base = name.rsplit("/", 1)[-1]
+        if base in _SKIP_NAMES or base.startswith("._"):
+            continue
+        mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or 0
+        if hasattr(mtime, "timestamp"):
+            mtime = mtime.timestamp()
+        yield FileRef(f"{protocol}://{name}", int(info.get("size") or 0), float(mtime))
+
+
+def list_source(
+    url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> Iterator[FileRef | ListingProblem]:
+    """Yield every file under ``url`` (a folder, a single file, or an fsspec prefix)."""
+    text = os.fspath(url)
+    local = local_path_of(text)
+    if local is not None:
+        yield from _walk_local(local)
+    else:
+        yield from _walk_fsspec(text, storage_options)
+
+
+def iter_file_batches(
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    batch_size: int,
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[tuple[list[FileRef], list[ListingProblem]]]:
+    """Yield ``(files, problems)`` batches of at most ``batch_size`` files across sources."""
+    files: list[FileRef] = []
+    problems: list[ListingProblem] = []
+    for source in sources:
+        for item in list_source(source, storage_options=storage_options):
+            if isinstance(item, ListingProblem):
+                problems.append(item)
+                continue
+            files.append(item)
+            if len(files) >= batch_size:
+                yield files, problems
+                files, problems = [], []
+    if files or problems:
+        yield files, problems
