@@ -114,6 +114,18 @@ def _gunzip(data: bytes, max_bytes: int) -> bytes:
     return out
 
 
+class _TruncationWatch(io.BytesIO):
+    """A byte stream that notices reads cut short by the end of the data."""
+
+    short_read = False
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        chunk = super().read(size)
+        if size is not None and size > 0 and 0 < len(chunk) < size:
+            self.short_read = True
+        return chunk
+
+
 def parse_dicom_bytes(data: bytes, *, max_bytes: int) -> tuple[pydicom.Dataset, bool]:
     """Parse DICOM bytes (gzip-wrapped, with or without preamble).
 
@@ -129,8 +141,9 @@ def parse_dicom_bytes(data: bytes, *, max_bytes: int) -> tuple[pydicom.Dataset, 
     if len(data) == 0:
         raise NotDicomError("empty file", code="empty_file")
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    stream = _TruncationWatch(data)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+        ds = pydicom.dcmread(stream, force=not has_preamble)
     except InvalidDicomError as exc:
         raise NotDicomError("not a DICOM file") from exc
     except Exception as exc:
@@ -148,6 +161,11 @@ def parse_dicom_bytes(data: bytes, *, max_bytes: int) -> tuple[pydicom.Dataset, 
             raise NotDicomError("not a DICOM file")
         if "SOPClassUID" not in ds and "Modality" not in ds:
             raise NotDicomError("not a DICOM file")
+    if stream.short_read:
+        # pydicom stops quietly at EOF; a value cut short means the file was truncated.
+        if any(k in ds for k in _PIXEL_KEYWORDS):
+            raise NotDicomError("pixel data is truncated", code="truncated_pixel_data")
+        raise NotDicomError("file ends inside the DICOM header", code="truncated_header")
     return ds, gzipped
 
 

@@ -1,0 +1,72 @@
+"""Shared fixtures: real components only (LocalCluster, Delta tables, Zarr stores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REAL = REPO.parent / "shared" / "data" / "real"
+SECRET = "test-secret-do-not-use"
+
+
+def require_shared_data(*parts: str) -> Path:
+    """Path under ../shared/data/real; skip when absent, fail in CI (VOXLAKE_REQUIRE_SHARED_DATA=1)."""
+    path = SHARED_REAL.joinpath(*parts)
+    if not path.exists():
+        message = f"shared test data not found: {path}"
+        if os.environ.get("VOXLAKE_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message + " (VOXLAKE_REQUIRE_SHARED_DATA=1)")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def secret() -> str:
+    return SECRET
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """One real LocalCluster (2 worker processes) shared by the integration tests."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        memory_limit="3GiB",
+    )
+    client = Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_sample(tmp_path_factory):
+    """The generator's tiny profile, written once per session (read-only for tests)."""
+    from voxlake.testing import generate_sample_data
+
+    return generate_sample_data(tmp_path_factory.mktemp("tiny") / "sample", seed=0, profile="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_ingested(tmp_path_factory, tiny_sample, dask_client):
+    """The tiny sample ingested once: (manifest, catalog url, store url, report)."""
+    from voxlake.config import IngestConfig
+    from voxlake.ingest import ingest
+
+    root = tmp_path_factory.mktemp("tiny-ingest")
+    catalog, store = str(root / "catalog"), str(root / "volumes.zarr")
+    report = ingest(
+        [tiny_sample.root / "dicom"],
+        catalog=catalog,
+        store=store,
+        config=IngestConfig(secret=SECRET),
+        client=dask_client,
+    )
+    return tiny_sample, catalog, store, report

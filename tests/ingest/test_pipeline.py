@@ -1,0 +1,219 @@
+"""End-to-end ingest with a real LocalCluster, real Delta tables and a real Zarr store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from voxlake.catalog import open_catalog
+from voxlake.config import IngestConfig
+from voxlake.ingest import ingest
+from voxlake.keys import keyed_hash
+from voxlake.volumes import read_volume
+
+from ..conftest import SECRET
+
+pytestmark = pytest.mark.integration
+
+
+def _volume_for(catalog, series_uid: str):
+    key = keyed_hash(SECRET, "series", series_uid)
+    rows = catalog.volumes[catalog.volumes.series_key == key]
+    assert len(rows) == 1, f"expected one volume for the series, got {len(rows)}"
+    return rows.iloc[0]
+
+
+def _store_files(store: str) -> dict[str, float]:
+    out = {}
+    for dirpath, _, names in os.walk(store):
+        if ".staging" in dirpath:
+            continue
+        for name in names:
+            path = os.path.join(dirpath, name)
+            out[path] = os.stat(path).st_mtime_ns
+    return out
+
+
+def test_sample_ingest_matches_generator(tiny_ingested):
+    manifest, catalog_url, _, report = tiny_ingested
+    assert report.status == "completed"
+    assert report.failures == 0, report.failures_by_code
+    files = sum(len(s.files) for s in manifest.series)
+    assert report.instances == files
+    catalog = open_catalog(catalog_url)
+    assert len(catalog.instances) == files
+    assert len(catalog.volumes) == len(manifest.series)
+    for series in manifest.series:
+        row = _volume_for(catalog, series.spec.series_instance_uid)
+        data, attrs = read_volume(row.store_url, row.store_path)
+        expected = series.expected_volume()
+        assert data.shape == expected.shape
+        assert np.array_equal(data, expected), series.spec.series_description
+        np.testing.assert_allclose(
+            np.array(row.affine).reshape(4, 4), series.expected_affine(), atol=1e-4
+        )
+        np.testing.assert_allclose(np.array(attrs["affine"]), series.expected_affine(), atol=1e-4)
+        exact = float(series.spec.rescale_slope).is_integer()
+        if series.spec.modality == "CT":
+            assert row.units == "HU"
+            assert row["dtype"] == ("int16" if exact else "float32")
+        else:
+            assert np.dtype(row["dtype"]).kind in "iu"  # MR without rescale stays integer
+        assert row.intensity_min == pytest.approx(float(expected.min()))
+        assert row.intensity_max == pytest.approx(float(expected.max()))
+        assert row.intensity_mean == pytest.approx(float(expected.mean()), rel=1e-6, abs=1e-6)
+        assert row.n_slices == expected.shape[0]
+        assert list(row.spacing) == pytest.approx(
+            [series.spec.slice_spacing, *series.spec.pixel_spacing]
+        )
+
+
+def test_shuffled_and_oblique_series_are_in_spatial_order(tiny_ingested):
+    manifest, catalog_url, _, _ = tiny_ingested
+    catalog = open_catalog(catalog_url)
+    shuffled = [s for s in manifest.series if s.spec.shuffle_instance_numbers]
+    oblique = [s for s in manifest.series if abs(s.spec.orientation[1]) > 1e-3]
+    assert shuffled and oblique, "the generator must provide both hard cases"
+    for series in shuffled + oblique:
+        row = _volume_for(catalog, series.spec.series_instance_uid)
+        data, _ = read_volume(row.store_url, row.store_path)
+        assert np.array_equal(data, series.expected_volume())
+        # Slice order follows position along the normal, not InstanceNumber.
+        by_position = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+        numbers = [int(ds.InstanceNumber) for ds in by_position]
+        if series.spec.shuffle_instance_numbers:
+            assert numbers != sorted(numbers)
+
+
+def test_reingest_adds_nothing_and_rewrites_nothing(tmp_path, tiny_sample, dask_client):
+    catalog, store = str(tmp_path / "cat"), str(tmp_path / "vol.zarr")
+    config = IngestConfig(secret=SECRET)
+    first = ingest(
+        [tiny_sample.root / "dicom"],
+        catalog=catalog,
+        store=store,
+        config=config,
+        client=dask_client,
+    )
+    before = open_catalog(catalog)
+    files_before = _store_files(store)
+    second = ingest(
+        [tiny_sample.root / "dicom"],
+        catalog=catalog,
+        store=store,
+        config=config,
+        client=dask_client,
+    )
+    after = open_catalog(catalog)
+    assert first.volumes_written == len(tiny_sample.series)
+    assert second.files_skipped == second.files_seen == first.files_seen
+    assert second.instances == 0 and second.volumes_written == 0
+    assert second.volumes_skipped == len(tiny_sample.series)
+    for table in ("instances", "volumes", "failures"):
+        assert len(after.read(table)) == len(before.read(table)), table
+    assert sorted(after.volumes.store_path) == sorted(before.volumes.store_path)
+    assert _store_files(store) == files_before
+    assert len(after.runs) == 2 and set(after.runs.status) == {"completed"}
+
+
+def _copy_sample(tiny_sample, dst: Path) -> Path:
+    shutil.copytree(tiny_sample.root / "dicom", dst)
+    return dst
+
+
+def test_corrupt_files_are_quarantined_and_the_rest_ingested(tmp_path, tiny_sample, dask_client):
+    src = _copy_sample(tiny_sample, tmp_path / "dicom")
+    victim_series = tiny_sample.series[0]
+    rel = victim_series.files[len(victim_series.files) // 2].relative_to(tiny_sample.root / "dicom")
+    victim = src / rel
+    victim.write_bytes(victim.read_bytes()[:300])  # truncated mid-header
+    (src / "notes.dcm").write_text("this is not DICOM\n" * 20)
+    (src / "empty.dcm").write_bytes(b"")
+    (src / "random.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    catalog, store = str(tmp_path / "cat"), str(tmp_path / "vol.zarr")
+    report = ingest(
+        [src], catalog=catalog, store=store, config=IngestConfig(secret=SECRET), client=dask_client
+    )
+    cat = open_catalog(catalog)
+    failures = cat.failures.set_index("subject")
+    assert failures.loc[str(victim), "code"] == "truncated_header"
+    assert failures.loc[str(src / "notes.dcm"), "code"] == "not_dicom"
+    assert failures.loc[str(src / "empty.dcm"), "code"] == "empty_file"
+    assert failures.loc[str(src / "random.bin"), "code"] == "not_dicom"
+    # The series that lost a middle slice is refused, never stored with a gap.
+    victim_key = keyed_hash(SECRET, "series", victim_series.spec.series_instance_uid)
+    assert failures.loc[victim_key, "code"] == "missing_slice"
+    assert victim_key not in set(cat.volumes.series_key)
+    # Every other series is ingested intact.
+    assert len(cat.volumes) == len(tiny_sample.series) - 1
+    for series in tiny_sample.series[1:]:
+        row = _volume_for(cat, series.spec.series_instance_uid)
+        data, _ = read_volume(row.store_url, row.store_path)
+        assert np.array_equal(data, series.expected_volume())
+    assert report.failures_by_code["not_dicom"] == 2
+    # Failure messages carry no identifying values.
+    text = " ".join(cat.failures.message)
+    for planted in tiny_sample.planted_identifiers:
+        assert planted not in text
+
+
+def test_changed_file_supersedes_volume_and_old_version_stays_readable(
+    tmp_path, tiny_sample, dask_client
+):
+    src = _copy_sample(tiny_sample, tmp_path / "dicom")
+    catalog, store = str(tmp_path / "cat"), str(tmp_path / "vol.zarr")
+    config = IngestConfig(secret=SECRET)
+    ingest([src], catalog=catalog, store=store, config=config, client=dask_client)
+    v1 = open_catalog(catalog)
+    series = tiny_sample.series[3]
+    old = _volume_for(v1, series.spec.series_instance_uid)
+    path = src / series.files[0].relative_to(tiny_sample.root / "dicom")
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array.copy()
+    pixels[0, 0] = pixels[0, 0] + 7
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path)
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    report = ingest([src], catalog=catalog, store=store, config=config, client=dask_client)
+    assert report.instances == 1 and report.volumes_written == 1
+    v2 = open_catalog(catalog)
+    new = _volume_for(v2, series.spec.series_instance_uid)
+    assert new.revision != old.revision and new.store_path != old.store_path
+    assert len(v2.volumes) == len(v1.volumes)
+    assert len(v2.instances) == len(v1.instances)
+    changed = v2.instances[v2.instances.url == str(path)].iloc[0]
+    assert changed.content_hash != v1.instances[v1.instances.url == str(path)].iloc[0].content_hash
+    new_data, _ = read_volume(new.store_url, new.store_path)
+    old_data, _ = read_volume(old.store_url, old.store_path)  # older revision still readable
+    assert np.array_equal(old_data, series.expected_volume())
+    diff = np.argwhere(new_data != old_data)
+    assert len(diff) == 1
+    # The pinned old version still points at the old data.
+    pinned = open_catalog(catalog, version=v1.version)
+    assert _volume_for(pinned, series.spec.series_instance_uid).store_path == old.store_path
+
+
+def test_no_planted_identifier_reaches_catalog_or_store(tiny_ingested):
+    manifest, catalog_url, store_url, _ = tiny_ingested
+    planted = [p for p in manifest.planted_identifiers if len(p) >= 6]
+    assert planted
+    # The raw files do contain them (so their absence below means something).
+    raw = b"".join(Path(f).read_bytes() for s in manifest.series for f in s.files)
+    assert all(p.encode() in raw for p in planted)
+    blobs = []
+    for root in (catalog_url, store_url):
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                blobs.append(Path(dirpath, name).read_bytes())
+    # Parquet pages are compressed: also scan every decoded value.
+    catalog = open_catalog(catalog_url)
+    for table in ("instances", "volumes", "failures", "runs"):
+        blobs.append(catalog.read(table).to_json().encode())
+    everything = b"\n".join(blobs)
+    leaked = [p for p in planted if p.encode() in everything]
+    assert leaked == []
