@@ -13,7 +13,7 @@ SECRET = "test-secret-do-not-use"
 
 
 def require_shared_data(*parts: str) -> Path:
-    """Path under ../shared/data/real; skip when absent, fail in CI (VOXLAKE_REQUIRE_SHARED_DATA=1)."""
+    """Path under ../shared/data/real: skip when absent, fail when CI requires it."""
     path = SHARED_REAL.joinpath(*parts)
     if not path.exists():
         message = f"shared test data not found: {path}"
