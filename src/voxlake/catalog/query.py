@@ -14,6 +14,8 @@ import html
 import os
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from voxlake.catalog.tables import TABLES, _delta_options, table_url
 from voxlake.errors import CatalogError
 
@@ -105,14 +107,27 @@ class Catalog:
         """All label rows (pandas)."""
         return self.read("labels")
 
-    def to_dask(self, name: str) -> Any:
-        """A ``dask.dataframe`` over the table's Parquet files (for tables beyond memory)."""
+    def to_dask(self, name: str, *, columns: list[str] | None = None) -> Any:
+        """A ``dask.dataframe`` with one partition per Parquet file (beyond-memory tables)."""
         import dask.dataframe as dd
 
+        from voxlake.catalog.schema import SCHEMAS
+
+        schema = SCHEMAS[name]
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns])
         files = self.delta_table(name).file_uris()
+        meta = schema.empty_table().to_pandas()
         if not files:
-            return dd.from_pandas(self.read(name), npartitions=1)
-        return dd.read_parquet(files, storage_options=self._fsspec_options())
+            return dd.from_pandas(meta, npartitions=1)
+        return dd.from_map(
+            _read_parquet_file,
+            files,
+            schema=schema,
+            storage_options=self._fsspec_options(),
+            meta=meta,
+            enforce_metadata=False,
+        )
 
     def _fsspec_options(self) -> dict[str, Any] | None:
         opts = self.storage_options or {}
@@ -205,6 +220,20 @@ class Catalog:
             for k, v in info.items()
         )
         return f"<b>voxlake catalog</b><table>{rows}</table>"
+
+
+def _read_parquet_file(
+    path: str, *, schema: pa.Schema, storage_options: dict[str, Any] | None
+) -> pd.DataFrame:
+    """Read one Parquet file of a Delta table, cast to the catalog schema."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    with fs.open(fs_path, "rb") as handle:
+        table = pq.read_table(handle, columns=schema.names)
+    frame: pd.DataFrame = table.cast(schema).to_pandas()
+    return frame
 
 
 def _commits(url: str, storage_options: dict[str, str] | None) -> pd.DataFrame:

@@ -1,0 +1,42 @@
+# voxlake: two commands on a fresh machine.
+#   make demo   creates .venv, generates sample DICOM, ingests it with a local Dask cluster,
+#               prints a catalog summary and trains the 3D CNN on the streamed volumes.
+#   make test   creates .venv and runs the whole test suite (what CI runs).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch goes in first, pinned, so no later resolve pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= jpeg,s3,dev
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint typecheck docs clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/voxlake demo --out demo-out
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+docs: install
+	$(VENV)/bin/voxlake catalog schema-doc --out docs/catalog-schema.md
+
+clean:
+	rm -rf demo-out .pytest_cache .mypy_cache .ruff_cache
