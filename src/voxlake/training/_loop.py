@@ -1,0 +1,209 @@
+"""The pieces of a training run: selection, streams, one epoch, one evaluation, files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from voxlake.errors import ConfigError
+from voxlake.training import _dist
+from voxlake.training.datasets import VolumeStream
+from voxlake.training.metrics import binary_metrics
+from voxlake.training.world import World
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from torch.utils.data import DataLoader
+
+    from voxlake.training.train import TrainConfig
+
+__all__ = [
+    "autocast",
+    "evaluate",
+    "load_selection",
+    "make_loader",
+    "make_stream",
+    "save_checkpoint",
+    "train_epoch",
+    "write_json",
+]
+
+
+def make_loader(
+    stream: VolumeStream, *, batch_size: int, num_workers: int, device: torch.device
+) -> DataLoader[Any]:
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        stream,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    # bf16 autocast on GPUs only: CPU bf16 convolutions are slow and gain nothing here.
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader[Any],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    max_steps: int | None,
+) -> tuple[dict[str, float], int, int]:
+    """Train one epoch; return metrics summed over ranks, this rank's steps and samples."""
+    criterion = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    steps = samples = 0
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(images).squeeze(1)
+        loss = criterion(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            correct = ((logits.float() >= 0) == (labels >= 0.5)).sum()
+            count = labels.numel()
+            totals += torch.stack(
+                [loss.detach().double() * count, correct.double(), totals.new_tensor(count)]
+            )
+        steps += 1
+        samples += int(count)
+        if max_steps is not None and steps >= max_steps:
+            break
+    if _dist.is_distributed():
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    loss_sum, correct_sum, count = (float(v) for v in totals.tolist())
+    metrics = {
+        "loss": loss_sum / count if count else math.nan,
+        "accuracy": correct_sum / count if count else math.nan,
+        "count": count,
+    }
+    return metrics, steps, samples
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, loader: DataLoader[Any] | None, device: torch.device
+) -> dict[str, float]:
+    """Metrics over the whole split: every rank's predictions, gathered, de-duplicated."""
+    parts: list[np.ndarray] = []
+    if loader is not None:
+        model.eval()
+        criterion = torch.nn.BCEWithLogitsLoss(reduction="none")
+        for batch in loader:
+            with autocast(device):
+                logits = model(batch["image"].to(device, non_blocking=True)).squeeze(1)
+            labels = batch["label"].to(device)
+            losses = criterion(logits.float(), labels)
+            parts.append(
+                torch.stack(
+                    [
+                        batch["index"].to(device).double(),
+                        labels.double(),
+                        torch.sigmoid(logits.float()).double(),
+                        losses.double(),
+                    ]
+                )
+                .cpu()
+                .numpy()
+            )
+    local = np.concatenate(parts, axis=1) if parts else np.zeros((4, 0))
+    rows = np.concatenate(_dist.all_gather_objects(local), axis=1)
+    # Padding repeats a few samples on some ranks: keep each selection row once.
+    _, first = np.unique(rows[0], return_index=True)
+    rows = rows[:, first]
+    return binary_metrics(rows[1], rows[2], rows[3])
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def load_selection(
+    config: TrainConfig, selection: pd.DataFrame | None, version: int | None
+) -> tuple[pd.DataFrame, int | None]:
+    """The selection (given, from parquet, or from the catalog), sorted by ``volume_id``."""
+    import pandas as pd
+
+    if selection is not None:
+        frame = selection
+    elif config.selection is not None:
+        frame = pd.read_parquet(config.selection)
+    else:
+        if config.catalog is None:
+            raise ConfigError("no catalog URL and no selection given", hint="pass --catalog")
+        from voxlake.catalog import open_catalog
+
+        # Rank 0 pins the version first; the others read exactly that version.
+        version = _dist.broadcast_object(
+            open_catalog(
+                config.catalog, version=version, storage_options=config.storage_options
+            ).version
+            if World.detect().is_main
+            else None
+        )
+        catalog = open_catalog(
+            config.catalog, version=version, storage_options=config.storage_options
+        )
+        frame = catalog.training_selection(config.label)
+        version = int(catalog.version)
+    # One order on every rank, whatever order the table files were read in.
+    return frame.sort_values("volume_id", kind="mergesort").reset_index(drop=True), version
+
+
+def make_stream(
+    config: TrainConfig, frame: pd.DataFrame, version: int | None, *, shuffle: bool
+) -> VolumeStream | None:
+    """A stream over ``frame`` (None when it is empty)."""
+    if len(frame) == 0:
+        return None
+    return VolumeStream(
+        frame,
+        config.store,
+        shape=config.shape,
+        label_column=config.label,
+        seed=config.seed,
+        shuffle=shuffle,
+        prefetch=config.prefetch,
+        storage_options=config.storage_options,
+        catalog_version=version,
+        batch_size=config.batch_size,
+    )
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` with :func:`torch.save` to a temporary file, then rename it."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,163 @@
+"""End-to-end training on tiny real volumes (selection given directly, no catalog)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from voxlake.training import CNN3D, TrainConfig, launch, run_training
+from voxlake.training._dist import weights_digest
+from voxlake.training.train import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def same(a: object, b: object) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN == NaN
+
+
+def config(out: Path, **changes: object) -> TrainConfig:
+    base = TrainConfig(out=str(out), epochs=1, batch_size=2, shape=(16, 16, 16), lr=1e-3)
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_one_epoch_writes_checkpoint_metrics_and_curves(
+    ten_volumes: pd.DataFrame, tmp_path: Path
+) -> None:
+    report = run_training(config(tmp_path / "run", catalog_version=7), ten_volumes)
+    metrics = json.loads(Path(report.metrics_path).read_text())
+    assert {"history", "test", "catalog_version", "world_size", "steps_per_epoch"} <= set(metrics)
+    assert metrics["catalog_version"] == 7
+    assert metrics["world_size"] == 1
+    sizes = metrics["num_samples"]
+    assert sum(sizes.values()) == 10
+    assert min(sizes.values()) >= 1
+    assert report.steps_per_epoch == metrics["steps_per_epoch"] == math.ceil(sizes["train"] / 2)
+    (row,) = metrics["history"]
+    assert row["steps_per_rank"] == [report.steps_per_epoch]
+    assert math.isfinite(row["train"]["loss"])
+    assert math.isfinite(row["validation"]["loss"])
+    assert math.isfinite(metrics["test"]["loss"])
+    assert metrics["test"]["count"] == sizes["test"]
+    assert Path(report.curves_path).read_bytes()[:8] == PNG_MAGIC
+    checkpoint = torch.load(report.checkpoint_path, weights_only=True)
+    assert checkpoint["epoch"] == 0
+    assert checkpoint["catalog_version"] == 7
+    model = CNN3D(1, (16, 16, 16))
+    model.load_state_dict(checkpoint["model"])
+    assert weights_digest(model) == report.weights_sha256[0]
+
+
+def test_resume_continues_exactly_where_training_stopped(
+    ten_volumes: pd.DataFrame, tmp_path: Path
+) -> None:
+    straight = run_training(config(tmp_path / "straight", epochs=2), ten_volumes)
+    first = run_training(config(tmp_path / "resumed", epochs=1), ten_volumes)
+    resumed = run_training(config(tmp_path / "resumed", epochs=2, resume=True), ten_volumes)
+    assert resumed.start_epoch == 1
+    assert [row["epoch"] for row in resumed.history] == [0, 1]
+    assert same(resumed.history[0], first.history[0])
+    # Same data order, optimizer state and random state: the same weights as no stop.
+    assert same(resumed.history, straight.history)
+    assert resumed.weights_sha256 == straight.weights_sha256
+
+
+def test_resume_refuses_a_missing_checkpoint_or_another_catalog_version(
+    ten_volumes: pd.DataFrame, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="no checkpoint"):
+        run_training(config(tmp_path, resume=True), ten_volumes)
+    run_training(config(tmp_path, catalog_version=1, max_steps_per_epoch=1), ten_volumes)
+    with pytest.raises(ValueError, match="catalog version 1"):
+        run_training(config(tmp_path, epochs=2, resume=True, catalog_version=2), ten_volumes)
+
+
+def test_cli_reads_a_parquet_selection_and_limits_steps(
+    ten_volumes: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ten_volumes.to_parquet(tmp_path / "selection.parquet")
+    argv = ["--selection", str(tmp_path / "selection.parquet"), "--out", str(tmp_path / "run")]
+    argv += ["--epochs", "1", "--shape", "16", "16", "16", "--max-steps-per-epoch", "2"]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["history"][0]["steps_per_rank"] == [2]
+    assert "epoch 0: train loss" in capsys.readouterr().out
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.integration
+def test_torchrun_two_ranks_step_together_and_end_identical(
+    ten_volumes: pd.DataFrame, tmp_path: Path
+) -> None:
+    out = tmp_path / "ddp"
+    status = launch(config(out, epochs=2, num_workers=1), nproc=2, selection=ten_volumes)
+    assert status == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    train_samples = metrics["num_samples"]["train"]
+    expected_steps = math.ceil(math.ceil(train_samples / 2) / 2)
+    for row in metrics["history"]:
+        assert row["steps_per_rank"] == [expected_steps, expected_steps]
+        assert math.isfinite(row["train"]["loss"])
+    first, second = metrics["weights_sha256"]
+    assert first == second
+    assert metrics["test"]["count"] == metrics["num_samples"]["test"]
+    assert (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.integration
+def test_training_reads_and_pins_a_real_catalog(ten_volumes: pd.DataFrame, tmp_path: Path) -> None:
+    from voxlake.catalog import CatalogWriter, open_catalog
+
+    url = str(tmp_path / "catalog")
+    writer = CatalogWriter(url)
+    volume_columns = [c for c in ten_volumes.columns if c != "label"]
+    rows = ten_volumes[volume_columns].assign(revision="0123abcd").to_dict("records")
+    labels = [
+        {"key_kind": "series", "key": key, "name": "malignant", "value": value}
+        for key, value in zip(ten_volumes.series_key, ten_volumes.label, strict=True)
+    ]
+    writer.commit({"volumes": rows[:8]}, run_id="r1", operation="ingest")
+    pinned = writer.commit({"labels": labels}, run_id="r1", operation="attach_labels")
+
+    out = tmp_path / "run"
+    report = run_training(config(out, catalog=url, label="malignant"))
+    assert report.catalog_version == pinned == open_catalog(url).version
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sum(metrics["num_samples"].values()) == 8  # volumes 8 and 9 are not ingested yet
+
+    # New data arrives; a resumed run keeps reading the version it started with.
+    writer.commit({"volumes": rows[8:]}, run_id="r2", operation="ingest")
+    resumed = run_training(config(out, catalog=url, label="malignant", epochs=2, resume=True))
+    assert resumed.catalog_version == pinned
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sum(metrics["num_samples"].values()) == 8
+    fresh = run_training(config(tmp_path / "fresh", catalog=url, label="malignant"))
+    assert fresh.catalog_version == pinned + 1
+
+
+def test_command_line_round_trips_the_config_and_keeps_secrets_off_it() -> None:
+    from voxlake.training._args import (
+        STORAGE_OPTIONS_ENV,
+        build_parser,
+        config_kwargs,
+        config_to_argv,
+    )
+
+    original = TrainConfig(
+        out="runs/x", catalog="s3://bucket/cat", store="s3://bucket/vol", epochs=3,
+        batch_size=4, shape=(8, 16, 32), lr=3e-4, seed=9, num_workers=2, label="malignant",
+        fractions=(0.5, 0.25, 0.25), catalog_version=12, resume=True, max_steps_per_epoch=5,
+        prefetch=1, storage_options={"key": "SECRET"},
+    )  # fmt: skip
+    argv = config_to_argv(original)
+    assert not any("SECRET" in arg for arg in argv)
+    env = {STORAGE_OPTIONS_ENV: json.dumps(original.storage_options)}
+    assert TrainConfig(**config_kwargs(build_parser().parse_args(argv), env)) == original
