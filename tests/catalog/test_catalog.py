@@ -110,7 +110,7 @@ def test_labels_attach_by_original_identifier_without_storing_it(writer, tmp_pat
     )
     attach_labels(writer.url, csv, secret=SECRET)
     cat = open_catalog(writer.url)
-    assert "1.2.3" not in cat.labels.to_json()
+    assert "1.2.3" not in cat.labels.to_json(date_format="iso")
     selection = cat.training_selection()
     assert len(selection) == 2
     by_key = dict(zip(selection.series_key, selection.label, strict=True))

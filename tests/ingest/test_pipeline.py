@@ -213,7 +213,7 @@ def test_no_planted_identifier_reaches_catalog_or_store(tiny_ingested):
     # Parquet pages are compressed: also scan every decoded value.
     catalog = open_catalog(catalog_url)
     for table in ("instances", "volumes", "failures", "runs"):
-        blobs.append(catalog.read(table).to_json().encode())
+        blobs.append(catalog.read(table).to_json(date_format="iso").encode())
     everything = b"\n".join(blobs)
     leaked = [p for p in planted if p.encode() in everything]
     assert leaked == []

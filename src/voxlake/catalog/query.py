@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import html
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -31,7 +32,21 @@ __all__ = ["Catalog", "open_catalog"]
 class Catalog:
     """A read-only, version-pinned view of a voxlake catalog.
 
-    Use :func:`open_catalog` to create one.
+    Use :func:`open_catalog` to create one. A pinned snapshot never changes, so the
+    ``DeltaTable`` objects, pyarrow datasets and the DuckDB connection it opens are kept
+    and reused: repeated queries pay only for the scan.
+
+    Attributes
+    ----------
+    url
+        Catalog root.
+    version
+        The pinned catalog version (0 for an empty catalog).
+    table_versions
+        Delta version of each table at this catalog version; None for a table that did
+        not exist yet (it reads as empty).
+    committed_at
+        When the pinned version was committed (UTC).
     """
 
     def __init__(
@@ -39,15 +54,21 @@ class Catalog:
         url: str,
         *,
         version: int,
-        table_versions: Mapping[str, int],
+        table_versions: Mapping[str, int | None],
         committed_at: dt.datetime | None,
         storage_options: dict[str, str] | None,
+        commits: pd.DataFrame | None = None,
     ) -> None:
         self.url = url
         self.version = version
         self.table_versions = dict(table_versions)
         self.committed_at = committed_at
         self.storage_options = storage_options
+        self._commits = commits
+        self._delta: dict[str, Any] = {}
+        self._datasets: dict[str, pads.Dataset] = {}
+        self._duckdb: Any = None
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"Catalog({self.url!r}, version={self.version})"
@@ -59,18 +80,39 @@ class Catalog:
 
         if name not in self.table_versions:
             raise CatalogError(f"unknown catalog table {name!r}; known: {list(TABLES)}")
-        return DeltaTable(
-            table_url(self.url, name),
-            version=self.table_versions[name],
-            storage_options=self.storage_options,
-        )
+        version = self.table_versions[name]
+        if version is None:
+            raise CatalogError(
+                f"table {name!r} did not exist at catalog version {self.version}",
+                code="no_such_table",
+            )
+        with self._lock:
+            if name not in self._delta:
+                self._delta[name] = DeltaTable(
+                    table_url(self.url, name), version=version, storage_options=self.storage_options
+                )
+            return self._delta[name]
 
     def dataset(self, name: str) -> pads.Dataset:
         """A pyarrow dataset of ``name``: filters and projections push down to Parquet.
 
-        Example: ``cat.dataset("volumes").to_table(filter=pc.field("modality") == "CT")``.
+        Row groups whose statistics exclude the filter are skipped, and only the projected
+        columns are read. Example:
+        ``cat.dataset("volumes").to_table(filter=pc.field("modality") == "CT")``.
         """
-        return self.delta_table(name).to_pyarrow_dataset()  # type: ignore[no-any-return]
+        cached = self._datasets.get(name)
+        if cached is not None:
+            return cached
+        if name in self.table_versions and self.table_versions[name] is None:
+            import pyarrow.dataset as pads
+
+            from voxlake.catalog.schema import SCHEMAS
+
+            dataset: pads.Dataset = pads.dataset(SCHEMAS[name].empty_table())
+        else:
+            dataset = self.delta_table(name).to_pyarrow_dataset()
+        self._datasets[name] = dataset
+        return dataset
 
     def read(
         self, name: str, *, columns: list[str] | None = None, filter: Any = None
@@ -107,6 +149,11 @@ class Catalog:
         """All label rows (pandas)."""
         return self.read("labels")
 
+    @functools.cached_property
+    def splits(self) -> pd.DataFrame:
+        """All persisted split assignments (pandas)."""
+        return self.read("splits")
+
     def to_dask(self, name: str, *, columns: list[str] | None = None) -> Any:
         """A ``dask.dataframe`` with one partition per Parquet file (beyond-memory tables)."""
         import dask.dataframe as dd
@@ -116,8 +163,10 @@ class Catalog:
         schema = SCHEMAS[name]
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns])
-        files = self.delta_table(name).file_uris()
         meta = schema.empty_table().to_pandas()
+        if self.table_versions.get(name, 0) is None:
+            return dd.from_pandas(meta, npartitions=1)
+        files = self.delta_table(name).file_uris()
         if not files:
             return dd.from_pandas(meta, npartitions=1)
         return dd.from_map(
@@ -146,53 +195,101 @@ class Catalog:
     def sql(self, query: str) -> pd.DataFrame:
         """Run DuckDB SQL with every table registered as a view; return pandas.
 
-        Tables are scanned as pyarrow datasets, so ``WHERE`` filters push down.
+        Tables are scanned as pyarrow datasets, so ``WHERE`` filters and column
+        projections push down to the Parquet files. The connection is opened once per
+        :class:`Catalog` and reused (queries on one catalog run one at a time).
         """
         import duckdb
 
-        con = duckdb.connect()
-        try:
-            for name in TABLES:
-                con.register(name, self.dataset(name))
-            return con.execute(query).df()
-        except duckdb.Error as exc:
-            raise CatalogError(f"SQL failed: {exc}", code="bad_sql") from exc
-        finally:
-            con.close()
+        with self._lock:
+            if self._duckdb is None:
+                con = duckdb.connect()
+                for name in TABLES:
+                    con.register(name, self.dataset(name))
+                self._duckdb = con
+            try:
+                frame: pd.DataFrame = self._duckdb.execute(query).df()
+            except duckdb.Error as exc:
+                raise CatalogError(f"SQL failed: {exc}", code="bad_sql") from exc
+        return frame
+
+    def close(self) -> None:
+        """Close the DuckDB connection (datasets stay usable)."""
+        with self._lock:
+            if self._duckdb is not None:
+                self._duckdb.close()
+                self._duckdb = None
 
     # -- history ---------------------------------------------------------------------
     def history(self) -> pd.DataFrame:
         """One row per catalog version up to the pinned one, with its run's status."""
-        from deltalake import DeltaTable
-
-        commits = DeltaTable(
-            table_url(self.url, "_commits"), storage_options=self.storage_options
-        ).to_pandas()
-        commits = commits.sort_values("committed_at", ignore_index=True)
+        commits = self._commits if self._commits is not None else _commits(
+            self.url, self.storage_options
+        )
+        commits = commits.copy()
         commits.insert(0, "version", range(1, len(commits) + 1))
         commits = commits[commits["version"] <= self.version]
         runs = self.runs[["run_id", "status", "files_seen", "volumes_written", "failures"]]
         return commits.merge(runs, on="run_id", how="left")
 
     # -- training helpers ------------------------------------------------------------
-    def training_selection(self, label: str = "label") -> pd.DataFrame:
-        """Volumes joined with their label ``label`` (series, else study, else patient).
+    def training_selection(self, label: str = "label", *, split: str | None = None) -> pd.DataFrame:
+        """Volumes joined with their label ``label``, optionally with a persisted split.
 
-        Rows without a label are dropped. Raw identifiers never appear: labels are stored
+        A volume takes its series label, else its study label (attached by
+        StudyInstanceUID, else by AccessionNumber), else its patient label; volumes
+        without a label are dropped. Raw identifiers never appear: labels are stored
         under keyed hashes (see :func:`voxlake.catalog.attach_labels`).
+
+        Parameters
+        ----------
+        label
+            Label name.
+        split
+            Name of a split saved with :func:`voxlake.catalog.save_split`: adds a
+            ``split`` column (train / validation / test). Volumes whose key was added
+            after the split was saved get the split the same hash assigns them.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Volume rows plus ``label`` (and ``split``); ``attrs["catalog_version"]``
+            records the version read, ``attrs["split"]`` the split name.
         """
-        volumes = self.volumes.copy()
-        labels = self.labels
-        labels = labels[labels["name"] == label]
-        volumes[label] = float("nan")
-        for kind in ("patient", "study", "series"):
-            sub = labels[labels["key_kind"] == kind].drop_duplicates("key", keep="last")
-            mapping = dict(zip(sub["key"], sub["value"], strict=True))
-            values = volumes[f"{kind}_key"].map(mapping)
-            volumes[label] = values.where(values.notna(), volumes[label])
-        selected = volumes[volumes[label].notna()].reset_index(drop=True)
+        from voxlake.catalog.labels import label_volumes
+
+        selected = label_volumes(self, label)
+        if split is not None:
+            from voxlake.catalog.splits import apply_saved_split
+
+            selected = apply_saved_split(self, selected, name=split)
+            selected.attrs["split"] = split
         selected.attrs["catalog_version"] = self.version
         return selected
+
+    def split(
+        self,
+        by: str = "patient_key",
+        *,
+        fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        seed: int = 0,
+        name: str = "default",
+    ) -> pd.DataFrame:
+        """Assign train / validation / test to every distinct ``by`` value of the volumes.
+
+        Keys already saved under ``name`` keep their persisted split; new keys are
+        assigned by hashing (:func:`voxlake.splits.assign_split`). Nothing is written:
+        :func:`voxlake.catalog.save_split` persists the result.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``key`` and ``split``, one row per distinct key, plus ``saved``
+            (True where the split comes from the ``splits`` table).
+        """
+        from voxlake.catalog.splits import compute_split
+
+        return compute_split(self, by=by, fractions=fractions, seed=seed, name=name)
 
     # -- display ---------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

@@ -140,6 +140,7 @@ DICOM_COLUMNS: tuple[Column, ...] = (
     _dicom("scanning_sequence", "ScanningSequence", "strs", "MR scanning sequence (SE, GR...)."),
     _dicom("sequence_variant", "SequenceVariant", "strs", "MR sequence variant."),
     _dicom("sequence_name", "SequenceName", "str", "MR sequence name."),
+    _dicom("pulse_sequence_name", "PulseSequenceName", "str", "MR pulse sequence (enhanced MR)."),
     _dicom("scan_options", "ScanOptions", "strs", "Scan options."),
     _dicom("mr_acquisition_type", "MRAcquisitionType", "str", "2D or 3D MR acquisition."),
     _dicom("diffusion_b_value", "DiffusionBValue", "float", "Diffusion b-value in s/mm^2."),
@@ -269,12 +270,26 @@ _RUN_TABLE_COLUMNS: tuple[Column, ...] = (
 )
 
 _LABEL_COLUMNS: tuple[Column, ...] = (
-    Column("key_kind", "str", "patient, study or series: which key the label is attached to."),
+    Column(
+        "key_kind",
+        "str",
+        "patient, accession, study or series: which key the label is attached to.",
+    ),
     Column("key", "str", "Keyed hash of the original identifier (never the identifier)."),
     Column("name", "str", "Label name (e.g. 'label', 'lesion')."),
     Column("value", "float", "Label value."),
     Column("source", "str", "File or table the labels came from (basename)."),
     Column("attached_at", "ts", "When the label was attached (UTC)."),
+)
+
+_SPLIT_COLUMNS: tuple[Column, ...] = (
+    Column("name", "str", "Split assignment name (e.g. 'default'); several can coexist."),
+    Column("by", "str", "Volume column the split groups by (patient_key, study_key, ...)."),
+    Column("key", "str", "Value of that column (a keyed hash, or a volume id)."),
+    Column("split", "str", "train, validation or test; never changes once written."),
+    Column("seed", "int", "Seed of the hash assignment."),
+    Column("fractions", "floats", "Train, validation and test fractions asked for."),
+    Column("assigned_at", "ts", "When the key was first assigned (UTC)."),
 )
 
 _TABLES: dict[str, tuple[Column, ...]] = {
@@ -283,6 +298,7 @@ _TABLES: dict[str, tuple[Column, ...]] = {
     "failures": (*_FAILURE_COLUMNS, *_RUN_COLUMNS),
     "runs": _RUN_TABLE_COLUMNS,
     "labels": _LABEL_COLUMNS,
+    "splits": _SPLIT_COLUMNS,
 }
 
 #: Merge keys: a row with the same key replaces the old one (re-runs never duplicate).
@@ -292,6 +308,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "failures": ("failure_id",),
     "runs": ("run_id",),
     "labels": ("key_kind", "key", "name"),
+    "splits": ("name", "key"),
 }
 
 TABLE_DESCRIPTIONS: dict[str, str] = {
@@ -299,7 +316,8 @@ TABLE_DESCRIPTIONS: dict[str, str] = {
     "volumes": "One row per assembled volume in the store; a volume exists once its row does.",
     "failures": "One row per quarantined file, series or volume, with a stable code.",
     "runs": "One row per ingest run: configuration, versions, counts, timings, status.",
-    "labels": "Labels keyed by keyed hashes of patient / study / series identifiers.",
+    "labels": "Labels keyed by keyed hashes of patient / accession / study / series identifiers.",
+    "splits": "Persisted train / validation / test assignments: a key keeps its split forever.",
 }
 
 SCHEMAS: dict[str, pa.Schema] = {

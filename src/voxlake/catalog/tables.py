@@ -2,17 +2,22 @@
 
 Layout under the catalog root URL::
 
-    <root>/instances/  volumes/  failures/  runs/  labels/   one Delta table each
-    <root>/_commits/                                          the catalog's own log
+    <root>/instances/  volumes/  failures/  runs/  labels/  splits/   one Delta table each
+    <root>/_commits/                                                   the catalog's own log
 
 Each table versions independently in Delta. The ``_commits`` table ties them together:
 every catalog commit (a batch of instance rows, some volume rows, a run update) writes its
 table(s) and then appends one row recording the latest version of *every* table. The
-catalog version users pin (``open_catalog(url, version=N)``) is the version of
-``_commits``, so one integer names a consistent snapshot of all five tables. A writer
-killed between a table write and its ``_commits`` row leaves the catalog at its previous
-version; the orphan table commit becomes visible only with the next catalog commit, and
-it holds only complete rows (rows are idempotent merges on keys).
+catalog version users pin (``open_catalog(url, version=N)``) is the position of a row in
+``_commits`` (in commit-time order, from 1), so one integer names a consistent snapshot of
+all tables. A writer killed between a table write and its ``_commits`` row leaves the
+catalog at its previous version; the orphan table commit becomes visible only with the next
+catalog commit, and it holds only complete rows (rows are idempotent merges on keys).
+
+Schema evolution: opening a writer adds the columns (and tables) that
+:mod:`voxlake.catalog.schema` defines but an older catalog lacks, as nullable columns.
+``_commits`` rows written before a table existed hold null for its version; readers treat
+that table as empty at those catalog versions.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TABLES: tuple[str, ...] = ("instances", "volumes", "failures", "runs", "labels")
+TABLES: tuple[str, ...] = ("instances", "volumes", "failures", "runs", "labels", "splits")
 
 COMMITS_SCHEMA = pa.schema(
     [
@@ -94,6 +99,42 @@ def _dedupe_last(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
     return table.take(sorted(seen.values()))
 
 
+def _add_actions(table: Any) -> pa.Table:
+    return pa.table(table.get_add_actions(flatten=True))
+
+
+def _count_rows(table: Any) -> int:
+    """Rows in a Delta table, from the log's file statistics (no data file is read)."""
+    import pyarrow.compute as pc
+
+    actions = _add_actions(table)
+    if actions.num_rows == 0:
+        return 0
+    counts = actions.column("num_records")
+    if counts.null_count:
+        return int(table.to_pyarrow_dataset().count_rows())
+    return int(pc.sum(counts).as_py())
+
+
+def _last_commit_time(commits: Any) -> dt.datetime | None:
+    """Upper bound of the latest ``committed_at`` (file statistics hold milliseconds)."""
+    import pyarrow.compute as pc
+
+    actions = _add_actions(commits)
+    if actions.num_rows == 0:
+        return None
+    if (
+        "max.committed_at" in actions.column_names
+        and not actions.column("max.committed_at").null_count
+    ):
+        last = pc.max(actions.column("max.committed_at")).as_py()
+        # Statistics are truncated to the millisecond: the true value is below last + 1 ms.
+        return None if last is None else last + dt.timedelta(microseconds=999)
+    values = commits.to_pyarrow_dataset().to_table(columns=["committed_at"]).column(0)
+    last = pc.max(values).as_py() if len(values) else None
+    return last
+
+
 class CatalogWriter:
     """Commits rows to the catalog's Delta tables (driver side only).
 
@@ -110,6 +151,7 @@ class CatalogWriter:
     ) -> None:
         self.url = os.fspath(url).rstrip("/")
         self.storage_options = _delta_options(storage_options)
+        self._tables: dict[str, Any] = {}
         self._ensure_tables()
 
     def _ensure_tables(self) -> None:
@@ -129,16 +171,36 @@ class CatalogWriter:
                     description=schema.metadata.get(b"description", b"").decode(),
                     storage_options=self.storage_options,
                 )
+                self._evolve(name, schema)
             except Exception as exc:
                 raise CatalogError(
                     f"cannot create catalog table {name!r} at {self.url}: {exc}",
                     hint="check the catalog URL and storage credentials",
                 ) from exc
 
+    def _evolve(self, name: str, schema: pa.Schema) -> None:
+        """Add the columns ``schema`` has and the stored table lacks (older catalogs)."""
+        from deltalake.schema import Field
+
+        table = self._table(name)
+        present = {field.name for field in table.schema().fields}
+        missing = [field for field in schema if field.name not in present]
+        if missing:
+            logger.info("catalog table %s: adding columns %s", name, [f.name for f in missing])
+            table.alter.add_columns([Field.from_arrow(field) for field in missing])
+            table.update_incremental()
+
     def _table(self, name: str) -> Any:
+        """The table's ``DeltaTable``, kept open and brought up to date (cheap log tail read)."""
         from deltalake import DeltaTable
 
-        return DeltaTable(table_url(self.url, name), storage_options=self.storage_options)
+        table = self._tables.get(name)
+        if table is None:
+            table = DeltaTable(table_url(self.url, name), storage_options=self.storage_options)
+            self._tables[name] = table
+        else:
+            table.update_incremental()
+        return table
 
     def upsert(
         self,
@@ -200,13 +262,9 @@ class CatalogWriter:
         # Catalog versions are positions in committed_at order: keep timestamps strictly
         # increasing even if this host's clock is behind the last writer's.
         now = dt.datetime.now(dt.UTC)
-        latest = commits.to_pyarrow_dataset().to_table(columns=["committed_at"]).column(0)
-        if len(latest):
-            import pyarrow.compute as pc
-
-            last = pc.max(latest).as_py()
-            if last is not None and now <= last:
-                now = last + dt.timedelta(microseconds=1)
+        last = _last_commit_time(commits)
+        if last is not None and now <= last:
+            now = last + dt.timedelta(milliseconds=1)
         row = {"run_id": run_id, "operation": operation, "committed_at": now, **versions}
         props = CommitProperties(custom_metadata={"voxlake.run_id": run_id})
         write_deltalake(
@@ -216,7 +274,7 @@ class CatalogWriter:
             commit_properties=props,
         )
         commits.update_incremental()
-        version = int(commits.version())
+        version = _count_rows(commits)
         logger.debug("catalog commit %d (%s) for run %s", version, operation, run_id)
         return version
 
