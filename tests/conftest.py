@@ -70,3 +70,48 @@ def tiny_ingested(tmp_path_factory, tiny_sample, dask_client):
         client=dask_client,
     )
     return tiny_sample, catalog, store, report
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto's server) on a loopback port, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket; returns (bucket name, fsspec storage options)."""
+    import uuid
+
+    import s3fs
+
+    from voxlake.storage import s3_options
+
+    options = s3_options(s3_endpoint, key="testing", secret="testing")
+    import boto3
+
+    fs = s3fs.S3FileSystem(**options)
+    bucket = f"vxl-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
+    yield bucket, options
+    fs.rm(bucket, recursive=True)

@@ -19,6 +19,7 @@ __all__ = [
     "DEMO_SECRET",
     "DeidConfig",
     "IngestConfig",
+    "PreprocessConfig",
     "StoreConfig",
     "StreamConfig",
     "load_config",
@@ -79,6 +80,46 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PreprocessConfig:
+    """Optional preprocessing steps run on the workers (recorded per volume).
+
+    Attributes
+    ----------
+    target_spacing
+        Resample to this (z, y, x) spacing in mm, e.g. ``(1.0, 1.0, 1.0)``; None keeps the
+        acquired grid. The field of view is preserved; linear interpolation gives float32.
+    interpolation
+        ``"linear"`` or ``"nearest"`` for resampling.
+    clip
+        Clip values to ``(low, high)``, e.g. a HU window ``(-1000, 1000)``.
+    n4
+        N4 bias-field correction of MR volumes (needs the ``mr`` extra: SimpleITK).
+    crop_threshold
+        Crop to the bounding box of voxels above this value (e.g. ``-500`` HU drops air).
+    pyramid_levels
+        Extra OME-Zarr multiscale levels (each 2x smaller) written next to level ``0``.
+    """
+
+    target_spacing: tuple[float, float, float] | None = None
+    interpolation: Literal["linear", "nearest"] = "linear"
+    clip: tuple[float, float] | None = None
+    n4: bool = False
+    crop_threshold: float | None = None
+    pyramid_levels: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """True when any step is configured."""
+        return bool(
+            self.target_spacing
+            or self.clip
+            or self.n4
+            or self.crop_threshold is not None
+            or self.pyramid_levels
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class IngestConfig:
     """Options for one ingest run.
 
@@ -106,12 +147,28 @@ class IngestConfig:
         Refuse files (or decompressed members) larger than this.
     spacing_tolerance
         Relative tolerance on slice spacing uniformity.
+    philips_scaling
+        ``"display"`` (default): Philips values through the DICOM rescale, like every
+        other vendor; ``"precise"``: Philips floating-point values, display / (RS * SS)
+        with the private scale slope, as dcm2niix writes them by default.
+    resample_irregular
+        Also write an equidistant, linearly resampled copy (labelled ``resampled``) of a
+        stack whose slice spacing varies; without it such a stack is only an
+        ``irregular_spacing`` failure (an affine cannot describe uneven slices).
     deid
         De-identification options.
     store
         Volume-store layout.
+    preprocess
+        Optional preprocessing steps (``[ingest.preprocess]`` in TOML).
     storage_options
         fsspec options for sources.
+    key_map_url
+        Optional location (local path or ``s3://``) of a Delta table mapping every key
+        (``patient_key``, ``study_key``, ``accession_key``, ...) back to the original
+        identifier it was made from. Off by default. The table is identifying: it is
+        written only there, and a location inside (or containing) the catalog or the
+        store is refused. Keep it with the original archive, under the same access rules.
     """
 
     secret: str | None = None
@@ -125,9 +182,13 @@ class IngestConfig:
     max_voxels: int = 2_000_000_000
     max_file_bytes: int = 4 * 1024**3
     spacing_tolerance: float = 0.05
+    philips_scaling: Literal["display", "precise"] = "display"
+    resample_irregular: bool = False
     deid: DeidConfig = field(default_factory=DeidConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     storage_options: dict[str, Any] | None = None
+    key_map_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -175,7 +236,11 @@ def resolve_secret(secret: str | None) -> str:
     return value
 
 
-_SECTIONS: dict[str, type[Any]] = {"deid": DeidConfig, "store": StoreConfig}
+_SECTIONS: dict[str, type[Any]] = {
+    "deid": DeidConfig,
+    "store": StoreConfig,
+    "preprocess": PreprocessConfig,
+}
 
 
 def _coerce(cls: type[Any], data: dict[str, Any]) -> Any:
@@ -190,7 +255,7 @@ def _coerce(cls: type[Any], data: dict[str, Any]) -> Any:
     for key, value in data.items():
         if key in _SECTIONS and isinstance(value, dict):
             kwargs[key] = _coerce(_SECTIONS[key], value)
-        elif key == "shape" and isinstance(value, list):
+        elif key in ("shape", "target_spacing", "clip") and isinstance(value, list):
             kwargs[key] = tuple(value)
         else:
             kwargs[key] = value

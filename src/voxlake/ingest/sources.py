@@ -1,9 +1,19 @@
-"""List the files of a source lazily, in batches: folders, local or any fsspec URL.
+"""List the files of a source lazily, in batches: folders, archives, any fsspec URL.
 
 Runs on the driver and touches only metadata (names, sizes, mtimes); contents are read by
 the workers. Folders are crawled recursively without following directory symlinks (so a
 symlink loop cannot hang the crawl) and without trusting file extensions: what a file is
 gets decided by sniffing its bytes on the worker.
+
+Archives (``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz``), given as
+sources or found while crawling, are read member by member, never extracted to disk: each
+member becomes an fsspec chained URL such as ``zip://dir/IM1.dcm::/data/a.zip`` or
+``tar://IM1::s3://bucket/b.tar.gz``. Member paths that are absolute or climb out with
+``..`` are refused (``unsafe_member_path``), and members declaring more bytes than the
+cap are refused before anything is decompressed (``decompression_cap``); workers also
+stop reading at the cap whatever the header claims. Archives inside archives are not
+opened. Compressed tars can only be read sequentially, so prefer ``.zip`` or plain ``.tar``
+for large archives.
 """
 
 from __future__ import annotations
@@ -19,9 +29,26 @@ from voxlake.errors import SourceError
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
-__all__ = ["FileRef", "ListingProblem", "iter_file_batches", "list_source", "local_path_of"]
+__all__ = [
+    "FileRef",
+    "ListingProblem",
+    "archive_protocol",
+    "iter_file_batches",
+    "list_source",
+    "local_path_of",
+    "open_kwargs",
+]
 
 _SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+_ARCHIVES = (
+    (".tar.gz", "tar"),
+    (".tgz", "tar"),
+    (".tar.bz2", "tar"),
+    (".tar.xz", "tar"),
+    (".tar", "tar"),
+    (".zip", "zip"),
+)
+_UNLIMITED = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -119,16 +146,109 @@ def _walk_fsspec(url: str, storage_options: dict[str, Any] | None) -> Iterator[F
         yield FileRef(f"{protocol}://{name}", int(info.get("size") or 0), float(mtime))
 
 
-def list_source(
-    url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+def archive_protocol(name: str) -> str | None:
+    """``"zip"`` or ``"tar"`` when ``name`` looks like an archive (by extension), else None."""
+    lower = name.lower()
+    for suffix, protocol in _ARCHIVES:
+        if lower.endswith(suffix):
+            return protocol
+    return None
+
+
+def _safe_member(name: str) -> bool:
+    parts = name.replace("\\", "/").split("/")
+    return not (
+        name.startswith(("/", "\\"))
+        or "\x00" in name
+        or ".." in parts
+        or (len(parts[0]) == 2 and parts[0][1] == ":")  # C:/...
+    )
+
+
+def _list_archive(
+    ref: FileRef, protocol: str, *, storage_options: dict[str, Any] | None, max_member_bytes: int
 ) -> Iterator[FileRef | ListingProblem]:
-    """Yield every file under ``url`` (a folder, a single file, or an fsspec prefix)."""
+    import fsspec
+
+    target = ref.url if "://" in ref.url else "file://" + os.path.abspath(ref.url)
+    target_protocol = target.split("://", 1)[0]
+    try:
+        fs = fsspec.filesystem(
+            protocol,
+            fo=target,
+            target_options=storage_options if target_protocol != "file" else None,
+            skip_instance_cache=True,
+        )
+        members = fs.find("", detail=True)
+    except Exception as exc:
+        yield ListingProblem(
+            ref.url, "corrupt_archive", f"cannot read archive: {type(exc).__name__}"
+        )
+        return
+    for name in sorted(members):
+        info = members[name]
+        if info.get("type") != "file":
+            continue
+        chained = f"{protocol}://{name}::{ref.url}"
+        if not _safe_member(name):
+            yield ListingProblem(
+                chained,
+                "unsafe_member_path",
+                "archive member path is absolute or escapes the archive",
+            )
+            continue
+        size = int(info.get("size") or 0)
+        if size > max_member_bytes:
+            yield ListingProblem(
+                chained, "decompression_cap", f"member declares more than {max_member_bytes} bytes"
+            )
+            continue
+        yield FileRef(chained, size, ref.mtime)
+
+
+def _expand(
+    items: Iterator[FileRef | ListingProblem],
+    *,
+    storage_options: dict[str, Any] | None,
+    max_member_bytes: int,
+) -> Iterator[FileRef | ListingProblem]:
+    for item in items:
+        protocol = archive_protocol(item.url) if isinstance(item, FileRef) else None
+        if protocol is None or "::" in item.url:
+            yield item
+        else:
+            assert isinstance(item, FileRef)
+            yield from _list_archive(
+                item, protocol, storage_options=storage_options, max_member_bytes=max_member_bytes
+            )
+
+
+def list_source(
+    url: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    max_member_bytes: int = _UNLIMITED,
+) -> Iterator[FileRef | ListingProblem]:
+    """Yield every file under ``url`` (a folder, a file, an archive or an fsspec prefix).
+
+    Archives are expanded into their members (see the module notes).
+    """
     text = os.fspath(url)
     local = local_path_of(text)
-    if local is not None:
-        yield from _walk_local(local)
-    else:
-        yield from _walk_fsspec(text, storage_options)
+    items = _walk_local(local) if local is not None else _walk_fsspec(text, storage_options)
+    yield from _expand(items, storage_options=storage_options, max_member_bytes=max_member_bytes)
+
+
+def open_kwargs(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """fsspec ``open`` keyword arguments for ``url``: chained URLs take the options of
+    their innermost protocol under that protocol's name."""
+    if not storage_options:
+        return {}
+    if "::" not in url:
+        return dict(storage_options)
+    inner = url.rsplit("::", 1)[1]
+    protocol = inner.split("://", 1)[0] if "://" in inner else "file"
+    return {} if protocol == "file" else {protocol: dict(storage_options)}
 
 
 def iter_file_batches(
@@ -136,12 +256,15 @@ def iter_file_batches(
     *,
     batch_size: int,
     storage_options: dict[str, Any] | None = None,
+    max_member_bytes: int = _UNLIMITED,
 ) -> Iterator[tuple[list[FileRef], list[ListingProblem]]]:
     """Yield ``(files, problems)`` batches of at most ``batch_size`` files across sources."""
     files: list[FileRef] = []
     problems: list[ListingProblem] = []
     for source in sources:
-        for item in list_source(source, storage_options=storage_options):
+        for item in list_source(
+            source, storage_options=storage_options, max_member_bytes=max_member_bytes
+        ):
             if isinstance(item, ListingProblem):
                 problems.append(item)
                 continue

@@ -1,0 +1,206 @@
+"""Ingest benchmark: voxlake against dcm2niix and a naive pydicom loop, in one run.
+
+Generates (once, cached) an archive of 512x512 CT series with voxlake's synthetic factory,
+then measures on the same files and the same machine:
+
+- voxlake ingest with 1 and 2 local Dask workers (fresh catalog and store each time);
+- the header-only catalog pass (files/s per core: `read_headers` in one process);
+- dcm2niix ``-z n`` (uncompressed NIfTI) and ``-z y`` (gzip), one process per series;
+- the naive loop users write: pydicom read, sort by position, stack, ``np.save``.
+
+Prints files/s, MB/s and ratios against each peer. Usage::
+
+    python benchmarks/ingest.py --gb 2.0 --work /tmp/vxl-bench
+
+Figures and method are recorded in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_archive(root: Path, gb: float, seed: int = 0) -> list[Path]:
+    """Write ~`gb` GB of 512x512 CT series (reused across runs); return series folders."""
+    from voxlake.testing import sample_specs, write_series
+
+    marker = root / f"archive-{gb}.json"
+    if marker.exists():
+        return [Path(p) for p in json.loads(marker.read_text())]
+    shutil.rmtree(root / "dicom", ignore_errors=True)
+    base = next(s for s in sample_specs(seed=seed, profile="demo") if s.rows == 512)
+    slice_bytes = 512 * 512 * 2
+    target = int(gb * 1e9)
+    folders, written, index = [], 0, 0
+    while written < target:
+        n = 120
+        spec = dataclasses.replace(
+            base,
+            series_instance_uid=f"2.25.{10**20 + index}",
+            study_instance_uid=f"2.25.{2 * 10**20 + index}",
+            patient_id=f"BENCH{index:04d}",
+            n_slices=n,
+            shuffle_instance_numbers=False,
+        )
+        folder = root / "dicom" / f"S{index:04d}"
+        write_series(spec, folder, seed=index)
+        folders.append(folder)
+        written += n * slice_bytes
+        index += 1
+        print(f"  generated {written / 1e9:.2f} GB", end="\r", flush=True)
+    print()
+    marker.write_text(json.dumps([str(f) for f in folders]))
+    return folders
+
+
+def dir_stats(folders: list[Path]) -> tuple[int, int]:
+    files = [f for folder in folders for f in folder.rglob("*") if f.is_file()]
+    return len(files), sum(f.stat().st_size for f in files)
+
+
+def timed(label: str, func) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    func()
+    elapsed = time.perf_counter() - start
+    print(f"  {label}: {elapsed:.1f} s")
+    return elapsed
+
+
+def run_voxlake(archive: Path, work: Path, workers: int) -> float:
+    from voxlake.config import IngestConfig
+    from voxlake.ingest import ingest
+
+    out = work / f"voxlake-{workers}w"
+    shutil.rmtree(out, ignore_errors=True)
+    config = IngestConfig(
+        secret="benchmark", workers=workers, dashboard_address=":0", memory_limit="6GiB"
+    )
+
+    def go() -> None:
+        report = ingest(
+            [archive], catalog=out / "catalog", store=out / "volumes.zarr", config=config
+        )
+        assert report.failures == 0, report.failures_by_code
+
+    return timed(f"voxlake ingest, {workers} worker(s)", go)
+
+
+def run_header_pass(folders: list[Path]) -> tuple[float, int]:
+    from voxlake.config import IngestConfig
+    from voxlake.ingest.headers import read_headers
+    from voxlake.ingest.sources import list_source
+
+    refs = [r for folder in folders[:4] for r in list_source(folder)]
+    config = IngestConfig(secret="benchmark")
+    start = time.perf_counter()
+    batch = read_headers(refs, secret="benchmark", config=config, run_id="bench")
+    elapsed = time.perf_counter() - start
+    assert not batch.failures
+    return elapsed, len(refs)
+
+
+def run_dcm2niix(folders: list[Path], work: Path, compress: str) -> float:
+    exe = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
+    out = work / f"dcm2niix-{compress}"
+
+    def go() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        procs = []
+        # Two at a time: dcm2niix is single-threaded per series; 2 cores.
+        for folder in folders:
+            procs.append(
+                subprocess.Popen(
+                    [
+                        exe,
+                        "-z",
+                        compress,
+                        "-b",
+                        "n",
+                        "-o",
+                        str(out),
+                        "-f",
+                        folder.name,
+                        str(folder),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            if len(procs) == 2:
+                procs.pop(0).wait()
+        for proc in procs:
+            proc.wait()
+
+    return timed(f"dcm2niix -z {compress} (2 processes)", go)
+
+
+def naive_series(folder: str, out: str) -> None:
+    import pydicom
+
+    slices = [pydicom.dcmread(f) for f in sorted(Path(folder).glob("*.dcm"))]
+    normal = np.cross(*np.array(slices[0].ImageOrientationPatient, float).reshape(2, 3))
+    slices.sort(key=lambda ds: float(np.dot(normal, np.array(ds.ImagePositionPatient, float))))
+    volume = np.stack(
+        [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in slices]
+    ).astype(np.int16)
+    np.save(Path(out) / f"{Path(folder).name}.npy", volume)
+
+
+def run_naive(folders: list[Path], work: Path) -> float:
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = work / "naive"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+
+    def go() -> None:
+        with ProcessPoolExecutor(2) as pool:
+            list(pool.map(naive_series, [str(f) for f in folders], [str(out)] * len(folders)))
+
+    return timed("naive pydicom loop (2 processes)", go)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gb", type=float, default=2.0, help="archive size in GB")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/vxl-bench"))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(f"archive of ~{args.gb} GB of 512x512 CT in {args.work}")
+    folders = make_archive(args.work, args.gb)
+    n_files, n_bytes = dir_stats(folders)
+    mb = n_bytes / 1e6
+    print(f"{len(folders)} series, {n_files} files, {mb:.0f} MB; {os.cpu_count()} cores")
+    times = {
+        "voxlake 1 worker": run_voxlake(args.work / "dicom", args.work, 1),
+        "voxlake 2 workers": run_voxlake(args.work / "dicom", args.work, 2),
+        "dcm2niix -z n": run_dcm2niix(folders, args.work, "n"),
+        "dcm2niix -z y": run_dcm2niix(folders, args.work, "y"),
+        "naive pydicom loop": run_naive(folders, args.work),
+    }
+    header_s, header_files = run_header_pass(folders)
+    print()
+    print(f"{'run':<22} {'s':>7} {'files/s':>9} {'MB/s':>8}")
+    for name, seconds in times.items():
+        print(f"{name:<22} {seconds:7.1f} {n_files / seconds:9.0f} {mb / seconds:8.0f}")
+    print(f"header-only pass (1 process): {header_files / header_s:.0f} files/s per core")
+    best = times["voxlake 2 workers"]
+    print("\nratios (voxlake 2 workers as numerator, higher is better for voxlake):")
+    for peer in ("dcm2niix -z n", "dcm2niix -z y", "naive pydicom loop"):
+        print(f"  vs {peer:<20} {times[peer] / best:5.2f}x")
+    print(f"  scaling 1 -> 2 workers   {times['voxlake 1 worker'] / best:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

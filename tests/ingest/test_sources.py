@@ -1,0 +1,176 @@
+"""Sources: archives read member by member, S3 prefixes, S3 catalog and store."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from voxlake.catalog import open_catalog
+from voxlake.config import IngestConfig
+from voxlake.ingest import ingest
+from voxlake.ingest.sources import list_source
+from voxlake.keys import keyed_hash
+from voxlake.volumes import read_volume
+
+from ..conftest import SECRET
+
+pytestmark = pytest.mark.integration
+
+
+def _check_volumes(catalog, manifest, *, storage_options=None, skip=()):
+    by_series = catalog.volumes.set_index("series_key")
+    for index, series in enumerate(manifest.series):
+        if index in skip:
+            continue
+        row = by_series.loc[keyed_hash(SECRET, "series", series.spec.series_instance_uid)]
+        data, _ = read_volume(row.store_url, row.store_path, storage_options=storage_options)
+        assert np.array_equal(data, series.expected_volume())
+
+
+def _zip_sample(manifest, path: Path) -> Path:
+    root = manifest.root / "dicom"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(root.rglob("*.dcm")):
+            archive.write(file, file.relative_to(root).as_posix())
+    return path
+
+
+def test_zip_and_tar_gz_are_read_without_extracting(tmp_path, tiny_sample, dask_client):
+    sources = tmp_path / "incoming"
+    sources.mkdir()
+    half = len(tiny_sample.series) // 2
+    root = tiny_sample.root / "dicom"
+    with zipfile.ZipFile(sources / "first.zip", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for series in tiny_sample.series[:half]:
+            for file in series.files:
+                z.write(file, Path(file).relative_to(root).as_posix())
+    with tarfile.open(sources / "second.tar.gz", "w:gz") as t:
+        for series in tiny_sample.series[half:]:
+            for file in series.files:
+                t.add(file, Path(file).relative_to(root).as_posix())
+    before = sorted(os.listdir(sources))
+    report = ingest(
+        [sources],
+        catalog=tmp_path / "cat",
+        store=tmp_path / "vol.zarr",
+        config=IngestConfig(secret=SECRET),
+        client=dask_client,
+    )
+    assert report.failures == 0, report.failures_by_code
+    assert report.volumes_written == len(tiny_sample.series)
+    catalog = open_catalog(tmp_path / "cat")
+    urls = list(catalog.instances.url)
+    assert all(u.startswith(("zip://", "tar://")) and "::" in u for u in urls)
+    _check_volumes(catalog, tiny_sample)
+    assert sorted(os.listdir(sources)) == before  # nothing extracted next to the archives
+    again = ingest(
+        [sources],
+        catalog=tmp_path / "cat",
+        store=tmp_path / "vol.zarr",
+        config=IngestConfig(secret=SECRET),
+        client=dask_client,
+    )
+    assert again.files_skipped == again.files_seen and again.volumes_written == 0
+
+
+def test_zip_slip_and_zip_bomb_are_refused(tmp_path, tiny_sample, dask_client):
+    archive = _zip_sample(tiny_sample, tmp_path / "sample.zip")
+    with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("../../escape.dcm", b"DICM" * 10)
+        z.writestr("/etc/absolute.dcm", b"x")
+        z.writestr("bomb.dcm", b"\0" * (64 * 1024 * 1024))  # deflates to ~64 KB
+    assert archive.stat().st_size < 2 * 1024 * 1024
+    items = list(list_source(archive, max_member_bytes=16 * 1024 * 1024))
+    problems = {getattr(i, "code", None) for i in items}
+    assert {"unsafe_member_path", "decompression_cap"} <= problems
+    report = ingest(
+        [archive],
+        catalog=tmp_path / "cat",
+        store=tmp_path / "vol.zarr",
+        config=IngestConfig(secret=SECRET, max_file_bytes=16 * 1024 * 1024),
+        client=dask_client,
+    )
+    catalog = open_catalog(tmp_path / "cat")
+    codes = catalog.failures.set_index("subject").code
+    assert codes["zip://../../escape.dcm::" + str(archive)] == "unsafe_member_path"
+    assert codes["zip://bomb.dcm::" + str(archive)] == "decompression_cap"
+    assert report.volumes_written == len(tiny_sample.series)
+    _check_volumes(catalog, tiny_sample)
+    assert not (tmp_path.parent / "escape.dcm").exists()
+
+
+def test_worker_caps_decompression_even_when_the_header_lies():
+    import gzip
+
+    from voxlake.errors import SourceError
+    from voxlake.ingest.headers import open_bytes, parse_dicom_bytes
+
+    bomb = gzip.compress(b"\0" * (8 * 1024 * 1024))
+    with pytest.raises(SourceError) as info:
+        parse_dicom_bytes(bomb, max_bytes=1024 * 1024)
+    assert info.value.code == "decompression_cap"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("big.dcm", b"\0" * (4 * 1024 * 1024))
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"vxl-cap-{os.getpid()}.zip"
+    path.write_bytes(buffer.getvalue())
+    try:
+        with pytest.raises(SourceError) as info:
+            open_bytes(f"zip://big.dcm::{path}", max_bytes=1024 * 1024)
+        assert info.value.code == "file_too_large"
+    finally:
+        path.unlink()
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_s3_source_into_s3_catalog_and_store(tiny_sample, s3_bucket, dask_client):
+    import s3fs
+
+    from voxlake.training import VolumeStream
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    fs.put(str(tiny_sample.root / "dicom"), f"{bucket}/archive/dicom", recursive=True)
+    shutil.copy(tiny_sample.labels_csv, tiny_sample.root / "labels-copy.csv")
+    catalog_url, store_url = f"s3://{bucket}/catalog", f"s3://{bucket}/volumes.zarr"
+    report = ingest(
+        [f"s3://{bucket}/archive/dicom"],
+        catalog=catalog_url,
+        store=store_url,
+        config=IngestConfig(secret=SECRET, storage_options=options),
+        catalog_storage_options=options,
+        store_storage_options=options,
+        client=dask_client,
+    )
+    assert report.failures == 0, report.failures_by_code
+    assert report.volumes_written == len(tiny_sample.series)
+    catalog = open_catalog(catalog_url, storage_options=options)
+    assert all(u.startswith("s3://") for u in catalog.instances.url)
+    assert set(catalog.volumes.store_url) == {store_url}
+    assert int(catalog.sql("SELECT count(*) AS n FROM volumes").n[0]) == len(tiny_sample.series)
+    _check_volumes(catalog, tiny_sample, storage_options=options)
+    stream = VolumeStream(
+        catalog.volumes, shape=(8, 8, 8), label_column=None, storage_options=options
+    )
+    samples = list(stream)
+    assert sorted(s["volume_id"] for s in samples) == sorted(catalog.volumes.volume_id)
+    assert all(s["image"].shape == (1, 8, 8, 8) for s in samples)
+    # A re-run against S3 reads nothing again.
+    again = ingest(
+        [f"s3://{bucket}/archive/dicom"],
+        catalog=catalog_url,
+        store=store_url,
+        config=IngestConfig(secret=SECRET, storage_options=options),
+        catalog_storage_options=options,
+        store_storage_options=options,
+        client=dask_client,
+    )
+    assert again.files_skipped == again.files_seen and again.volumes_written == 0
