@@ -115,3 +115,68 @@ def s3_bucket(s3_endpoint):
     ).create_bucket(Bucket=bucket)
     yield bucket, options
     fs.rm(bucket, recursive=True)
+
+
+ORTHANC = "/usr/sbin/Orthanc"
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc PACS with its DICOMweb plugin on a loopback port (session-wide).
+
+    Skips when Orthanc is not installed (Debian packages orthanc, orthanc-dicomweb), except
+    in CI where VOXLAKE_REQUIRE_PACS=1 turns the skip into a failure.
+    """
+    import json
+    import subprocess
+    import time
+
+    import requests
+
+    if not (os.path.exists(ORTHANC) and os.path.exists(ORTHANC_DICOMWEB)):
+        message = "Orthanc with the DICOMweb plugin is not installed"
+        if os.environ.get("VOXLAKE_REQUIRE_PACS") == "1":
+            pytest.fail(message + " (VOXLAKE_REQUIRE_PACS=1)")
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("orthanc")
+    port = _free_port()
+    config = {
+        "Name": "VOXLAKE-TEST",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "idx"),
+        "Plugins": [ORTHANC_DICOMWEB],
+        "HttpPort": port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomServerEnabled": False,
+        "DicomWeb": {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "EnableWado": True,
+            "Host": "127.0.0.1",
+            "Ssl": False,
+        },
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "wb")
+    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if requests.get(f"{base}/system", timeout=1).ok:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
+        time.sleep(0.1)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

@@ -53,11 +53,21 @@ _UNLIMITED = 1 << 62
 
 @dataclass(frozen=True)
 class FileRef:
-    """A file to ingest: its URL (or local path), size in bytes and mtime."""
+    """A file to ingest: its catalog URL (or local path), size in bytes and mtime.
+
+    ``locator`` is where to fetch the bytes when that differs from ``url`` and must not
+    be stored (DICOMweb: the WADO-RS URL holds original UIDs); it lives only in memory.
+    """
 
     url: str
     size: int
     mtime: float
+    locator: str | None = None
+
+    @property
+    def fetch_url(self) -> str:
+        """The address to read the bytes from."""
+        return self.locator or self.url
 
 
 @dataclass(frozen=True)
@@ -228,12 +238,21 @@ def list_source(
     *,
     storage_options: dict[str, Any] | None = None,
     max_member_bytes: int = _UNLIMITED,
+    secret: str | None = None,
 ) -> Iterator[FileRef | ListingProblem]:
-    """Yield every file under ``url`` (a folder, a file, an archive or an fsspec prefix).
+    """Yield every file under ``url`` (a folder, a file, an archive, an fsspec prefix, or a
+    ``dicomweb+http(s)://`` PACS query, which needs ``secret`` to key its URLs).
 
     Archives are expanded into their members (see the module notes).
     """
     text = os.fspath(url)
+    from voxlake.ingest.dicomweb import is_dicomweb, list_instances
+
+    if is_dicomweb(text):
+        if not secret:
+            raise SourceError("a DICOMweb source needs the de-identification secret")
+        yield from list_instances(text, secret=secret, storage_options=storage_options)
+        return
     local = local_path_of(text)
     items = _walk_local(local) if local is not None else _walk_fsspec(text, storage_options)
     yield from _expand(items, storage_options=storage_options, max_member_bytes=max_member_bytes)
@@ -257,13 +276,17 @@ def iter_file_batches(
     batch_size: int,
     storage_options: dict[str, Any] | None = None,
     max_member_bytes: int = _UNLIMITED,
+    secret: str | None = None,
 ) -> Iterator[tuple[list[FileRef], list[ListingProblem]]]:
     """Yield ``(files, problems)`` batches of at most ``batch_size`` files across sources."""
     files: list[FileRef] = []
     problems: list[ListingProblem] = []
     for source in sources:
         for item in list_source(
-            source, storage_options=storage_options, max_member_bytes=max_member_bytes
+            source,
+            storage_options=storage_options,
+            max_member_bytes=max_member_bytes,
+            secret=secret,
         ):
             if isinstance(item, ListingProblem):
                 problems.append(item)
