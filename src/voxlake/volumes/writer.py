@@ -80,18 +80,20 @@ class _StatsAccumulator:
         self._offset = 0
 
     def add(self, data: np.ndarray) -> None:
-        flat = data.reshape(-1)
-        if flat.size == 0:
-            return
-        values = flat.astype(np.float64, copy=False)
-        self.count += flat.size
-        self.total += float(values.sum())
-        self.total_sq += float(np.square(values).sum())
-        self.low = min(self.low, float(values.min()))
-        self.high = max(self.high, float(values.max()))
-        start = (-self._offset) % _PERCENTILE_STRIDE
-        self.samples.append(values[start::_PERCENTILE_STRIDE].astype(np.float32))
-        self._offset += flat.size
+        # Slice by slice: converting a whole slab to float64 would cost 4x its int16 size.
+        planes = data.reshape(-1, *data.shape[-2:]) if data.ndim >= 2 else data.reshape(1, -1)
+        for plane in planes:
+            values = plane.reshape(-1).astype(np.float64)
+            if values.size == 0:
+                continue
+            self.count += values.size
+            self.total += float(values.sum())
+            self.total_sq += float(np.dot(values, values))
+            self.low = min(self.low, float(values.min()))
+            self.high = max(self.high, float(values.max()))
+            start = (-self._offset) % _PERCENTILE_STRIDE
+            self.samples.append(values[start::_PERCENTILE_STRIDE].astype(np.float32))
+            self._offset += values.size
 
     def result(self) -> IntensityStats:
         if self.count == 0:
