@@ -6,10 +6,11 @@ import datetime as dt
 import time
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from voxlake.catalog import CatalogWriter, attach_labels, open_catalog
+from voxlake.catalog import CatalogWriter, attach_labels, isin, open_catalog
 from voxlake.catalog.schema import SCHEMAS, render_schema_markdown
 from voxlake.errors import CatalogError, ConfigError
 from voxlake.keys import keyed_hash, volume_id_for
@@ -127,3 +128,102 @@ def test_labels_attach_by_original_identifier_without_storing_it(writer, tmp_pat
     assert len(open_catalog(writer.url).training_selection("sick")) == 1
     with pytest.raises(ConfigError):
         attach_labels(writer.url, csv, secret=SECRET, on="PatientName")
+
+
+def test_labels_by_accession_number_join_through_the_study(writer):
+    study = {n: keyed_hash(SECRET, "study", f"1.9.{n}") for n in range(3)}
+    accession = {n: keyed_hash(SECRET, "accession", f"ACC-{n}") for n in range(3)}
+    instances = [
+        {"url": f"/f{n}.dcm", "study_key": study[n], "accession_key": accession[n]}
+        for n in range(3)
+    ]
+    volumes = [volume(f"1.9.{n}.1", study_key=study[n]) for n in range(3)]
+    writer.commit({"instances": instances, "volumes": volumes}, run_id="a", operation="t")
+    # Accession labels can be attached before their study is ingested (ACC-9): they wait.
+    labels = pd.DataFrame({"AccessionNumber": ["ACC-0", "ACC-1", "ACC-9"], "sick": [1, 0, 1]})
+    attach_labels(writer.url, labels, secret=SECRET, on="AccessionNumber")
+    cat = open_catalog(writer.url)
+    stored = cat.labels
+    assert set(stored.key_kind) == {"accession"}
+    assert "ACC-" not in stored.to_json(date_format="iso")
+    selection = cat.training_selection("sick").set_index("study_key")
+    assert dict(selection.sick) == {study[0]: 1.0, study[1]: 0.0}
+    # A series label overrides the study's accession label.
+    attach_labels(
+        writer.url,
+        pd.DataFrame({"SeriesInstanceUID": ["1.9.0.1"], "sick": [0]}),
+        secret=SECRET,
+    )
+    selection = open_catalog(writer.url).training_selection("sick").set_index("study_key")
+    assert selection.loc[study[0], "sick"] == 0.0
+
+
+def test_string_filters_push_down_after_upserts_and_deletes(writer):
+    # Rows rewritten by an upsert or a delete must stay filterable by pyarrow and DuckDB
+    # (delta-rs MERGE/DELETE would rewrite them with string_view columns).
+    writer.commit({"volumes": [volume(str(i)) for i in range(6)]}, run_id="a", operation="t")
+    writer.commit(
+        {"volumes": [volume("1", modality="MR"), volume("2", modality="MR")]},
+        run_id="b",
+        operation="t",
+    )
+    gone = keyed_hash(SECRET, "series", "3")
+    writer.delete("volumes", f"series_key = '{gone}'", run_id="c")
+    writer.record_commit(run_id="c", operation="delete")
+    cat = open_catalog(writer.url)
+    table = cat.dataset("volumes").to_table(
+        filter=pc.field("modality") == "MR", columns=["series_key"]
+    )
+    assert sorted(table.column(0).to_pylist()) == sorted(
+        keyed_hash(SECRET, "series", s) for s in ("1", "2")
+    )
+    assert int(cat.sql("SELECT count(*) AS n FROM volumes WHERE modality = 'CT'").n[0]) == 3
+    assert gone not in set(cat.volumes.series_key)
+    assert len(open_catalog(writer.url, version=1).volumes) == 6
+
+
+def test_both_duckdb_engines_and_large_isin_filters_agree(writer):
+    rows = [volume(str(i), n_slices=i, modality="CT" if i % 2 else "MR") for i in range(300)]
+    writer.commit({"volumes": rows}, run_id="a", operation="t")
+    writer.commit({"volumes": [volume("7", n_slices=700)]}, run_id="b", operation="t")
+    cat = open_catalog(writer.url)
+    query = (
+        "SELECT modality, count(*) AS n, max(n_slices) AS top FROM volumes GROUP BY 1 ORDER BY 1"
+    )
+    arrow, parquet = cat.sql(query), cat.sql(query, engine="parquet")
+    assert arrow.to_dict("records") == parquet.to_dict("records")
+    assert dict(zip(arrow.modality, arrow.top, strict=True)) == {"CT": 700, "MR": 298}
+    # Empty tables and older versions work with both engines.
+    for engine in ("arrow", "parquet"):
+        assert int(cat.sql("SELECT count(*) AS n FROM splits", engine=engine).n[0]) == 0
+        old = open_catalog(writer.url, version=1)
+        assert int(old.sql("SELECT max(n_slices) AS m FROM volumes", engine=engine).m[0]) == 299
+    wanted = [keyed_hash(SECRET, "series", str(i)) for i in range(0, 300, 3)]  # 100 keys
+    table = cat.dataset("volumes").to_table(
+        filter=isin("series_key", wanted), columns=["series_key"]
+    )
+    assert sorted(table.column(0).to_pylist()) == sorted(wanted)
+    assert cat.dataset("volumes").to_table(filter=isin("series_key", [])).num_rows == 0
+
+
+def test_instances_are_clustered_so_lookups_read_few_row_groups(writer):
+    from voxlake.catalog.tables import ROW_GROUP_ROWS
+
+    n = 5 * ROW_GROUP_ROWS
+    rows = pa.table(
+        {
+            "url": [f"/f{i}.dcm" for i in range(n)],
+            "series_key": [f"{(i * 7919) % n:08d}" for i in range(n)],  # arrives unsorted
+        }
+    )
+    table = pa.table(
+        {f.name: rows[f.name] if f.name in rows.column_names else pa.nulls(n, f.type)
+         for f in SCHEMAS["instances"]},
+        schema=SCHEMAS["instances"],
+    )  # fmt: skip
+    writer.commit({"instances": table}, run_id="a", operation="t", assume_new={"instances": True})
+    (fragment,) = open_catalog(writer.url).dataset("instances").get_fragments()
+    assert fragment.num_row_groups == 5
+    one_group = [f"{i:08d}" for i in range(10, 90)]  # 80 keys, all in the first row group
+    assert fragment.subset(filter=isin("series_key", one_group)).num_row_groups == 1
+    assert fragment.subset(filter=pc.field("series_key") == "00004100").num_row_groups == 1

@@ -3,6 +3,12 @@
 Hospitals hand over labels keyed by PatientID, AccessionNumber, StudyInstanceUID or
 SeriesInstanceUID. :func:`attach_labels` hashes those identifiers with the same secret
 the ingest used, at attach time, so the raw identifiers never land in the catalog.
+
+Labels join volumes by key kind: ``series`` on ``series_key``, ``study`` on ``study_key``,
+``accession`` through the instances' ``accession_key`` to their ``study_key`` (an
+accession number names the order a study was made for), ``patient`` on ``patient_key``.
+Labels may be attached before the data they describe is ingested: the keys join up when
+it arrives.
 """
 
 from __future__ import annotations
@@ -20,14 +26,20 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
-__all__ = ["IDENTIFIER_KINDS", "attach_labels"]
+    from voxlake.catalog.query import Catalog
 
-#: Identifier column -> key kind it is hashed as (and the catalog key it joins on).
+__all__ = ["IDENTIFIER_KINDS", "attach_labels", "label_volumes"]
+
+#: Identifier column -> key kind it is hashed as (:func:`voxlake.keys.keyed_hash`).
 IDENTIFIER_KINDS: dict[str, str] = {
     "PatientID": "patient",
+    "AccessionNumber": "accession",
     "StudyInstanceUID": "study",
     "SeriesInstanceUID": "series",
 }
+
+#: Label precedence for a volume, weakest first: a later kind overrides an earlier one.
+_PRECEDENCE = ("patient", "accession", "study", "series")
 
 
 def attach_labels(
@@ -51,7 +63,8 @@ def attach_labels(
     secret
         The de-identification secret used at ingest (keys must match).
     on
-        Identifier column: PatientID, StudyInstanceUID or SeriesInstanceUID.
+        Identifier column: PatientID, AccessionNumber, StudyInstanceUID or
+        SeriesInstanceUID.
     columns
         Label columns to attach (numeric). Default: every other numeric column.
     storage_options
@@ -64,12 +77,12 @@ def attach_labels(
     if on not in IDENTIFIER_KINDS:
         raise ConfigError(
             f"labels can be keyed by {', '.join(IDENTIFIER_KINDS)}, not {on!r}",
-            hint="pass on='SeriesInstanceUID' (or PatientID / StudyInstanceUID)",
+            hint="pass on='SeriesInstanceUID' (or PatientID / AccessionNumber / StudyInstanceUID)",
         )
     frame = labels if isinstance(labels, pd.DataFrame) else pd.read_csv(labels, dtype={on: str})
     if on not in frame.columns:
         raise ConfigError(f"label table has no column {on!r}")
-    identifier_columns = set(IDENTIFIER_KINDS) | {"AccessionNumber"}
+    identifier_columns = set(IDENTIFIER_KINDS)
     if columns is None:
         columns = [
             c
@@ -101,3 +114,40 @@ def attach_labels(
             )
     writer = CatalogWriter(catalog_url, storage_options=storage_options)
     return writer.commit({"labels": rows}, run_id=run_id, operation="attach_labels")
+
+
+def label_volumes(catalog: Catalog, label: str) -> pd.DataFrame:
+    """Volumes of ``catalog`` with a ``label`` column; volumes without that label dropped.
+
+    A volume takes its series label, else its study label (by StudyInstanceUID, else by
+    AccessionNumber), else its patient label.
+    """
+    from voxlake.catalog.engines import isin
+
+    volumes = catalog.volumes.copy()
+    labels = catalog.labels
+    labels = labels[labels["name"] == label]
+    volumes[label] = float("nan")
+    for kind in _PRECEDENCE:
+        sub = labels[labels["key_kind"] == kind].drop_duplicates("key", keep="last")
+        if sub.empty:
+            continue
+        mapping = dict(zip(sub["key"], sub["value"], strict=True))
+        if kind == "accession":
+            # accession_key -> study_key from the instances (pushdown: only these keys).
+            pairs = catalog.dataset("instances").to_table(
+                columns=["accession_key", "study_key"],
+                filter=isin("accession_key", mapping),
+            )
+            study_value = {
+                study: mapping[accession]
+                for accession, study in zip(
+                    pairs.column(0).to_pylist(), pairs.column(1).to_pylist(), strict=True
+                )
+                if study is not None
+            }
+            values = volumes["study_key"].map(study_value)
+        else:
+            values = volumes[f"{kind}_key"].map(mapping)
+        volumes[label] = values.where(values.notna(), volumes[label])
+    return volumes[volumes[label].notna()].reset_index(drop=True)

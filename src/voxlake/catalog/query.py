@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import html
 import os
 import threading
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from voxlake.catalog._io import fsspec_options, read_parquet_file
 from voxlake.catalog.tables import TABLES, _delta_options, table_url
 from voxlake.errors import CatalogError
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
     import pandas as pd
     import pyarrow.dataset as pads
+
+    from voxlake.catalog.engines import Engine
 
 __all__ = ["Catalog", "open_catalog"]
 
@@ -67,7 +69,7 @@ class Catalog:
         self._commits = commits
         self._delta: dict[str, Any] = {}
         self._datasets: dict[str, pads.Dataset] = {}
-        self._duckdb: Any = None
+        self._duckdb: dict[str, Any] = {}
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -170,61 +172,50 @@ class Catalog:
         if not files:
             return dd.from_pandas(meta, npartitions=1)
         return dd.from_map(
-            _read_parquet_file,
+            read_parquet_file,
             files,
             schema=schema,
-            storage_options=self._fsspec_options(),
+            storage_options=fsspec_options(self.storage_options),
             meta=meta,
             enforce_metadata=False,
         )
 
-    def _fsspec_options(self) -> dict[str, Any] | None:
-        opts = self.storage_options or {}
-        if "AWS_ENDPOINT_URL" not in opts:
-            return None
-        return {
-            "key": opts.get("AWS_ACCESS_KEY_ID"),
-            "secret": opts.get("AWS_SECRET_ACCESS_KEY"),
-            "client_kwargs": {
-                "endpoint_url": opts["AWS_ENDPOINT_URL"],
-                "region_name": opts.get("AWS_REGION", "us-east-1"),
-            },
-        }
-
     # -- SQL -------------------------------------------------------------------------
-    def sql(self, query: str) -> pd.DataFrame:
+    def sql(self, query: str, *, engine: Engine = "arrow") -> pd.DataFrame:
         """Run DuckDB SQL with every table registered as a view; return pandas.
 
-        Tables are scanned as pyarrow datasets, so ``WHERE`` filters and column
-        projections push down to the Parquet files. The connection is opened once per
-        :class:`Catalog` and reused (queries on one catalog run one at a time).
+        ``WHERE`` filters and column projections push down to the Parquet files of the
+        pinned versions. ``engine="arrow"`` (default) scans pyarrow datasets: best for
+        selective lookups; ``engine="parquet"`` uses DuckDB's Parquet reader: less CPU
+        for queries reading most rows (see :mod:`voxlake.catalog.engines`). Connections
+        are opened once per :class:`Catalog` and engine and reused (queries on one
+        catalog run one at a time).
         """
         import duckdb
 
+        from voxlake.catalog.engines import duckdb_connection
+
         with self._lock:
-            if self._duckdb is None:
-                con = duckdb.connect()
-                for name in TABLES:
-                    con.register(name, self.dataset(name))
-                self._duckdb = con
+            if engine not in self._duckdb:
+                self._duckdb[engine] = duckdb_connection(self, engine)
             try:
-                frame: pd.DataFrame = self._duckdb.execute(query).df()
+                frame: pd.DataFrame = self._duckdb[engine].execute(query).df()
             except duckdb.Error as exc:
                 raise CatalogError(f"SQL failed: {exc}", code="bad_sql") from exc
         return frame
 
     def close(self) -> None:
-        """Close the DuckDB connection (datasets stay usable)."""
+        """Close the DuckDB connections (datasets stay usable)."""
         with self._lock:
-            if self._duckdb is not None:
-                self._duckdb.close()
-                self._duckdb = None
+            for con in self._duckdb.values():
+                con.close()
+            self._duckdb.clear()
 
     # -- history ---------------------------------------------------------------------
     def history(self) -> pd.DataFrame:
         """One row per catalog version up to the pinned one, with its run's status."""
-        commits = self._commits if self._commits is not None else _commits(
-            self.url, self.storage_options
+        commits = (
+            self._commits if self._commits is not None else _commits(self.url, self.storage_options)
         )
         commits = commits.copy()
         commits.insert(0, "version", range(1, len(commits) + 1))
@@ -304,33 +295,16 @@ class Catalog:
             "volumes": len(volumes),
             "failures": len(failures),
             "runs": self.dataset("runs").count_rows(),
+            "labels": self.dataset("labels").count_rows(),
             "volume_bytes": int(volumes["nbytes"].sum()) if len(volumes) else 0,
             "volumes_by_modality": volumes["modality"].value_counts().to_dict(),
             "failures_by_code": failures["code"].value_counts().to_dict(),
         }
 
     def _repr_html_(self) -> str:
-        info = self.summary()
-        rows = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
-            f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-            for k, v in info.items()
-        )
-        return f"<b>voxlake catalog</b><table>{rows}</table>"
+        from voxlake.catalog._display import summary_html
 
-
-def _read_parquet_file(
-    path: str, *, schema: pa.Schema, storage_options: dict[str, Any] | None
-) -> pd.DataFrame:
-    """Read one Parquet file of a Delta table, cast to the catalog schema."""
-    import fsspec
-    import pyarrow.parquet as pq
-
-    fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    with fs.open(fs_path, "rb") as handle:
-        table = pq.read_table(handle, columns=schema.names)
-    frame: pd.DataFrame = table.cast(schema).to_pandas()
-    return frame
+        return summary_html(self)
 
 
 def _commits(url: str, storage_options: dict[str, str] | None) -> pd.DataFrame:
@@ -386,9 +360,10 @@ def open_catalog(
         return Catalog(
             root,
             version=0,
-            table_versions=dict.fromkeys(TABLES, 0),
+            table_versions=dict.fromkeys(TABLES),
             committed_at=None,
             storage_options=options,
+            commits=commits,
         )
     if as_of is not None:
         moment = as_of if as_of.tzinfo else as_of.replace(tzinfo=dt.UTC)
@@ -410,7 +385,16 @@ def open_catalog(
     return Catalog(
         root,
         version=position + 1,
-        table_versions={name: int(row[f"{name}_version"]) for name in TABLES},
+        table_versions={name: _table_version(row, name) for name in TABLES},
         committed_at=row["committed_at"].to_pydatetime(),
         storage_options=options,
+        commits=commits,
     )
+
+
+def _table_version(row: pd.Series, name: str) -> int | None:
+    """A table's version in a ``_commits`` row; None where the table did not exist yet."""
+    import pandas as pd
+
+    value = row.get(f"{name}_version")
+    return None if value is None or pd.isna(value) else int(value)

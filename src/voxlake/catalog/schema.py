@@ -179,6 +179,30 @@ _RUN_COLUMNS: tuple[Column, ...] = (
     Column("ingested_at", "ts", "When the row was committed (UTC)."),
 )
 
+#: Derived on the worker from the original dataset (private tags and functional groups are
+#: gone after de-identification) or from a NIfTI/MINC/Analyze header; never identifying.
+_FRAME_COLUMNS: tuple[Column, ...] = (
+    Column(
+        "layout",
+        "str",
+        "classic, enhanced (multi-frame with functional groups), mosaic (Siemens),"
+        " multiframe (without functional groups), nifti, minc or analyze.",
+    ),
+    Column(
+        "frames_json",
+        "str",
+        "JSON: per-frame geometry, rescale, dimension index, echo, diffusion of a multi-frame"
+        " or mosaic instance (see docs/series-assembly.md); null for single frames.",
+    ),
+    Column("mosaic_tiles", "int", "Siemens mosaic: slices tiled in the image (CSA header)."),
+    Column("b_value", "float", "Diffusion b-value in s/mm^2 (standard or vendor tag)."),
+    Column("b_vector", "floats", "Diffusion gradient direction, patient (LPS) coordinates."),
+    Column("philips_scale_slope", "float", "Philips private MR scale slope (2005,100E)."),
+    Column("array_shape", "ints", "Non-DICOM files: shape as stored in the file (i, j, k[, t])."),
+    Column("array_affine", "floats", "Non-DICOM files: 4x4 RAS affine (row-major) of the file."),
+    Column("array_dtype", "str", "Non-DICOM files: on-disk data type."),
+)
+
 _HEADER_JSON = Column(
     "header_json",
     "str",
@@ -201,6 +225,7 @@ _VOLUME_COLUMNS: tuple[Column, ...] = (
     Column("series_description", "str", "Series description."),
     Column("protocol_name", "str", "Protocol name."),
     Column("series_number", "int", "Series number."),
+    Column("slice_thickness", "float", "Nominal slice thickness in mm (SliceThickness)."),
     Column("study_date", "date", "De-identified study date."),
     Column("patient_age", "str", "Patient age."),
     Column("patient_sex", "str", "Patient sex."),
@@ -236,6 +261,23 @@ _VOLUME_COLUMNS: tuple[Column, ...] = (
     Column("intensity_p50", "float", "Median (strided sample)."),
     Column("intensity_p99", "float", "99th percentile (strided sample)."),
     Column("preprocessing", "str", "JSON list of preprocessing steps applied."),
+    Column("layout", "str", "Source layout: classic, enhanced, mosaic, nifti, minc, analyze."),
+    Column("value_scaling", "str", "How values were derived: rescale, philips_precise, none..."),
+    Column("source_frames", "ints", "Frame (or mosaic tile) of each source, parallel to hashes."),
+    Column("repetition_time", "float", "MR repetition time TR in ms."),
+    Column("echo_times", "floats", "MR echo time TE (ms) of each timepoint."),
+    Column("b_values", "floats", "Diffusion b-value (s/mm^2) of each timepoint."),
+    Column(
+        "b_vectors_patient",
+        "floats",
+        "Diffusion directions per timepoint, patient LPS coordinates, flattened (t x 3).",
+    ),
+    Column(
+        "b_vectors_image",
+        "floats",
+        "Diffusion directions per timepoint along the array axes (i, j, k), flattened (t x 3).",
+    ),
+    Column("resampled", "bool", "True for an equidistant resampled copy of irregular slices."),
 )
 
 _FAILURE_COLUMNS: tuple[Column, ...] = (
@@ -293,7 +335,7 @@ _SPLIT_COLUMNS: tuple[Column, ...] = (
 )
 
 _TABLES: dict[str, tuple[Column, ...]] = {
-    "instances": (*_FILE_COLUMNS, *DICOM_COLUMNS, _HEADER_JSON, *_RUN_COLUMNS),
+    "instances": (*_FILE_COLUMNS, *DICOM_COLUMNS, *_FRAME_COLUMNS, _HEADER_JSON, *_RUN_COLUMNS),
     "volumes": (*_VOLUME_COLUMNS, *_RUN_COLUMNS),
     "failures": (*_FAILURE_COLUMNS, *_RUN_COLUMNS),
     "runs": _RUN_TABLE_COLUMNS,
@@ -345,7 +387,15 @@ def render_schema_markdown() -> str:
         "# Catalog schema",
         "",
         "Generated from `src/voxlake/catalog/schema.py` by `voxlake catalog schema-doc`;"
-        " do not edit by hand.",
+        " do not edit by hand (a test fails when this page and the code differ).",
+        "",
+        "Each table is a Delta Lake table under the catalog root (`<root>/<table>/`); every"
+        " column's description below is also stored in the table's field metadata. One more"
+        " table, `_commits`, holds one row per catalog commit with the Delta version of every"
+        " table (`<table>_version`): the catalog version `N` that `open_catalog(url,"
+        " version=N)` pins is the N-th row in commit-time order. Identifiers never appear:"
+        " `*_key` columns are keyed hashes (HMAC-SHA256 with the project secret), and text"
+        " and dates come from the de-identified header (DICOM PS3.15 Annex E).",
         "",
     ]
     for name, cols in _TABLES.items():

@@ -36,16 +36,32 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
 __all__ = [
+    "CLUSTER_BY",
     "COMMITS_SCHEMA",
+    "ROW_GROUP_ROWS",
     "TABLES",
     "CatalogWriter",
     "rows_to_table",
     "table_url",
+    "writer_properties",
 ]
 
 logger = logging.getLogger(__name__)
 
 TABLES: tuple[str, ...] = ("instances", "volumes", "failures", "runs", "labels", "splits")
+
+#: Rows are written sorted by these columns, so each Parquet row group covers a narrow key
+#: range and a lookup (all instances of a series) reads one row group per file, not all.
+#: ``optimize_catalog`` Z-orders the same tables by the same column across files.
+CLUSTER_BY: dict[str, tuple[str, ...]] = {
+    "instances": ("series_key", "instance_number"),
+    "volumes": ("series_key",),
+}
+
+#: Rows per Parquet row group of the clustered tables: small enough that a series lookup
+#: decodes few rows, large enough that footers stay small (measured in
+#: benchmarks/catalog.py, docs/performance.md).
+ROW_GROUP_ROWS = 4096
 
 COMMITS_SCHEMA = pa.schema(
     [
@@ -64,9 +80,10 @@ def table_url(root: str | os.PathLike[str], name: str) -> str:
 
 
 def _delta_options(storage_options: Mapping[str, Any] | None) -> dict[str, str] | None:
-    if not storage_options:
-        return None
-    return {str(k): str(v) for k, v in storage_options.items()}
+    """delta-rs options from fsspec-style or delta-rs-style options (see voxlake.storage)."""
+    from voxlake.storage import delta_storage_options
+
+    return delta_storage_options(dict(storage_options)) if storage_options else None
 
 
 def rows_to_table(name: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
@@ -84,6 +101,36 @@ def rows_to_table(name: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
         return pa.table(columns, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise CatalogError(f"rows for {name!r} do not match the schema: {exc}") from exc
+
+
+def writer_properties() -> Any:
+    """delta-rs ``WriterProperties`` of the clustered tables (row groups of ROW_GROUP_ROWS)."""
+    from deltalake import WriterProperties
+
+    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS)
+
+
+def _sql_literal(value: Any) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CatalogError(f"cannot use a {type(value).__name__} value as a catalog key")
+    return repr(value)
+
+
+def _key_predicate(table: pa.Table, keys: tuple[str, ...]) -> str:
+    """SQL predicate matching exactly the key values of ``table``'s rows."""
+    columns = [table.column(k).to_pylist() for k in keys]
+    if any(v is None for column in columns for v in column):
+        raise CatalogError(f"catalog keys {keys} must not be null")
+    if len(keys) == 1:
+        values = sorted(set(columns[0]))
+        return f"{keys[0]} IN ({', '.join(_sql_literal(v) for v in values)})"
+    rows = sorted(set(zip(*columns, strict=True)))
+    return " OR ".join(
+        "(" + " AND ".join(f"{k} = {_sql_literal(v)}" for k, v in zip(keys, row, strict=True)) + ")"
+        for row in rows
+    )
 
 
 def _dedupe_last(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
@@ -210,10 +257,19 @@ class CatalogWriter:
         run_id: str,
         assume_new: bool = False,
     ) -> int | None:
-        """Merge ``rows`` into table ``name`` on its keys; return the new table version.
+        """Upsert ``rows`` into table ``name`` on its keys; return the new table version.
 
-        ``assume_new=True`` appends instead of merging, for rows whose keys the caller
-        knows are absent (much cheaper on large tables). Returns None when ``rows`` is empty.
+        Rows whose keys exist replace the old rows, in one Delta commit. ``assume_new=True``
+        appends instead, for rows whose keys the caller knows are absent (much cheaper on
+        large tables). Returns None when ``rows`` is empty.
+
+        Notes
+        -----
+        The upsert is a predicate overwrite ("replace where the keys are"), not a Delta
+        MERGE: delta-rs 1.6 writes the files a MERGE or DELETE rewrites with ``string_view``
+        columns, on which pyarrow has no comparison kernels, so string filters on the
+        catalog's pyarrow datasets would fail (delta-io/delta-rs#4579). Appends, predicate
+        overwrites and compaction write plain strings.
         """
         from deltalake import CommitProperties, write_deltalake
 
@@ -224,22 +280,20 @@ class CatalogWriter:
         table = _dedupe_last(table, keys)
         props = CommitProperties(custom_metadata={"voxlake.run_id": run_id})
         target = self._table(name)
+        options: dict[str, Any] = {"commit_properties": props}
+        if name in CLUSTER_BY:
+            table = table.sort_by([(c, "ascending") for c in CLUSTER_BY[name]])
+            options["writer_properties"] = writer_properties()
         try:
             if assume_new:
-                write_deltalake(target, table, mode="append", commit_properties=props)
+                write_deltalake(target, table, mode="append", **options)
             else:
-                predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-                (
-                    target.merge(
-                        table,
-                        predicate,
-                        source_alias="s",
-                        target_alias="t",
-                        commit_properties=props,
-                    )
-                    .when_matched_update_all()
-                    .when_not_matched_insert_all()
-                    .execute()
+                write_deltalake(
+                    target,
+                    table,
+                    mode="overwrite",
+                    predicate=_key_predicate(table, keys),
+                    **options,
                 )
         except Exception as exc:
             raise CatalogError(f"commit to {name!r} failed: {exc}") from exc
@@ -247,11 +301,26 @@ class CatalogWriter:
         return int(target.version())
 
     def delete(self, name: str, predicate: str, *, run_id: str) -> None:
-        """Delete rows matching a SQL ``predicate`` from table ``name``."""
-        from deltalake import CommitProperties
+        """Delete rows matching a SQL ``predicate`` from table ``name``.
+
+        Written as a predicate overwrite with no rows, for the reason given in
+        :meth:`upsert`.
+        """
+        from deltalake import CommitProperties, write_deltalake
 
         props = CommitProperties(custom_metadata={"voxlake.run_id": run_id})
-        self._table(name).delete(predicate, commit_properties=props)
+        target = self._table(name)
+        try:
+            write_deltalake(
+                target,
+                SCHEMAS[name].empty_table(),
+                mode="overwrite",
+                predicate=predicate,
+                commit_properties=props,
+            )
+        except Exception as exc:
+            raise CatalogError(f"delete from {name!r} failed: {exc}") from exc
+        target.update_incremental()
 
     def record_commit(self, *, run_id: str, operation: str) -> int:
         """Append a ``_commits`` row with every table's latest version; return the version."""
