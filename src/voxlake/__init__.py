@@ -2,6 +2,15 @@
 
 Ingest DICOM / NIfTI archives with Dask into an OME-Zarr volume store and a Delta Lake
 catalog, query the catalog from notebooks, and stream volumes into PyTorch training.
+
+The entry points live in their subpackages::
+
+    from voxlake.ingest import ingest          # run an ingest
+    from voxlake import open_catalog           # query a catalog
+    from voxlake.training import VolumeStream  # stream into PyTorch
+
+(``voxlake.ingest`` is a package, so the function is imported from it rather than
+re-exported here, where the two would shadow each other.)
 """
 
 from __future__ import annotations
@@ -10,11 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "ingest", "open_catalog"]
+__all__ = ["__version__", "open_catalog"]
 
 if TYPE_CHECKING:
     from voxlake.catalog import open_catalog
-    from voxlake.ingest import ingest
 
 
 def __getattr__(name: str) -> Any:
@@ -23,8 +31,4 @@ def __getattr__(name: str) -> Any:
         from voxlake.catalog import open_catalog
 
         return open_catalog
-    if name == "ingest":
-        from voxlake.ingest import ingest
-
-        return ingest
     raise AttributeError(f"module 'voxlake' has no attribute {name!r}")
