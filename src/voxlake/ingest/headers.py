@@ -40,11 +40,16 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 @dataclass
 class HeaderBatch:
-    """Result of one header task."""
+    """Result of one header task.
+
+    ``key_map`` holds ``(kind, key, original identifier)`` triples, filled only when
+    ``IngestConfig.key_map_url`` is set (the driver writes them there and nowhere else).
+    """
 
     instances: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     bytes_read: int = 0
+    key_map: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def failure_row(
@@ -77,20 +82,43 @@ def failure_row(
     }
 
 
+_READ_CHUNK = 8 * 1024 * 1024
+
+
+def _read_capped(handle: Any, max_bytes: int) -> bytes:
+    """Read at most ``max_bytes + 1`` bytes in bounded chunks.
+
+    ``read(n)`` preallocates ``n`` bytes, so never ask for the cap at once.
+    """
+    chunks: list[bytes] = []
+    total = 0
+    while total <= max_bytes:
+        chunk = handle.read(min(_READ_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def open_bytes(url: str, *, max_bytes: int, storage_options: dict[str, Any] | None = None) -> bytes:
     """Read a whole file (local path, ``file://`` or fsspec URL), refusing oversize files."""
-    from voxlake.ingest.sources import local_path_of
+    from voxlake.ingest.dicomweb import fetch_instance, is_dicomweb
+    from voxlake.ingest.sources import local_path_of, open_kwargs
+
+    if is_dicomweb(url):
+        return fetch_instance(url, max_bytes=max_bytes, storage_options=storage_options)
 
     local = local_path_of(url)
     try:
         if local is not None:
             with open(local, "rb") as handle:
-                data = handle.read(max_bytes + 1)
+                data = _read_capped(handle, max_bytes)
         else:
             import fsspec
 
-            with fsspec.open(url, "rb", **(storage_options or {})) as handle:
-                data = handle.read(max_bytes + 1)
+            with fsspec.open(url, "rb", **open_kwargs(url, storage_options)) as handle:
+                data = _read_capped(handle, max_bytes)
     except PermissionError as exc:
         raise SourceError("permission denied", code="permission_denied") from exc
     except OSError as exc:
@@ -147,7 +175,9 @@ def parse_dicom_bytes(data: bytes, *, max_bytes: int) -> tuple[pydicom.Dataset, 
     except InvalidDicomError as exc:
         raise NotDicomError("not a DICOM file") from exc
     except Exception as exc:
-        code = "truncated_header" if has_preamble else "not_dicom"
+        # Cut short by the end of the data: truncated; failing anywhere else: a bad header.
+        cut = stream.short_read or stream.tell() >= len(data)
+        code = ("truncated_header" if cut else "bad_header") if has_preamble else "not_dicom"
         raise NotDicomError(
             f"DICOM header cannot be parsed ({type(exc).__name__})", code=code
         ) from exc
@@ -210,10 +240,28 @@ def typed_columns(ds: pydicom.Dataset) -> dict[str, Any]:
 
 
 def _instance_row(
-    ref: FileRef, data: bytes, *, secret: str, config: IngestConfig, run_id: str
+    ref: FileRef,
+    data: bytes,
+    *,
+    secret: str,
+    config: IngestConfig,
+    run_id: str,
+    key_map: list[tuple[str, str, str]] | None = None,
 ) -> dict[str, Any]:
     from voxlake.ingest.deid import Pseudonymizer, deidentify, header_to_json, original_identifiers
+    from voxlake.ingest.frames import frame_columns
+    from voxlake.ingest.readers.nifti import image_file_row, sniff_image_format
 
+    image_format = sniff_image_format(ref.url, data)
+    if image_format is not None:  # NIfTI, MINC or Analyze: read through nibabel
+        return image_file_row(
+            ref,
+            data,
+            image_format=image_format,
+            secret=secret,
+            run_id=run_id,
+            max_bytes=config.max_file_bytes,
+        )
     ds, _ = parse_dicom_bytes(data, max_bytes=config.max_file_bytes)
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta or {}).get("MediaStorageSOPClassUID", ""))
@@ -225,12 +273,18 @@ def _instance_row(
     if not ids.get("SOPInstanceUID") and not ids.get("SeriesInstanceUID"):
         raise HeaderError("missing SOPInstanceUID and SeriesInstanceUID", code="missing_uid")
     pseudonymizer = Pseudonymizer(secret)
+    derived = frame_columns(ds)  # from the original: private tags go in deidentify()
     clean = deidentify(ds, pseudonymizer=pseudonymizer, config=config.deid)
     transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
 
     def key(kind: str, name: str) -> str | None:
         value = ids.get(name, "")
-        return keyed_hash(secret, kind, value) if value else None
+        if not value:
+            return None
+        hashed = keyed_hash(secret, kind, value)
+        if key_map is not None:
+            key_map.append((kind, hashed, value.strip().rstrip("\0")))
+        return hashed
 
     row = {
         "url": ref.url,
@@ -247,6 +301,7 @@ def _instance_row(
         "frame_of_reference_key": key("frame_of_reference", "FrameOfReferenceUID"),
         "accession_key": key("accession", "AccessionNumber"),
         **typed_columns(clean),
+        **derived,
         "header_json": header_to_json(clean),
         "run_id": run_id,
         "ingested_at": dt.datetime.now(dt.UTC),
@@ -264,11 +319,20 @@ def read_headers(
     for ref in refs:
         try:
             data = open_bytes(
-                ref.url, max_bytes=config.max_file_bytes, storage_options=config.storage_options
+                ref.fetch_url,
+                max_bytes=config.max_file_bytes,
+                storage_options=config.storage_options,
             )
             batch.bytes_read += len(data)
             batch.instances.append(
-                _instance_row(ref, data, secret=secret, config=config, run_id=run_id)
+                _instance_row(
+                    ref,
+                    data,
+                    secret=secret,
+                    config=config,
+                    run_id=run_id,
+                    key_map=batch.key_map if config.key_map_url else None,
+                )
             )
         except VoxlakeError as exc:
             if config.on_error == "raise":

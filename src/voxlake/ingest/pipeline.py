@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from voxlake.catalog.keymap import KeyMapWriter
 from voxlake.catalog.query import open_catalog
 from voxlake.catalog.tables import CatalogWriter
 from voxlake.cluster import dask_client
@@ -50,7 +51,9 @@ _PLAN_COLUMNS = [
     "number_of_frames", "samples_per_pixel", "bits_allocated", "bits_stored",
     "pixel_representation", "rescale_slope", "rescale_intercept", "rescale_type",
     "echo_numbers", "acquisition_number", "temporal_position_identifier", "instance_number",
-    "image_type",
+    "image_type", "echo_time", "repetition_time", "trigger_time", "layout", "frames_json",
+    "mosaic_tiles", "b_value", "b_vector", "philips_scale_slope", "array_shape",
+    "array_affine", "array_dtype", "photometric_interpretation", "slice_thickness",
 ]  # fmt: skip
 
 
@@ -62,12 +65,14 @@ _VERSIONED_PACKAGES = (
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """Progress of one stage: ``stage`` is "files", "headers" or "volumes"."""
+    """Progress of one stage: "cluster" (``message`` is the dashboard link), "files",
+    "headers" or "volumes"."""
 
     stage: str
     done: int
     total: int | None
     bytes: int = 0
+    message: str | None = None
 
 
 class ProgressHandler(Protocol):
@@ -163,6 +168,15 @@ class _Run:
         self.clock = time.perf_counter()
         self.report = IngestReport(self.run_id, catalog, store)
         self.codes: Counter[str] = Counter()
+        # Catalog URL -> real address, for sources whose address must not be stored
+        # (DICOMweb locators hold original UIDs). In memory only, for this run.
+        self.locators: dict[str, str] = {}
+        # Checked before anything is written: the key map never goes under catalog or store.
+        self.key_map = (
+            KeyMapWriter(config.key_map_url, catalog_url=catalog, store_url=store)
+            if config.key_map_url
+            else None
+        )
         self.writer = CatalogWriter(catalog, storage_options=catalog_storage_options)
 
     # -- catalog helpers ---------------------------------------------------------------
@@ -225,8 +239,11 @@ class _Run:
             self.sources,
             batch_size=self.config.batch_size,
             storage_options=self.config.storage_options,
+            max_member_bytes=self.config.max_file_bytes,
+            secret=self.secret,
         ):
             self.report.files_seen += len(files)
+            self.locators.update((f.url, f.locator) for f in files if f.locator)
             fresh = [f for f in files if ok.get(f.url, bad.get(f.url)) != (f.size, f.mtime)]
             self.report.files_skipped += len(files) - len(fresh)
             if problems:
@@ -263,6 +280,8 @@ class _Run:
             self.progress(ProgressEvent("headers", done, submitted, self.report.bytes_read))
 
     def _commit_headers(self, batch: HeaderBatch, ok: dict[str, Any], bad: dict[str, Any]) -> int:
+        if self.key_map is not None and batch.key_map:
+            self.key_map.write(batch.key_map, run_id=self.run_id)  # before keys reach the catalog
         self.report.bytes_read += batch.bytes_read
         self.report.instances += len(batch.instances)
         self.count_failures(batch.failures)
@@ -290,6 +309,8 @@ class _Run:
         plans, plan_failures = plan_volumes(
             instances,
             spacing_tolerance=self.config.spacing_tolerance,
+            philips_scaling=self.config.philips_scaling,
+            resample_irregular=self.config.resample_irregular,
             max_voxels=self.config.max_voxels,
         )
         volumes = catalog.read("volumes", columns=["volume_id", "revision"])
@@ -315,13 +336,22 @@ class _Run:
                 todo.append(plan)
         return todo, volumes
 
+    def _locate(self, plan: VolumePlan) -> VolumePlan:
+        """The plan with in-memory locators in place of catalog URLs (DICOMweb)."""
+        if not self.locators or not any(s.url in self.locators for s in plan.slices):
+            return plan
+        slices = tuple(
+            dataclasses.replace(s, url=self.locators.get(s.url, s.url)) for s in plan.slices
+        )
+        return dataclasses.replace(plan, slices=slices)
+
     def volumes(self, client: Any, plans: list[VolumePlan]) -> None:
         from distributed import as_completed
 
         futures = {
             client.submit(
                 build_volume,
-                plan,
+                self._locate(plan),
                 store_url=self.store_url,
                 store_config=self.config.store,
                 run_id=self.run_id,
@@ -386,6 +416,12 @@ class _Run:
         return self.report
 
 
+def _absolute(url: str | os.PathLike[str]) -> str:
+    """Local paths become absolute (volume rows must be readable from any folder)."""
+    text = os.fspath(url)
+    return text if "://" in text else os.path.abspath(text)
+
+
 def ingest(
     sources: Sequence[str | os.PathLike[str]],
     *,
@@ -429,8 +465,8 @@ def ingest(
     config = config or IngestConfig()
     run = _Run(
         [os.fspath(s) for s in sources],
-        catalog=os.fspath(catalog),
-        store=os.fspath(store),
+        catalog=_absolute(catalog),
+        store=_absolute(store),
         config=config,
         catalog_storage_options=catalog_storage_options,
         store_storage_options=store_storage_options,
@@ -440,6 +476,7 @@ def ingest(
     try:
         with dask_client(config, client=client) as dask:
             run.report.dashboard_link = getattr(dask, "dashboard_link", None)
+            run.progress(ProgressEvent("cluster", 0, None, message=run.report.dashboard_link))
             run.headers(dask)
             plans, _ = run.plan()
             run.volumes(dask, plans)

@@ -1,31 +1,38 @@
 """Build one volume from its plan (Dask task): decode, rescale, stack slab by slab, write.
 
-Memory is bounded by one shard layer (``StoreConfig.shard_depth`` slices) plus one decoded
-frame, whatever the size of the series.
+Memory is bounded by one shard layer (``StoreConfig.shard_depth`` slices) plus the last
+two parsed source files, whatever the size of the series. A frame of an enhanced
+multi-frame file is decoded on its own (``pydicom.pixels.pixel_array(ds, index=...)``);
+a mosaic is decoded once per file and cut into tiles. NIfTI/MINC/Analyze plans are read
+through nibabel (:mod:`voxlake.ingest.readers.nifti`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import json
-import math
 import os
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from voxlake.errors import DecodeError, VoxlakeError
 from voxlake.ingest.headers import open_bytes, parse_dicom_bytes
+from voxlake.ingest.readers.nifti import IMAGE_FORMATS, open_image, read_image_slab
+from voxlake.ingest.readers.rows import volume_row
 from voxlake.volumes.layout import is_local_url, strip_file_scheme, volume_path
 from voxlake.volumes.reader import volume_attributes
 from voxlake.volumes.writer import VolumeWriter, WriteResult
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import pydicom
+
     from voxlake.config import StoreConfig
     from voxlake.ingest.series import SliceRef, VolumePlan
 
-__all__ = ["build_volume", "decode_frame", "volume_row"]
+__all__ = ["FrameDecoder", "build_volume", "decode_frame", "volume_row"]
 
 _UNCOMPRESSED = {
     "1.2.840.10008.1.2",
@@ -33,6 +40,113 @@ _UNCOMPRESSED = {
     "1.2.840.10008.1.2.2",
     "1.2.840.10008.1.2.1.99",
 }
+
+
+def _decode_error(exc: Exception, syntax: str = "") -> DecodeError:
+    from pydicom.uid import UID
+
+    text = str(exc).lower()
+    if isinstance(exc, NotImplementedError) and syntax and UID(syntax).name == syntax:
+        return DecodeError(  # pydicom names every transfer syntax it knows
+            "unknown transfer syntax (private, invalid or newer than the installed pydicom)",
+            code="unknown_transfer_syntax",
+        )
+    if isinstance(exc, (NotImplementedError, RuntimeError)) and (
+        "plugin" in text
+        or "decoder" in text
+        or "no pixel data handler" in text
+        or "is not supported" in text
+    ):
+        return DecodeError(
+            "no installed decoder for this transfer syntax",
+            code="codec_unavailable",
+            hint="install the jpeg extra: pip install 'voxlake[jpeg]'",
+        )
+    if isinstance(exc, ValueError) and ("length" in text or "bytes of pixel data" in text):
+        return DecodeError(
+            "pixel data length disagrees with the header", code="pixel_length_mismatch"
+        )
+    if isinstance(exc, (AttributeError, ValueError)) and "(0028," in text:
+        return DecodeError(  # Rows, Columns, BitsAllocated... missing or impossible
+            "the image pixel attributes (group 0028) are missing or invalid",
+            code="bad_pixel_description",
+        )
+    return DecodeError(f"pixel data cannot be decoded ({type(exc).__name__})")
+
+
+def _transfer_syntax(ds: pydicom.Dataset) -> str:
+    """The transfer syntax, recorded in the file meta when a file has none (no preamble)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if syntax:
+        return syntax
+    implicit, little = ds.original_encoding
+    uid = (
+        ImplicitVRLittleEndian
+        if implicit
+        else ExplicitVRLittleEndian
+        if little is not False
+        else ExplicitVRBigEndian
+    )
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = uid
+    return str(uid)
+
+
+class FrameDecoder:
+    """Decode frames of DICOM files, keeping the last two parsed files (and mosaics)."""
+
+    def __init__(self, *, max_file_bytes: int, storage_options: dict[str, Any] | None) -> None:
+        self.max_file_bytes = max_file_bytes
+        self.storage_options = storage_options
+        self.syntaxes: set[str] = set()
+        self._files: OrderedDict[str, tuple[pydicom.Dataset, str]] = OrderedDict()
+        self._mosaics: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def _dataset(self, url: str) -> tuple[pydicom.Dataset, str]:
+        if url in self._files:
+            self._files.move_to_end(url)
+            return self._files[url]
+        data = open_bytes(url, max_bytes=self.max_file_bytes, storage_options=self.storage_options)
+        ds, _ = parse_dicom_bytes(data, max_bytes=self.max_file_bytes)
+        syntax = _transfer_syntax(ds)
+        self._files[url] = (ds, syntax)
+        if len(self._files) > 2:
+            self._files.popitem(last=False)
+        return ds, syntax
+
+    def frame(self, ref: SliceRef, *, rows: int, columns: int) -> np.ndarray:
+        """Stored values of one frame (masked to BitsStored, sign-extended), (rows, columns)."""
+        from pydicom.pixels import pixel_array  # type: ignore[attr-defined]
+
+        ds, syntax = self._dataset(ref.url)
+        self.syntaxes.add(syntax)
+        try:
+            if ref.mosaic_grid:
+                mosaic = self._mosaics.get(ref.url)
+                if mosaic is None:
+                    mosaic = ds.pixel_array
+                    self._mosaics[ref.url] = mosaic
+                    if len(self._mosaics) > 2:
+                        self._mosaics.popitem(last=False)
+                r0, c0 = divmod(ref.frame, ref.mosaic_grid)
+                pixels = mosaic[r0 * rows : (r0 + 1) * rows, c0 * columns : (c0 + 1) * columns]
+            elif int(ds.get("NumberOfFrames") or 1) > 1:
+                pixels = pixel_array(ds, index=ref.frame)
+            else:
+                pixels = ds.pixel_array
+        except Exception as exc:
+            raise _decode_error(exc, syntax) from exc
+        if pixels.shape != (rows, columns):
+            raise DecodeError(
+                f"frame shape {tuple(pixels.shape)} differs from the series' {(rows, columns)}",
+                code="pixel_shape_mismatch",
+            )
+        return pixels
 
 
 def decode_frame(
@@ -47,33 +161,9 @@ def decode_frame(
 
     Returns the 2D array (rows, columns) and the transfer syntax it was decoded from.
     """
-    data = open_bytes(ref.url, max_bytes=max_file_bytes, storage_options=storage_options)
-    ds, _ = parse_dicom_bytes(data, max_bytes=max_file_bytes)
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    try:
-        pixels = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
-        text = str(exc).lower()
-        if "plugin" in text or "decoder" in text or "no pixel data handler" in text:
-            raise DecodeError(
-                "no installed decoder for this transfer syntax",
-                code="codec_unavailable",
-                hint="install the jpeg extra: pip install 'voxlake[jpeg]'",
-            ) from exc
-        raise DecodeError(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
-    except ValueError as exc:
-        raise DecodeError(
-            "pixel data length disagrees with the header", code="pixel_length_mismatch"
-        ) from exc
-    except Exception as exc:
-        raise DecodeError(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
-    if pixels.ndim != 2 or pixels.shape != (rows, columns):
-        raise DecodeError(
-            f"frame shape {tuple(pixels.shape)} differs from the series' {(rows, columns)}",
-            code="pixel_shape_mismatch",
-        )
-    return pixels, syntax
+    decoder = FrameDecoder(max_file_bytes=max_file_bytes, storage_options=storage_options)
+    pixels = decoder.frame(ref, rows=rows, columns=columns)
+    return pixels, next(iter(decoder.syntaxes), "")
 
 
 class _Overflow(Exception):
@@ -110,68 +200,51 @@ def _final_exists(store_url: str, path: str) -> bool:
     return os.path.isdir(os.path.join(strip_file_scheme(store_url), *path.split("/")))
 
 
-def volume_row(
-    plan: VolumePlan,
-    result: WriteResult | None,
-    attrs: dict[str, Any],
-    *,
-    run_id: str,
-) -> dict[str, Any]:
-    """The ``volumes`` row of a written volume."""
-    import nibabel as nib
-
-    stats = result.stats.__dict__ if result is not None else attrs["stats"]
-    affine = np.array(plan.affine).reshape(4, 4)
-    slopes = {s.slope for s in plan.slices}
-    intercepts = {s.intercept for s in plan.slices}
-    meta = dict(plan.metadata)
-    study_date = meta.pop("study_date", None)
-    if study_date is not None and not isinstance(study_date, dt.date):
-        study_date = None
+def _dicom_slabs(
+    plan: VolumePlan, dtype: np.dtype[Any], decoder: FrameDecoder
+) -> Callable[[int, int], np.ndarray]:
     n_t = plan.shape[0] if len(plan.shape) == 4 else 1
-    return {
-        "volume_id": plan.volume_id,
-        "revision": plan.revision,
-        "patient_key": plan.patient_key,
-        "study_key": plan.study_key,
-        "series_key": plan.series_key,
-        "split_key": plan.split_key,
-        "split_reason": plan.split_reason,
-        **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in meta.items()},
-        "study_date": study_date,
-        "ndim": len(plan.shape),
-        "shape": list(plan.shape),
-        "spacing": list(plan.spacing),
-        "affine": list(plan.affine),
-        "orientation": "".join(nib.orientations.aff2axcodes(affine)),
-        "dtype": plan.dtype,
-        "units": plan.units,
-        "rescale_slope": slopes.pop() if len(slopes) == 1 else float("nan"),
-        "rescale_intercept": intercepts.pop() if len(intercepts) == 1 else float("nan"),
-        "n_instances": len({s.instance_key for s in plan.slices}),
-        "n_slices": plan.shape[-3],
-        "n_timepoints": n_t,
-        **plan.geometry,
-        "decoder": attrs.get("decoder", ""),
-        "source_instance_keys": [s.instance_key for s in plan.slices],
-        "source_hashes": [s.content_hash for s in plan.slices],
-        "store_url": attrs.get("store_url", result.store_url if result else ""),
-        "store_path": volume_path(plan.volume_id, plan.revision),
-        "nbytes": math.prod(plan.shape) * np.dtype(plan.dtype).itemsize,
-        "stored_bytes": result.stored_bytes if result else attrs.get("stored_bytes", 0),
-        "chunks": list(result.chunks) if result else attrs.get("chunks", []),
-        "shards": list(result.shards) if result else attrs.get("shards", []),
-        "intensity_min": stats["min"],
-        "intensity_max": stats["max"],
-        "intensity_mean": stats["mean"],
-        "intensity_std": stats["std"],
-        "intensity_p01": stats["p01"],
-        "intensity_p50": stats["p50"],
-        "intensity_p99": stats["p99"],
-        "preprocessing": json.dumps(attrs.get("preprocessing", [])),
-        "run_id": run_id,
-        "ingested_at": dt.datetime.now(dt.UTC),
-    }
+    n_src = plan.source_shape[-3]
+
+    def source(t: int, z: int) -> np.ndarray:
+        ref = plan.slices[t * n_src + z]
+        pixels = decoder.frame(ref, rows=plan.rows, columns=plan.columns)
+        return _rescale(pixels, ref.slope, ref.intercept, dtype)
+
+    if plan.resample is None:
+
+        def slab(z0: int, depth: int) -> np.ndarray:
+            out = np.empty((n_t, depth, plan.rows, plan.columns), dtype=dtype)
+            for t in range(n_t):
+                for dz in range(depth):
+                    out[t, dz] = source(t, z0 + dz)
+            return out
+
+        return slab
+    distances = np.asarray(plan.resample[0])
+    step = plan.resample[1]
+    cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def cached(t: int, z: int) -> np.ndarray:
+        if (t, z) not in cache:
+            cache[(t, z)] = source(t, z)
+        return cache[(t, z)]
+
+    def resampled(z0: int, depth: int) -> np.ndarray:
+        out = np.empty((n_t, depth, plan.rows, plan.columns), dtype=dtype)
+        for dz in range(depth):
+            at = (z0 + dz) * step
+            found = int(np.searchsorted(distances, at, side="right")) - 1
+            low = min(max(found, 0), len(distances) - 2)
+            weight = (at - distances[low]) / (distances[low + 1] - distances[low])
+            for key in [k for k in cache if k[1] < low]:
+                del cache[key]
+            for t in range(n_t):
+                a, b = cached(t, low), cached(t, low + 1)
+                out[t, dz] = (1 - weight) * a + weight * b
+        return out
+
+    return resampled
 
 
 def build_volume(
@@ -236,26 +309,15 @@ def _write(
         config=store_config,
         storage_options=store_storage_options,
     )
-    syntaxes: set[str] = set()
-    n_z = plan.shape[-3]
-    n_t = plan.shape[0] if len(plan.shape) == 4 else 1
     try:
-        for z0 in range(0, n_z, writer.slab_depth):
-            depth = min(writer.slab_depth, n_z - z0)
-            slab = np.empty((n_t, depth, plan.rows, plan.columns), dtype=dtype)
-            for t in range(n_t):
-                for dz in range(depth):
-                    ref = plan.slices[t * n_z + z0 + dz]
-                    pixels, syntax = decode_frame(
-                        ref,
-                        rows=plan.rows,
-                        columns=plan.columns,
-                        max_file_bytes=max_file_bytes,
-                        storage_options=storage_options,
-                    )
-                    syntaxes.add(syntax)
-                    slab[t, dz] = _rescale(pixels, ref.slope, ref.intercept, dtype)
-            writer.write_slab(z0, slab if n_t > 1 else slab[0])
+        if plan.layout in IMAGE_FORMATS:
+            with open_image(plan.slices[0].url, storage_options=storage_options) as img:
+                decoder_name = f"nibabel {_version('nibabel')}"
+                _fill(writer, plan, lambda z0, d: read_image_slab(img, z0, d, dtype=dtype))
+        else:
+            decoder = FrameDecoder(max_file_bytes=max_file_bytes, storage_options=storage_options)
+            _fill(writer, plan, _dicom_slabs(plan, dtype, decoder))
+            decoder_name = _decoder_name(decoder.syntaxes)
         attrs = {
             "volume_id": plan.volume_id,
             "revision": plan.revision,
@@ -263,11 +325,29 @@ def _write(
             "spacing": list(plan.spacing),
             "dtype": str(dtype),
             "units": plan.units,
-            "decoder": _decoder_name(syntaxes),
+            "decoder": decoder_name,
             "source_instance_keys": [s.instance_key for s in plan.slices],
-            "preprocessing": [],
+            "preprocessing": ["resample_equidistant"] if plan.resample is not None else [],
+            "resampled": plan.resample is not None,
         }
         return writer.commit(attrs), attrs
     except BaseException:
         writer.abort()
         raise
+
+
+def _fill(writer: VolumeWriter, plan: VolumePlan, slab: Callable[[int, int], np.ndarray]) -> None:
+    n_z = plan.shape[-3]
+    for z0 in range(0, n_z, writer.slab_depth):
+        depth = min(writer.slab_depth, n_z - z0)
+        data = slab(z0, depth)
+        writer.write_slab(z0, data if len(plan.shape) == 4 else data[0])
+
+
+def _version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "?"
