@@ -41,6 +41,12 @@ catalog_app = typer.Typer(
     help="Query and maintain a catalog.", no_args_is_help=True, rich_markup_mode="markdown"
 )
 app.add_typer(catalog_app, name="catalog")
+docs_app = typer.Typer(
+    help="Regenerate the reference pages in docs/ from the code.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(docs_app, name="docs")
 
 _STATE: dict[str, bool] = {}  # set once per process by the root callback
 
@@ -63,6 +69,10 @@ def _root(
     _STATE["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if level > logging.INFO:
+        # distributed sets its loggers to INFO when imported (scheduler and worker chatter
+        # at every start and stop); read by dask's config, so workers inherit it too.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
 def _parse_storage_options(text: str | None) -> dict[str, Any] | None:
@@ -154,6 +164,10 @@ def _run_ingest(
     started = time.perf_counter()
 
     def on_progress(event: ProgressEvent) -> None:
+        if event.stage == "cluster":
+            if event.message:
+                console.print(f"Dask dashboard: {event.message}")
+            return
         if event.stage not in tasks:
             tasks[event.stage] = progress.add_task(event.stage, total=event.total, rate="")
         elapsed = max(time.perf_counter() - started, 1e-6)
@@ -174,8 +188,6 @@ def _run_ingest(
             store_storage_options=store_storage_options,
             progress=on_progress,
         )
-    if report.dashboard_link:
-        console.print(f"Dask dashboard was at {report.dashboard_link}")
     _print_report(report)
     return report
 
@@ -204,12 +216,21 @@ def ingest(
         str, typer.Option(help="quarantine (record and go on) or raise (stop).")
     ] = "quarantine",
     storage_options: Annotated[
-        Optional[str], typer.Option(help="JSON fsspec options for the sources.")  # noqa: UP045
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="JSON fsspec options for sources, store and catalog, e.g. "
+            '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'. '
+            "Default: the AWS_* environment variables."
+        ),
     ] = None,
 ) -> None:
     """Ingest DICOM into a catalog and a volume store with a Dask cluster.
 
     Example: `voxlake ingest data/sample/dicom --catalog out/catalog --store out/volumes.zarr`
+
+    Sources: folders, files, .zip/.tar(.gz) archives (read member by member), s3:// (or any
+    fsspec) prefixes, and PACS queries such as
+    `dicomweb+http://pacs:8042/dicom-web?StudyInstanceUID=1.2.3`.
 
     Re-running the same command adds nothing; changed and new files are picked up.
     """
@@ -229,8 +250,41 @@ def ingest(
             overrides[name] = value
     config = dataclasses.replace(config, **overrides)
     config.require_secret()
-    report = _run_ingest(sources, catalog=catalog, store=store, config=config)
+    report = _run_ingest(
+        sources,
+        catalog=catalog,
+        store=store,
+        config=config,
+        catalog_storage_options=config.storage_options,
+        store_storage_options=config.storage_options,
+    )
     if report.status != "completed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(
+    input_dir: Annotated[Path, typer.Argument(help="DICOM (or NIfTI) folder to ingest.")],
+    reference_dir: Annotated[Path, typer.Argument(help="Folder of reference .nii/.nii.gz.")],
+    workers: Annotated[int, typer.Option(help="Local Dask worker processes.")] = 2,
+) -> None:
+    """Ingest a folder and compare every reference NIfTI with the matching volume.
+
+    Example: `voxlake verify dcm_qa/In dcm_qa/Ref`
+
+    Prints one line per reference (shape, voxel equality after reorientation to
+    canonical, affine error in mm) and `matched N of M`; exits 1 unless all match.
+    Uses a throwaway catalog, store and secret. See docs/series-assembly.md.
+    """
+    from voxlake.config import IngestConfig
+    from voxlake.ingest.verify import verify as run_verify
+
+    config = IngestConfig(workers=workers, dashboard_address=":0")
+    with console.status("ingesting and comparing..."):
+        report = run_verify(input_dir, reference_dir, config=config)
+    for line in report.lines():
+        typer.echo(line)
+    if report.matched != report.total:
         raise typer.Exit(1)
 
 
@@ -276,7 +330,8 @@ def catalog_show(
 def catalog_query(
     url: Annotated[str, typer.Argument(help="Catalog root.")],
     sql: Annotated[
-        str, typer.Argument(help="DuckDB SQL over instances, volumes, failures, runs, labels.")
+        str,
+        typer.Argument(help="DuckDB SQL over instances, volumes, failures, runs, labels, splits."),
     ],
     version: Annotated[Optional[int], typer.Option(help="Catalog version to read.")] = None,  # noqa: UP045
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
@@ -308,7 +363,8 @@ def catalog_attach_labels(
     url: Annotated[str, typer.Argument(help="Catalog root.")],
     labels_csv: Annotated[Path, typer.Argument(help="CSV keyed by an original identifier.")],
     on: Annotated[
-        str, typer.Option(help="PatientID, StudyInstanceUID or SeriesInstanceUID.")
+        str,
+        typer.Option(help="PatientID, AccessionNumber, StudyInstanceUID or SeriesInstanceUID."),
     ] = "SeriesInstanceUID",
     secret: Annotated[
         Optional[str], typer.Option(help="Secret used at ingest (default: $VOXLAKE_SECRET).")  # noqa: UP045
@@ -339,6 +395,191 @@ def catalog_schema_doc(
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(render_schema_markdown())
+    out.print(f"wrote {out_file}")
+
+
+@catalog_app.command("split")
+def catalog_split(
+    url: Annotated[str, typer.Argument(help="Catalog root.")],
+    by: Annotated[
+        str, typer.Option(help="patient_key, study_key, series_key or volume_id.")
+    ] = "patient_key",
+    seed: Annotated[int, typer.Option(help="Hash seed (fixed for the life of the split).")] = 0,
+    fractions: Annotated[
+        tuple[float, float, float], typer.Option(help="Train, validation and test shares.")
+    ] = (0.7, 0.15, 0.15),
+    name: Annotated[str, typer.Option(help="Name of the assignment.")] = "default",
+) -> None:
+    """Save a train / validation / test split in the catalog; saved keys never move.
+
+    Run it again after each ingest: only new keys are added.
+    Example: `voxlake catalog split out/catalog --by patient_key --seed 0`
+    """
+    from voxlake.catalog import save_split
+
+    saved = save_split(url, by=by, fractions=fractions, seed=seed, name=name)
+    counts = ", ".join(f"{k} {v}" for k, v in saved.counts().items())
+    out.print(
+        f"split {saved.name!r} by {saved.by}: {counts} ({saved.added} new keys);"
+        f" catalog version {saved.catalog_version}"
+    )
+
+
+@catalog_app.command("optimize")
+def catalog_optimize(
+    url: Annotated[str, typer.Argument(help="Catalog root.")],
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            help="Z-order instances and volumes by series_key (full rewrite), else compact."
+        ),
+    ] = True,
+) -> None:
+    """Compact small files and checkpoint every table (rows unchanged).
+
+    Example: `voxlake catalog optimize out/catalog`
+    """
+    from voxlake.catalog import optimize_catalog
+
+    with console.status("compacting..."):
+        report = optimize_catalog(url, cluster=cluster)
+    table = Table(title=f"optimized (catalog version {report.catalog_version})")
+    for column in ("table", "files before", "files after"):
+        table.add_column(column)
+    for name, before in report.files_before.items():
+        table.add_row(name, str(before), str(report.files_after[name]))
+    out.print(table)
+
+
+@catalog_app.command("vacuum")
+def catalog_vacuum(
+    url: Annotated[str, typer.Argument(help="Catalog root.")],
+    store: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Volume store root: also remove orphan revisions and staging."),
+    ] = None,
+    retention_hours: Annotated[
+        float,
+        typer.Option(
+            help="Versions newer than this stay readable; younger store groups are kept."
+            " Below 168 (Delta's default) Delta's safety check is off: no ingest may run."
+        ),
+    ] = 168.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List, delete nothing.")] = False,
+) -> None:
+    """Remove table files and volume revisions no catalog version within the retention needs.
+
+    Example: `voxlake catalog vacuum out/catalog --store out/volumes.zarr --dry-run`
+    """
+    from voxlake.catalog import vacuum_catalog
+
+    report = vacuum_catalog(url, store=store, retention_hours=retention_hours, dry_run=dry_run)
+    verb = "would remove" if report.dry_run else "removed"
+    files = sum(len(v) for v in report.table_files.values())
+    out.print(
+        f"{verb} {files} table files, {len(report.orphan_groups)} orphan volume revisions,"
+        f" {len(report.staging)} staging leftovers; versions from {report.oldest_kept_version}"
+        " stay readable"
+    )
+    for path in report.orphan_groups:
+        out.print(f"  {verb}: {path}")
+
+
+# --------------------------------------------------------------------------- show
+def _parse_window(text: str | None) -> str | tuple[float, float] | None:
+    if text is None or "," not in text:
+        return text
+    try:
+        level, width = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise VoxlakeError(
+            f"cannot read window {text!r}", code="bad_window", hint="e.g. --window 40,400"
+        ) from exc
+    return level, width
+
+
+@app.command()
+def show(
+    catalog: Annotated[str, typer.Argument(help="Catalog root.")],
+    volume_id: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Argument(help="Volume id or a unique prefix (6+ characters); default: the first."),
+    ] = None,
+    out_file: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("view.png"),
+    window: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="ct-soft, ct-lung, ct-bone, ct-brain, auto, or LEVEL,WIDTH"
+            " (default: ct-soft for CT in HU, auto otherwise)."
+        ),
+    ] = None,
+    montage: Annotated[
+        bool, typer.Option("--montage", help="Draw an axial slice montage instead.")
+    ] = False,
+    t: Annotated[int, typer.Option("--t", help="Time point of a 4D volume.")] = 0,
+    version: Annotated[Optional[int], typer.Option(help="Catalog version to read.")] = None,  # noqa: UP045
+    store: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Volume store root (default: the catalog row's store_url)."),
+    ] = None,
+    dpi: Annotated[int, typer.Option(help="PNG resolution (12-inch-wide figure).")] = 100,
+) -> None:
+    """Draw a volume: axial, coronal and sagittal planes through its centre, or a montage.
+
+    Panels follow the radiological convention (patient's right on the image's left,
+    superior up) with physical aspect ratios from the voxel spacing.
+
+    Examples: `voxlake show out/catalog --out view.png`,
+    `voxlake show out/catalog --window ct-lung --montage --out montage.png`
+    """
+    from voxlake.viz import load_volume, plot_montage, plot_triplanar, save_figure
+
+    with console.status("reading the volume..."):
+        view = load_volume(catalog, volume_id, version=version, store=store)
+        parsed = _parse_window(window)
+        figure = (
+            plot_montage(view, window=parsed, t=t)
+            if montage
+            else plot_triplanar(view, window=parsed, t=t)
+        )
+        save_figure(figure, out_file, dpi=dpi)
+    if volume_id is None:
+        console.print(f"no VOLUME_ID given: showing the first volume, {view.volume_id}")
+    out.print(f"wrote {out_file} ({view.title})")
+
+
+# --------------------------------------------------------------------------- docs
+@docs_app.command("cli")
+def docs_cli(
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the Markdown.")] = Path(
+        "docs/cli.md"
+    ),
+) -> None:
+    """Regenerate the command-line reference from the typer app.
+
+    Example: `voxlake docs cli --out docs/cli.md`
+    """
+    from voxlake._docgen import render_cli_markdown
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(render_cli_markdown())
+    out.print(f"wrote {out_file}")
+
+
+@docs_app.command("config")
+def docs_config(
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the Markdown.")] = Path(
+        "docs/configuration.md"
+    ),
+) -> None:
+    """Regenerate the configuration reference from the configuration dataclasses.
+
+    Example: `voxlake docs config --out docs/configuration.md`
+    """
+    from voxlake._docgen import render_config_markdown
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(render_config_markdown())
     out.print(f"wrote {out_file}")
 
 
@@ -451,9 +692,11 @@ def main(argv: list[str] | None = None) -> None:
     except VoxlakeError as exc:
         if "--debug" in args:
             raise
-        console.print(f"[red]error[/red] {escape(f'[{exc.code}]')} {escape(exc.message)}")
+        # soft_wrap: one line whatever the terminal width (paths stay copyable).
+        message = f"[red]error[/red] {escape(f'[{exc.code}]')} {escape(exc.message)}"
+        console.print(message, soft_wrap=True)
         if exc.hint:
-            console.print(f"hint: {exc.hint}")
+            console.print(f"hint: {escape(exc.hint)}", soft_wrap=True)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -463,12 +706,17 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        # typer >= 0.20 vendors click (typer._click): its usage errors are not click's.
+        exit_code = getattr(exc, "exit_code", None)
+        usage_error = isinstance(exc, click.exceptions.ClickException) or (
+            callable(getattr(exc, "show", None)) and isinstance(exit_code, int)
+        )
+        if usage_error:
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         if "--debug" in args:
             raise
-        console.print(f"[red]error[/red] {type(exc).__name__}: {exc}")
+        console.print(f"[red]error[/red] {type(exc).__name__}: {escape(str(exc))}", soft_wrap=True)
         console.print("hint: run again with --debug for the traceback")
         sys.exit(1)
 
