@@ -137,6 +137,12 @@ def _versions_json() -> str:
     return json.dumps(versions, sort_keys=True)
 
 
+def _digest(*parts: str) -> str:
+    import hashlib
+
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).hexdigest()
+
+
 def _sql_list(values: Sequence[str]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
@@ -325,6 +331,12 @@ class _Run:
         self.commit({"failures": rows}, "assemble")
         committed = dict(zip(volumes.volume_id, volumes.revision, strict=True))
         todo = []
+        if self.config.preprocess.enabled:
+            # Preprocessing changes what is stored: it is part of the revision.
+            steps = json.dumps(dataclasses.asdict(self.config.preprocess), sort_keys=True)
+            plans = [
+                dataclasses.replace(plan, revision=_digest(plan.revision, steps)) for plan in plans
+            ]
         for plan in plans:
             fid = failure_row(
                 subject=plan.volume_id, subject_kind="volume", error=VoxlakeError(""),
@@ -358,6 +370,7 @@ class _Run:
                 max_file_bytes=self.config.max_file_bytes,
                 storage_options=self.config.storage_options,
                 store_storage_options=self.store_options,
+                preprocess=self.config.preprocess if self.config.preprocess.enabled else None,
                 key=f"volume-{plan.volume_id}-{plan.revision}-{self.run_id}",
                 pure=False,
             ): plan

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from voxlake.errors import ConfigError
+from voxlake.volumes.pyramid import downsample2
 
 if TYPE_CHECKING:
     from voxlake.config import PreprocessConfig
@@ -145,19 +146,6 @@ def n4_bias_correct(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray,
     corrected = corrector.Execute(image, mask)
     out = np.asarray(sitk.GetArrayFromImage(corrected), dtype=np.float32)
     return out, {"step": "n4", "iterations": [20, 20]}
-
-
-def downsample2(volume: np.ndarray) -> np.ndarray:
-    """2x mean-pool along each spatial axis (edges padded by repetition) for pyramid levels."""
-    spatial = volume.shape[-3:]
-    pad = [(0, 0)] * (volume.ndim - 3) + [(0, n % 2) for n in spatial]
-    padded = np.pad(volume.astype(np.float32), pad, mode="edge")
-    shape = (*padded.shape[:-3], *(item for n in padded.shape[-3:] for item in (n // 2, 2)))
-    pooled = padded.reshape(shape).mean(axis=(-5, -3, -1))
-    out: np.ndarray = (
-        np.rint(pooled) if np.issubdtype(volume.dtype, np.integer) else pooled
-    ).astype(volume.dtype)
-    return out
 
 
 def apply_preprocessing(

@@ -107,9 +107,18 @@ def choose_layout(shape: tuple[int, ...], config: StoreConfig | None = None) -> 
 
 
 def ome_multiscales(
-    name: str, spacing: tuple[float, ...], *, ndim: int, time_step: float | None = None
+    name: str,
+    spacing: tuple[float, ...],
+    *,
+    ndim: int,
+    time_step: float | None = None,
+    levels: int = 0,
 ) -> dict[str, Any]:
-    """OME-Zarr 0.5 ``ome`` attribute for a single-level image with millimetre axes."""
+    """OME-Zarr 0.5 ``ome`` attribute with millimetre axes and ``levels`` extra 2x levels.
+
+    Level ``l`` is a 2^l mean-pooled copy; its scale is 2^l times the voxel spacing and its
+    translation puts each coarse voxel's centre at the centre of the voxels it pools.
+    """
     axes: list[dict[str, str]] = [
         {"name": "z", "type": "space", "unit": "millimeter"},
         {"name": "y", "type": "space", "unit": "millimeter"},
@@ -119,15 +128,17 @@ def ome_multiscales(
     if ndim == 4:
         axes.insert(0, {"name": "t", "type": "time", "unit": "second"})
         scale.insert(0, float(time_step) if time_step else 1.0)
+    datasets: list[dict[str, Any]] = []
+    for level in range(levels + 1):
+        factor = [1.0] * (len(scale) - 3) + [2.0**level] * 3
+        transforms: list[dict[str, Any]] = [
+            {"type": "scale", "scale": [s * f for s, f in zip(scale, factor, strict=True)]}
+        ]
+        if level:
+            shift = [s * (f - 1) / 2 for s, f in zip(scale, factor, strict=True)]
+            transforms.append({"type": "translation", "translation": shift})
+        datasets.append({"path": str(level), "coordinateTransformations": transforms})
     return {
         "version": "0.5",
-        "multiscales": [
-            {
-                "name": name,
-                "axes": axes,
-                "datasets": [
-                    {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-                ],
-            }
-        ],
+        "multiscales": [{"name": name, "axes": axes, "datasets": datasets}],
     }

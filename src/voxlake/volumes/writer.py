@@ -31,6 +31,7 @@ from voxlake.volumes.layout import (
     ome_multiscales,
     strip_file_scheme,
 )
+from voxlake.volumes.pyramid import downsample2
 from voxlake.volumes.reader import open_store
 
 if TYPE_CHECKING:
@@ -140,9 +141,12 @@ class VolumeWriter:
         dtype: np.dtype[Any] | str,
         config: StoreConfig | None = None,
         storage_options: dict[str, Any] | None = None,
+        levels: int = 0,
     ) -> None:
         import zarr
 
+        self.levels = int(levels)
+        self._level1: list[np.ndarray] = []
         self.store_url = os.fspath(store_url)
         self.path = path
         self.config = config or StoreConfig()
@@ -194,6 +198,10 @@ class VolumeWriter:
             self._array[z0 : z0 + depth] = data
         self._stats.add(data)
         self._written_rows += depth
+        if self.levels:
+            # Level 1 is pooled slab by slab (slabs hold whole pairs of slices), so the
+            # pyramid costs 1/8 of the volume in memory, never the whole volume.
+            self._level1.append(downsample2(data))
 
     def commit(self, attributes: Mapping[str, Any]) -> WriteResult:
         """Write the group metadata last and make the volume visible at its final path."""
@@ -208,12 +216,15 @@ class VolumeWriter:
             )
         stats = self._stats.result()
         spacing = tuple(attributes.get("spacing", (1.0, 1.0, 1.0)))
+        if self.levels:
+            self._write_levels()
         attrs: dict[str, Any] = {
             "ome": ome_multiscales(
                 str(attributes.get("volume_id", "volume")),
                 spacing,
                 ndim=len(self.layout.shape),
                 time_step=attributes.get("time_step"),
+                levels=self.levels,
             ),
             "voxlake": {**attributes, "stats": stats.__dict__, "complete": True},
         }
@@ -239,6 +250,30 @@ class VolumeWriter:
             stored_bytes=stored,
             stats=stats,
         )
+
+    def _write_levels(self) -> None:
+        import zarr
+
+        axis = -3
+        level = np.concatenate(self._level1, axis=axis)
+        self._level1 = []
+        for number in range(1, self.levels + 1):
+            layout = choose_layout(level.shape, self.config)
+            array = zarr.create_array(
+                self._store,
+                name=join_url(self._group_path, str(number)).lstrip("/"),
+                shape=level.shape,
+                dtype=level.dtype,
+                chunks=layout.chunks,
+                shards=layout.shards,
+                compressors=_compressors(self.config),
+                fill_value=0,
+                dimension_names=("t", "z", "y", "x")[-level.ndim :],
+                overwrite=True,
+            )
+            array[...] = level
+            if number < self.levels:
+                level = downsample2(level)
 
     def _publish_local(self) -> None:
         final = os.path.join(strip_file_scheme(self.store_url), *self.path.split("/"))

@@ -9,6 +9,7 @@ through nibabel (:mod:`voxlake.ingest.readers.nifti`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections import OrderedDict
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     import pydicom
 
-    from voxlake.config import StoreConfig
+    from voxlake.config import PreprocessConfig, StoreConfig
     from voxlake.ingest.series import SliceRef, VolumePlan
 
 __all__ = ["FrameDecoder", "build_volume", "decode_frame", "volume_row"]
@@ -256,8 +257,13 @@ def build_volume(
     max_file_bytes: int,
     storage_options: dict[str, Any] | None = None,
     store_storage_options: dict[str, Any] | None = None,
+    preprocess: PreprocessConfig | None = None,
 ) -> dict[str, Any]:
     """Decode, rescale and write one planned volume; return its ``volumes`` row.
+
+    With ``preprocess`` steps that need the whole volume (resample, clip, crop, N4) the
+    volume is assembled in memory, processed, then written; otherwise it streams slab by
+    slab. Pyramid levels are pooled slab by slab either way.
 
     If the exact revision is already in a local store (a previous run was killed after
     writing it but before committing its row), it is reused, not rewritten.
@@ -277,16 +283,17 @@ def build_volume(
         "max_file_bytes": max_file_bytes,
         "storage_options": storage_options,
         "store_storage_options": store_storage_options,
+        "preprocess": preprocess,
     }
     try:
-        result, attrs = _write(plan, np.dtype(plan.dtype), **kwargs)
+        result, attrs, plan = _write(plan, np.dtype(plan.dtype), **kwargs)
     except _Overflow as exc:
         if plan.wider_dtype is None:
             raise DecodeError(
                 "rescaled values overflow the stored type", code="value_overflow"
             ) from exc
         plan = dataclasses.replace(plan, dtype=plan.wider_dtype, wider_dtype=None)
-        result, attrs = _write(plan, np.dtype(plan.dtype), **kwargs)
+        result, attrs, plan = _write(plan, np.dtype(plan.dtype), **kwargs)
     return volume_row(plan, result, {**attrs, "store_url": store_url}, run_id=run_id)
 
 
@@ -300,40 +307,80 @@ def _write(
     max_file_bytes: int,
     storage_options: dict[str, Any] | None,
     store_storage_options: dict[str, Any] | None,
-) -> tuple[WriteResult, dict[str, Any]]:
-    writer = VolumeWriter(
-        store_url,
-        path,
-        shape=plan.shape,
-        dtype=dtype,
-        config=store_config,
-        storage_options=store_storage_options,
-    )
-    try:
+    preprocess: PreprocessConfig | None = None,
+) -> tuple[WriteResult, dict[str, Any], VolumePlan]:
+    from voxlake.ingest.preprocess import apply_preprocessing, needs_whole_volume
+
+    levels = preprocess.pyramid_levels if preprocess is not None else 0
+    whole = preprocess is not None and needs_whole_volume(preprocess)
+    records: list[Any] = ["resample_equidistant"] if plan.resample is not None else []
+    with contextlib.ExitStack() as stack:
         if plan.layout in IMAGE_FORMATS:
-            with open_image(plan.slices[0].url, storage_options=storage_options) as img:
-                decoder_name = f"nibabel {_version('nibabel')}"
-                _fill(writer, plan, lambda z0, d: read_image_slab(img, z0, d, dtype=dtype))
+            img = stack.enter_context(
+                open_image(plan.slices[0].url, storage_options=storage_options)
+            )
+            decoder_name = f"nibabel {_version('nibabel')}"
+            slabs: Callable[[int, int], np.ndarray] = lambda z0, d: read_image_slab(  # noqa: E731
+                img, z0, d, dtype=dtype
+            )
+            syntaxes: set[str] | None = None
         else:
             decoder = FrameDecoder(max_file_bytes=max_file_bytes, storage_options=storage_options)
-            _fill(writer, plan, _dicom_slabs(plan, dtype, decoder))
-            decoder_name = _decoder_name(decoder.syntaxes)
-        attrs = {
-            "volume_id": plan.volume_id,
-            "revision": plan.revision,
-            "affine": np.array(plan.affine).reshape(4, 4).tolist(),
-            "spacing": list(plan.spacing),
-            "dtype": str(dtype),
-            "units": plan.units,
-            "decoder": decoder_name,
-            "source_instance_keys": [s.instance_key for s in plan.slices],
-            "preprocessing": ["resample_equidistant"] if plan.resample is not None else [],
-            "resampled": plan.resample is not None,
-        }
-        return writer.commit(attrs), attrs
-    except BaseException:
-        writer.abort()
-        raise
+            slabs = _dicom_slabs(plan, dtype, decoder)
+            syntaxes = decoder.syntaxes
+        if whole:
+            assert preprocess is not None
+            n_z = plan.shape[-3]
+            full = np.concatenate([slabs(z0, min(128, n_z - z0)) for z0 in range(0, n_z, 128)], 1)
+            volume = full if len(plan.shape) == 4 else full[0]
+            affine = np.array(plan.affine).reshape(4, 4)
+            volume, affine, steps = apply_preprocessing(
+                volume, affine, preprocess, modality=str(plan.metadata.get("modality") or "")
+            )
+            records += steps
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)[::-1]
+            plan = dataclasses.replace(
+                plan,
+                shape=tuple(int(n) for n in volume.shape),
+                affine=tuple(float(v) for v in affine.ravel()),
+                spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+                dtype=str(volume.dtype),
+                wider_dtype=None,
+            )
+            dtype = volume.dtype
+            data4 = volume if volume.ndim == 4 else volume[np.newaxis]
+            slabs = lambda z0, d: data4[:, z0 : z0 + d]  # noqa: E731
+        if levels:
+            records.append({"step": "pyramid", "levels": levels})
+        writer = VolumeWriter(
+            store_url,
+            path,
+            shape=plan.shape,
+            dtype=dtype,
+            config=store_config,
+            storage_options=store_storage_options,
+            levels=levels,
+        )
+        try:
+            _fill(writer, plan, slabs)
+            if syntaxes is not None:
+                decoder_name = _decoder_name(syntaxes)
+            attrs = {
+                "volume_id": plan.volume_id,
+                "revision": plan.revision,
+                "affine": np.array(plan.affine).reshape(4, 4).tolist(),
+                "spacing": list(plan.spacing),
+                "dtype": str(dtype),
+                "units": plan.units,
+                "decoder": decoder_name,
+                "source_instance_keys": [s.instance_key for s in plan.slices],
+                "preprocessing": records,
+                "resampled": plan.resample is not None,
+            }
+            return writer.commit(attrs), attrs, plan
+        except BaseException:
+            writer.abort()
+            raise
 
 
 def _fill(writer: VolumeWriter, plan: VolumePlan, slab: Callable[[int, int], np.ndarray]) -> None:
