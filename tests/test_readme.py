@@ -85,3 +85,16 @@ def test_documented_commands_parse(doc, line):
         pytest.skip("synopsis with placeholders")  # tables in prose, not runnable lines
     ctx = current.make_context(current.name, placeholder, resilient_parsing=False)
     assert ctx is not None
+
+
+def test_readme_configuration_example_loads(tmp_path):
+    from voxlake.config import load_config
+
+    readme = (REPO / "README.md").read_text()
+    (block,) = code_blocks(readme.split("## Configuration", 1)[1], "toml")[:1]
+    path = tmp_path / "voxlake.toml"
+    path.write_text(block)
+    config = load_config(path, env={})
+    assert config.preprocess.target_spacing == (1.0, 1.0, 1.0)
+    assert config.deid.date_mode == "shift"
+    assert config.store.codec == "blosc-zstd"
