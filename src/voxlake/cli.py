@@ -603,6 +603,18 @@ def train(
     label: Annotated[str, typer.Option(help="Label name attached to the catalog.")] = "label",
     version: Annotated[Optional[int], typer.Option(help="Catalog version to pin.")] = None,  # noqa: UP045
     resume: Annotated[bool, typer.Option(help="Resume from OUT/checkpoint.pt.")] = False,
+    mode: Annotated[str, typer.Option(help="volume (resized) or patch (random boxes).")] = (
+        "volume"
+    ),
+    patch_size: Annotated[
+        tuple[int, int, int], typer.Option(help="Patch size D H W in patch mode.")
+    ] = (96, 96, 96),
+    patches_per_volume: Annotated[int, typer.Option(help="Patches per volume and epoch.")] = 1,
+    sampler: Annotated[str, typer.Option(help="uniform or foreground (patch mode).")] = "uniform",
+    checkpoint_every_steps: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Also checkpoint within epochs (exact mid-epoch resume)."),
+    ] = None,
 ) -> None:
     """Train the tutorial 3D CNN on catalog volumes (DDP with --nproc > 1).
 
@@ -623,6 +635,11 @@ def train(
         label=label,
         catalog_version=version,
         resume=resume,
+        mode=mode,  # type: ignore[arg-type]  # validated by TrainConfig
+        patch_size=patch_size,
+        patches_per_volume=patches_per_volume,
+        sampler=sampler,  # type: ignore[arg-type]
+        checkpoint_every_steps=checkpoint_every_steps,
     )
     code = launch(config, nproc=nproc)
     if code:

@@ -80,3 +80,41 @@ def seven_volumes(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
 def ten_volumes(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
     """Ten 16^3 volumes of ten patients, half with a bright centre (label 1)."""
     return write_volumes(tmp_path_factory.mktemp("store10"), 10, shape=(16, 16, 16))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3 API on loopback (moto's threaded server): (endpoint, port, server)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}", port, server
+    server.stop()
+
+
+def s3_storage_options(endpoint: str) -> dict:
+    return {
+        "key": "x",
+        "secret": "x",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
+
+
+def make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x",
+        region_name="us-east-1",
+    )  # fmt: skip
+    client.create_bucket(Bucket=name)

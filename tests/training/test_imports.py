@@ -10,12 +10,18 @@ MODULES = [
     "voxlake.training",
     "voxlake.training.world",
     "voxlake.training.partition",
+    "voxlake.training.patches",
     "voxlake.training.datasets",
     "voxlake.training.transforms",
     "voxlake.training.models",
     "voxlake.training.split",
     "voxlake.training.metrics",
     "voxlake.training.train",
+    "voxlake.volumes.cache",
+    "voxlake.volumes.counting",
+    "voxlake.volumes.foreground",
+    "voxlake.volumes.patches",
+    "voxlake.volumes.retry",
 ]
 
 

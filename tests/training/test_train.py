@@ -155,7 +155,9 @@ def test_command_line_round_trips_the_config_and_keeps_secrets_off_it() -> None:
         out="runs/x", catalog="s3://bucket/cat", store="s3://bucket/vol", epochs=3,
         batch_size=4, shape=(8, 16, 32), lr=3e-4, seed=9, num_workers=2, label="malignant",
         fractions=(0.5, 0.25, 0.25), catalog_version=12, resume=True, max_steps_per_epoch=5,
-        prefetch=1, storage_options={"key": "SECRET"},
+        prefetch=1, storage_options={"key": "SECRET"}, mode="patch", patch_size=(16, 24, 32),
+        patches_per_volume=3, sampler="foreground", cache_bytes=1 << 20,
+        checkpoint_every_steps=7,
     )  # fmt: skip
     argv = config_to_argv(original)
     assert not any("SECRET" in arg for arg in argv)

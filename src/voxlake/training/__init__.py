@@ -12,8 +12,17 @@ from voxlake.training.datasets import VolumeStream
 from voxlake.training.metrics import binary_metrics, roc_auc
 from voxlake.training.models import CNN3D
 from voxlake.training.partition import global_order, partition_samples, samples_per_rank
+from voxlake.training.patches import patch_origin
 from voxlake.training.split import assign_split, split_frame
-from voxlake.training.transforms import ct_window, random_flip, resize, zscore
+from voxlake.training.transforms import (
+    Augmentation,
+    augment,
+    ct_window,
+    random_affine,
+    random_flip,
+    resize,
+    zscore,
+)
 from voxlake.training.world import World
 
 if TYPE_CHECKING:
@@ -21,16 +30,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CNN3D",
+    "Augmentation",
     "TrainConfig",
     "TrainReport",
     "VolumeStream",
     "World",
     "assign_split",
+    "augment",
     "binary_metrics",
     "ct_window",
     "global_order",
     "launch",
     "partition_samples",
+    "patch_origin",
+    "random_affine",
     "random_flip",
     "resize",
     "roc_auc",

@@ -28,13 +28,17 @@ def config_to_argv(config: TrainConfig) -> list[str]:
     argv += ["--shape", *(str(n) for n in config.shape), "--seed", str(config.seed)]
     argv += ["--num-workers", str(config.num_workers), "--label", config.label]
     argv += ["--fractions", *(repr(f) for f in config.fractions)]
-    argv += ["--prefetch", str(config.prefetch)]
+    argv += ["--prefetch", str(config.prefetch), "--mode", config.mode]
+    argv += ["--patch-size", *(str(n) for n in config.patch_size)]
+    argv += ["--patches-per-volume", str(config.patches_per_volume)]
+    argv += ["--sampler", config.sampler, "--cache-bytes", str(config.cache_bytes)]
     optional = {
         "--catalog": config.catalog,
         "--store": config.store,
         "--catalog-version": config.catalog_version,
         "--max-steps-per-epoch": config.max_steps_per_epoch,
         "--selection": config.selection,
+        "--checkpoint-every-steps": config.checkpoint_every_steps,
     }
     for flag, value in optional.items():
         if value is not None:
@@ -63,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fractions", type=float, nargs=3, default=(0.7, 0.15, 0.15))
     add("--catalog-version", type=int)
     add("--max-steps-per-epoch", type=int)
+    add("--mode", choices=("volume", "patch"), default="volume")
+    add("--patch-size", type=int, nargs=3, default=(96, 96, 96), metavar=("D", "H", "W"))
+    add("--patches-per-volume", type=int, default=1)
+    add("--sampler", choices=("uniform", "foreground"), default="uniform")
+    add("--cache-bytes", type=int, default=0, help="per-worker chunk cache cap")
+    add("--checkpoint-every-steps", type=int, help="also checkpoint within epochs")
     add(
         "--storage-options",
         type=json.loads,
@@ -78,5 +88,6 @@ def config_kwargs(ns: argparse.Namespace, environ: Mapping[str, str]) -> dict[st
     if kwargs["storage_options"] is None and environ.get(STORAGE_OPTIONS_ENV):
         kwargs["storage_options"] = json.loads(environ[STORAGE_OPTIONS_ENV])
     kwargs["shape"] = tuple(ns.shape)
+    kwargs["patch_size"] = tuple(ns.patch_size)
     kwargs["fractions"] = tuple(ns.fractions)
     return kwargs

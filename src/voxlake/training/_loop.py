@@ -6,6 +6,8 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +27,16 @@ if TYPE_CHECKING:
     from voxlake.training.train import TrainConfig
 
 __all__ = [
+    "EpochProgress",
     "autocast",
     "evaluate",
+    "load_checkpoint",
     "load_selection",
     "make_loader",
     "make_stream",
+    "resume_point",
     "save_checkpoint",
+    "save_training_state",
     "train_epoch",
     "write_json",
 ]
@@ -46,6 +52,10 @@ def make_loader(
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        # The stream does not use torch's worker seeds; a private generator keeps the
+        # iterator's seed draw off the global RNG, so a mid-epoch resume (which creates
+        # one iterator more than the uninterrupted run) leaves dropout's stream intact.
+        generator=torch.Generator().manual_seed(stream.seed),
     )
 
 
@@ -56,19 +66,36 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+@dataclass
+class EpochProgress:
+    """Where a rank is within a training epoch: what a mid-epoch checkpoint restores."""
+
+    steps: int = 0
+    samples: int = 0
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, correct, n
+
+
 def train_epoch(
     model: torch.nn.Module,
     loader: DataLoader[Any],
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     max_steps: int | None,
+    *,
+    start: EpochProgress | None = None,
+    on_step: Callable[[EpochProgress], None] | None = None,
 ) -> tuple[dict[str, float], int, int]:
-    """Train one epoch; return metrics summed over ranks, this rank's steps and samples."""
+    """Train one epoch (or its rest, from ``start``); return metrics summed over ranks,
+    this rank's steps and samples. ``on_step`` sees the progress after each step."""
     criterion = torch.nn.BCEWithLogitsLoss()
     model.train()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    steps = samples = 0
+    progress = start or EpochProgress()
+    # loss sum, correct, count
+    totals = torch.tensor(progress.totals, dtype=torch.float64, device=device)
+    steps, samples = progress.steps, progress.samples
     for batch in loader:
+        if max_steps is not None and steps >= max_steps:
+            break
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device):
@@ -85,6 +112,8 @@ def train_epoch(
             )
         steps += 1
         samples += int(count)
+        if on_step is not None:
+            on_step(EpochProgress(steps, samples, [float(v) for v in totals.tolist()]))
         if max_steps is not None and steps >= max_steps:
             break
     if _dist.is_distributed():
@@ -117,7 +146,7 @@ def evaluate(
             parts.append(
                 torch.stack(
                     [
-                        batch["index"].to(device).double(),
+                        batch["sample"].to(device).double(),
                         labels.double(),
                         torch.sigmoid(logits.float()).double(),
                         losses.double(),
@@ -128,7 +157,7 @@ def evaluate(
             )
     local = np.concatenate(parts, axis=1) if parts else np.zeros((4, 0))
     rows = np.concatenate(_dist.all_gather_objects(local), axis=1)
-    # Padding repeats a few samples on some ranks: keep each selection row once.
+    # Padding repeats a few samples on some ranks: keep each sample once.
     _, first = np.unique(rows[0], return_index=True)
     rows = rows[:, first]
     return binary_metrics(rows[1], rows[2], rows[3])
@@ -192,6 +221,11 @@ def make_stream(
         frame,
         config.store,
         shape=config.shape,
+        mode=config.mode,
+        patch_size=config.patch_size,
+        patches_per_volume=config.patches_per_volume,
+        sampler=config.sampler,
+        cache_bytes=config.cache_bytes,
         label_column=config.label,
         seed=config.seed,
         shuffle=shuffle,
@@ -207,3 +241,57 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def save_training_state(
+    path: Path,
+    device: torch.device,
+    *,
+    progress: EpochProgress | None,
+    stream: VolumeStream,
+    samples: int,
+    state: dict[str, Any],
+) -> None:
+    """Checkpoint a run; every rank must call it (RNG states are gathered, then a barrier).
+
+    ``state`` holds what rank 0 writes as is (model, optimizer, ``epoch``: the last
+    completed epoch, history, ...). ``progress`` is set for a mid-epoch checkpoint: the
+    epoch ``state["epoch"] + 1`` is then resumed after its first ``progress.steps`` steps,
+    with every rank's running totals restored.
+    """
+    rng = _dist.all_gather_objects(_dist.rng_state(device))
+    partial = None
+    if progress is not None:
+        partial = {
+            "steps": progress.steps,
+            "samples": progress.samples,
+            "totals": _dist.all_gather_objects(progress.totals),
+        }
+    if World.detect().is_main:
+        stream_state = stream.state_dict(samples_yielded=samples)
+        save_checkpoint(path, {**state, "stream": stream_state, "rng": rng, "partial": partial})
+    # When this returns the checkpoint is on disk for every rank: a rank that stops right
+    # after (preemption) and restarts in the same process reads the same file as rank 0.
+    _dist.barrier()
+
+
+def resume_point(checkpoint: dict[str, Any], rank: int) -> tuple[int, EpochProgress | None]:
+    """First epoch to train after ``checkpoint`` and, mid-epoch, this rank's progress in it."""
+    partial = checkpoint.get("partial")
+    if not partial:
+        return int(checkpoint["epoch"]) + 1, None
+    totals = [float(v) for v in partial["totals"][rank]]
+    return int(checkpoint["epoch"]) + 1, EpochProgress(
+        int(partial["steps"]), int(partial["samples"]), totals
+    )
+
+
+def load_checkpoint(path: Path, version: int | None) -> tuple[dict[str, Any], int | None]:
+    """The checkpoint to resume from and the catalog version to read (the checkpoint's)."""
+    if not path.exists():
+        raise ConfigError(f"cannot resume: no checkpoint at {path}")
+    checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    saved = checkpoint.get("catalog_version")
+    if version is not None and saved is not None and int(saved) != version:
+        raise ConfigError(f"checkpoint was trained on catalog version {saved}, not {version}")
+    return checkpoint, saved if version is None else version

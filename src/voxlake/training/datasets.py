@@ -2,37 +2,45 @@
 
 Contract
 --------
-- Which samples a (rank, worker) reads is :func:`voxlake.training.partition_samples` of
-  (seed, epoch, world size, rank, worker): every rank gets ``len(stream)`` samples, so
-  DDP ranks run the same number of steps.
+- An epoch has ``num_samples`` samples: one per volume (``mode="volume"``) or
+  ``patches_per_volume`` random patches per volume (``mode="patch"``; sample ``s`` is a
+  patch of volume ``s // patches_per_volume``). Which samples a (rank, worker) reads is
+  :func:`voxlake.training.partition_samples` of (seed, epoch, world size, rank, worker):
+  every rank gets ``len(stream)`` samples, so DDP ranks run the same number of steps.
+- A patch's origin and a sample's augmentation are drawn from (seed, epoch, sample)
+  alone (:mod:`voxlake.training.patches`): the same for any worker count and on resume.
+  A patch reads exactly ``array[z0:z0+d, y0:y0+h, x0:x0+w]``, i.e. only the chunks it
+  touches.
 - Stores are opened lazily inside the process that iterates (DataLoader worker) and
   cached per process id: an open store or fsspec filesystem is never shared across a
-  fork, and the stream pickles without one (spawn / forkserver workers).
-- Volumes are read by a thread pool ``prefetch`` volumes ahead, in order, which hides
+  fork, and the stream pickles without one (spawn / forkserver workers). Reads retry
+  transient errors; an optional per-process chunk cache is capped in bytes.
+- Samples are read by a thread pool ``prefetch`` samples ahead, in order, which hides
   object-storage latency.
 - Samples are dictionaries (MONAI dictionary transforms accept them)::
 
       {"image": FloatTensor (1, D, H, W), "label": float32 scalar tensor,
-       "volume_id": str, "index": int}
+       "volume_id": str, "index": int, "sample": int, "origin": LongTensor (3,)}
 
-  ``index`` is the row position in the selection; ``label`` is absent when
-  ``label_column`` is None.
+  ``index`` is the row position in the selection, ``sample`` the sample number in the
+  epoch (equal to ``index`` in volume mode); ``label`` is absent when ``label_column``
+  is None and ``origin`` (the patch's first voxel) only in patch mode.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset
 
+from voxlake.training._reader import ReadOptions, VolumeReader, prefetched, read_stream_sample
 from voxlake.training.partition import partition_samples, samples_per_rank
-from voxlake.training.transforms import resize, zscore
+from voxlake.training.patches import Sampler
+from voxlake.training.transforms import Augmentation
 from voxlake.training.world import World
 
 if TYPE_CHECKING:
@@ -44,6 +52,8 @@ __all__ = ["VolumeStream"]
 
 logger = logging.getLogger(__name__)
 
+Normalize = Literal["zscore", "ct_window", "none"]
+
 
 def _float_column(selection: pd.DataFrame, name: str) -> np.ndarray:
     if name not in selection.columns:
@@ -51,8 +61,14 @@ def _float_column(selection: pd.DataFrame, name: str) -> np.ndarray:
     return np.asarray(selection[name].to_numpy(dtype=np.float64, na_value=np.nan))
 
 
+def _size3(value: tuple[int, int, int] | list[int], what: str) -> tuple[int, int, int]:
+    if len(value) != 3 or any(int(n) < 1 for n in value):
+        raise ValueError(f"{what} must be three positive sizes, got {value}")
+    return int(value[0]), int(value[1]), int(value[2])
+
+
 class VolumeStream(IterableDataset[dict[str, Any]]):
-    """Stream the volumes of a selection, resized and normalised, across ranks and workers.
+    """Stream whole volumes or random patches of a selection across ranks and workers.
 
     Parameters
     ----------
@@ -64,20 +80,24 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
     store
         Volume store URL for every row; defaults to each row's ``store_url``.
     shape
-        (D, H, W) every volume is trilinearly resized to (``align_corners=False``).
+        Volume mode: (D, H, W) every volume is trilinearly resized to
+        (``align_corners=False``). Unused in patch mode.
     label_column
         Float column holding the label, or None for unlabelled streams. Missing values
         are refused.
     seed
-        Seed of the per-epoch order.
+        Seed of the per-epoch order, patch positions and augmentation.
     shuffle
         Shuffle each epoch (identity order otherwise).
     normalize
-        ``"zscore"``: ``(x - intensity_mean) / intensity_std`` using the catalog's
-        statistics of the stored volume, or the volume's own when they are missing or
-        NaN; ``"none"``: raw values as float32.
+        ``"zscore"``: ``(x - intensity_mean) / intensity_std`` with the catalog's
+        statistics of the stored volume; when missing, the writer's statistics in the
+        group attributes (patch mode) or the volume's own (volume mode). ``"ct_window"``:
+        HU window ``window`` = (center, width) mapped to [0, 1]. ``"none"``: raw values.
+    window
+        CT window for ``normalize="ct_window"`` (default soft tissue, 40 / 400 HU).
     prefetch
-        Volumes read ahead by background threads (0: read in the iterating thread).
+        Samples read ahead by background threads (0: read in the iterating thread).
     storage_options
         fsspec options for remote stores.
     catalog_version
@@ -87,11 +107,38 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         The DataLoader's batch size. Workers receive the rank's samples in blocks of this
         size, so the DataLoader's round-robin over workers delivers the rank's list in
         order; this is what makes mid-epoch resume exact with ``num_workers > 0``.
+    mode
+        ``"volume"`` (whole volumes, resized to ``shape``) or ``"patch"`` (random
+        ``patch_size`` boxes, not resized; padded with 0 after normalisation where the
+        volume is smaller than the patch).
+    patch_size
+        (D, H, W) of a patch.
+    patches_per_volume
+        Patches drawn from each volume per epoch (patch mode).
+    sampler
+        ``"uniform"`` or ``"foreground"`` (centred on points of the volume's stored
+        class-location index with probability ``foreground_prob``; uniform, with one
+        warning per process, for volumes without an index). See
+        :func:`voxlake.training.patches.patch_origin`.
+    foreground_prob
+        Share of foreground-centred patches.
+    augment
+        Random flips / small affine applied to each sample (reproducible per sample).
+    transform
+        Called last on each sample dictionary, in the reading thread (e.g. a MONAI
+        ``Compose`` of dictionary transforms). Must be picklable for worker processes.
+    retries
+        Read attempts on transient store errors (1 disables retrying).
+    cache_bytes
+        Per-process cap of a local in-memory chunk cache (0 disables it); useful when
+        patches of the same volumes are read again, e.g. over epochs from object storage.
+    wrap_store
+        Optional callable applied to each raw store first (instrumentation, e.g.
+        :class:`voxlake.volumes.counting.CountingStore`).
 
     Notes
     -----
-    4D (t, z, y, x) volumes are streamed as their first time point (``t = 0``); the
-    catalog statistics then describe all time points, a close approximation.
+    4D (t, z, y, x) volumes are streamed as their first time point (``t = 0``).
     """
 
     def __init__(
@@ -103,11 +150,22 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         label_column: str | None = "label",
         seed: int = 0,
         shuffle: bool = True,
-        normalize: Literal["zscore", "none"] = "zscore",
+        normalize: Normalize = "zscore",
+        window: tuple[float, float] = (40.0, 400.0),
         prefetch: int = 2,
         storage_options: dict[str, Any] | None = None,
         catalog_version: int | None = None,
         batch_size: int = 1,
+        mode: Literal["volume", "patch"] = "volume",
+        patch_size: tuple[int, int, int] = (96, 96, 96),
+        patches_per_volume: int = 1,
+        sampler: Sampler = "uniform",
+        foreground_prob: float = 0.5,
+        augment: Augmentation | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        retries: int = 5,
+        cache_bytes: int = 0,
+        wrap_store: Callable[[Any], Any] | None = None,
     ) -> None:
         super().__init__()
         if len(selection) == 0:
@@ -118,20 +176,35 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         missing = [name for name in needed if name not in selection.columns]
         if missing:
             raise ValueError(f"selection lacks columns: {', '.join(missing)}")
-        if normalize not in ("zscore", "none"):
-            raise ValueError(f"normalize must be 'zscore' or 'none', not {normalize!r}")
-        if len(shape) != 3 or any(int(n) < 1 for n in shape):
-            raise ValueError(f"shape must be three positive sizes, got {shape}")
-        if prefetch < 0 or batch_size < 1:
-            raise ValueError("prefetch must be >= 0 and batch_size >= 1")
+        if normalize not in ("zscore", "ct_window", "none"):
+            raise ValueError(f"normalize must be zscore, ct_window or none, not {normalize!r}")
+        if mode not in ("volume", "patch") or sampler not in ("uniform", "foreground"):
+            raise ValueError(f"unknown mode {mode!r} or sampler {sampler!r}")
+        if prefetch < 0 or batch_size < 1 or patches_per_volume < 1 or retries < 1:
+            raise ValueError(
+                "prefetch must be >= 0; batch_size, patches_per_volume and retries >= 1"
+            )
+        if not 0.0 <= foreground_prob <= 1.0 or cache_bytes < 0 or window[1] <= 0:
+            raise ValueError("need 0 <= foreground_prob <= 1, cache_bytes >= 0, window width > 0")
 
-        self.shape = (int(shape[0]), int(shape[1]), int(shape[2]))
+        self.shape = _size3(shape, "shape")
+        self.patch_size = _size3(patch_size, "patch_size")
+        self.mode = mode
+        self.patches_per_volume = int(patches_per_volume) if mode == "patch" else 1
+        self.sampler: Sampler = sampler
+        self.foreground_prob = float(foreground_prob)
         self.label_column = label_column
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
-        self.normalize = normalize
+        self.normalize: Normalize = normalize
+        self.window = (float(window[0]), float(window[1]))
         self.prefetch = int(prefetch)
+        self.augment = augment
+        self.transform = transform
         self.storage_options = dict(storage_options) if storage_options else None
+        self._options = ReadOptions(
+            self.storage_options, int(retries), int(cache_bytes), wrap_store
+        )
         if catalog_version is None:
             # Catalog.training_selection() records the version it read in DataFrame.attrs.
             catalog_version = selection.attrs.get("catalog_version")
@@ -163,15 +236,19 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         self._saved_world_size: int | None = None
         self._yielded = 0
         self._world_hint: tuple[int, int] | None = None
-        self._stores: dict[str, Any] = {}
-        self._stores_pid = os.getpid()
+        self._reader: VolumeReader | None = None
 
     # -- sizes and state -------------------------------------------------------------------
 
     @property
-    def num_samples(self) -> int:
+    def num_volumes(self) -> int:
         """Rows of the selection."""
         return len(self._paths)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch before padding: volumes x ``patches_per_volume``."""
+        return len(self._paths) * self.patches_per_volume
 
     @property
     def volume_ids(self) -> list[str]:
@@ -186,8 +263,8 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         """Select the epoch whose order the next iteration follows.
 
         Call it before creating the DataLoader iterator of each epoch (workers copy the
-        stream when the iterator starts). A resume point loaded for another epoch is
-        discarded.
+        stream when the iterator starts, so ``persistent_workers=True`` would keep the
+        first epoch's order). A resume point loaded for another epoch is discarded.
         """
         if epoch < 0:
             raise ValueError(f"epoch must be non-negative, got {epoch}")
@@ -198,7 +275,7 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         self.epoch = int(epoch)
 
     def state_dict(self, samples_yielded: int | None = None) -> dict[str, Any]:
-        """Resume point of this rank.
+        """Resume point of this rank (a few hundred bytes, whatever the selection size).
 
         Parameters
         ----------
@@ -211,8 +288,8 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         Returns
         -------
         dict
-            ``epoch``, ``seed``, ``samples_yielded`` (per rank), ``num_samples`` and
-            ``world_size``.
+            ``epoch``, ``seed``, ``samples_yielded`` (per rank), ``num_samples``,
+            ``world_size``, ``mode``, ``patches_per_volume`` and ``catalog_version``.
         """
         count = self._yielded if samples_yielded is None else int(samples_yielded)
         return {
@@ -221,6 +298,9 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
             "samples_yielded": count,
             "num_samples": self.num_samples,
             "world_size": self._world().world_size,
+            "mode": self.mode,
+            "patches_per_volume": self.patches_per_volume,
+            "catalog_version": self.catalog_version,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -230,12 +310,16 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         Raises
         ------
         ValueError
-            If the state describes a different number of samples (another selection).
+            If the state describes another number of samples or another mode (another
+            selection, catalog version or patch setting).
         """
-        if int(state["num_samples"]) != self.num_samples:
+        if int(state["num_samples"]) != self.num_samples or state.get("mode", self.mode) != (
+            self.mode
+        ):
             raise ValueError(
-                f"state is for {state['num_samples']} samples, this stream has "
-                f"{self.num_samples}: resume with the same catalog version and selection"
+                f"state is for {state['num_samples']} samples ({state.get('mode')} mode), "
+                f"this stream has {self.num_samples} ({self.mode} mode): resume with the "
+                "same catalog version, selection and patch settings"
             )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
@@ -263,24 +347,19 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_stores"] = {}  # never ship open stores/filesystems to another process
+        state["_reader"] = None  # never ship open stores/filesystems to another process
         parent = self._world()
         state["_world_hint"] = (parent.rank, parent.world_size)
         return state
 
-    def _store(self, url: str) -> Any:
-        from voxlake.volumes import open_store
-
-        if self._stores_pid != os.getpid():
-            self._stores, self._stores_pid = {}, os.getpid()
-        if url not in self._stores:
-            self._stores[url] = open_store(
-                url, storage_options=self.storage_options, read_only=True
-            )
-        return self._stores[url]
+    def _process_reader(self) -> VolumeReader:
+        reader = self._reader
+        if reader is None or reader.pid != os.getpid():
+            reader = self._reader = VolumeReader(self._store_urls, self._options)
+        return reader
 
     def indices(self, world: World | None = None) -> np.ndarray:
-        """Selection rows the given (default: detected) rank and worker read this epoch."""
+        """Samples the given (default: detected) rank and worker read this epoch."""
         world = world or self._world()
         skip = self._skip if self._skip_epoch == self.epoch else 0
         if skip and self._saved_world_size not in (None, world.world_size):
@@ -302,54 +381,13 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        indices = [int(i) for i in self.indices()]
+        samples = [int(i) for i in self.indices()]
         self._yielded = self._skip if self._skip_epoch == self.epoch else 0
-        stores = {
-            code: self._store(self._store_urls[code])
-            for code in {int(self._store_codes[i]) for i in indices}
-        }
-        if self.prefetch == 0:
-            for index in indices:
-                sample = self._read(index, stores)
-                self._yielded += 1
-                yield sample
-            return
-        pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="voxlake-read")
-        pending: deque[Future[dict[str, Any]]] = deque()
-        upcoming = iter(indices)
-        try:
-            for index in upcoming:
-                pending.append(pool.submit(self._read, index, stores))
-                if len(pending) > self.prefetch:
-                    break
-            while pending:
-                sample = pending.popleft().result()
-                following = next(upcoming, None)
-                if following is not None:
-                    pending.append(pool.submit(self._read, following, stores))
-                self._yielded += 1
-                yield sample
-        finally:
-            # An early stop (break, error) must not wait for reads nobody will consume.
-            pool.shutdown(wait=False, cancel_futures=True)
+        reader = self._process_reader()
+        for item in prefetched(lambda i: self.read_sample(i, reader), samples, self.prefetch):
+            self._yielded += 1
+            yield item
 
-    def _read(self, index: int, stores: dict[int, Any]) -> dict[str, Any]:
-        from voxlake.volumes import open_volume
-
-        array = open_volume(stores[int(self._store_codes[index])], self._paths[index])
-        data = np.asarray(array[0] if array.ndim == 4 else array[...])
-        volume = torch.from_numpy(data.astype(np.float32, copy=False))
-        if self.normalize == "zscore":
-            mean, std = float(self._means[index]), float(self._stds[index])
-            if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
-                stats = data.astype(np.float64, copy=False)
-                mean, std = float(stats.mean()), float(stats.std())
-            volume = zscore(volume, mean, std)
-        sample: dict[str, Any] = {
-            "image": resize(volume.unsqueeze(0), self.shape).contiguous(),
-            "volume_id": self._volume_ids[index],
-            "index": index,
-        }
-        if self._labels is not None:
-            sample["label"] = torch.tensor(self._labels[index], dtype=torch.float32)
-        return sample
+    def read_sample(self, sample: int, reader: VolumeReader | None = None) -> dict[str, Any]:
+        """Read sample number ``sample`` of the current epoch (what iteration yields)."""
+        return read_stream_sample(self, sample, reader or self._process_reader())

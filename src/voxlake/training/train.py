@@ -6,9 +6,12 @@ CPU); :func:`launch` does the latter from Python. The catalog version is pinned 
 start (and recorded in the checkpoint, so a resumed run reads the same data); the
 selection is split by ``patient_key`` with :func:`~voxlake.training.split_frame`.
 
-Rank 0 writes to ``out``: ``checkpoint.pt`` (every epoch), ``metrics.json`` and
-``curves.png``. Validation and test metrics are computed from every rank's predictions,
-gathered and de-duplicated by sample index, so all ranks report the same numbers.
+Rank 0 writes to ``out``: ``checkpoint.pt`` (every epoch, and every
+``checkpoint_every_steps`` steps with the stream position, so a killed run resumes
+mid-epoch and delivers exactly the rest of the epoch), ``metrics.json`` and
+``curves.png``. In patch mode the model sees random patches (``patch_size``).
+Validation and test metrics are computed from every rank's predictions, gathered and
+de-duplicated by sample number, so all ranks report the same numbers.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,12 +36,16 @@ from voxlake.training._args import (
     config_kwargs,
     config_to_argv,
 )
+from voxlake.training._config import TrainConfig, TrainReport
 from voxlake.training._loop import (
+    EpochProgress,
     evaluate,
+    load_checkpoint,
     load_selection,
     make_loader,
     make_stream,
-    save_checkpoint,
+    resume_point,
+    save_training_state,
     train_epoch,
     write_json,
 )
@@ -56,123 +62,12 @@ __all__ = ["TrainConfig", "TrainReport", "launch", "main", "run_training"]
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Options of one training run.
-
-    Attributes
-    ----------
-    out
-        Output directory (checkpoint, metrics, curves).
-    catalog
-        Catalog URL; unused when a selection is given.
-    store
-        Volume store URL; None uses each row's ``store_url``.
-    epochs
-        Total epochs (a resumed run continues up to this number).
-    batch_size
-        Samples per step and rank.
-    shape
-        (D, H, W) volumes are resized to.
-    lr
-        Adam learning rate.
-    seed
-        Seeds the weights, the sample order and the split.
-    num_workers
-        DataLoader worker processes per rank.
-    label
-        Label name: the float column of ``Catalog.training_selection(label)``.
-    fractions
-        Train / validation / test shares of patients.
-    catalog_version
-        Catalog version to read; None: the latest (or the checkpoint's when resuming).
-    storage_options
-        fsspec options for the catalog and the store.
-    resume
-        Continue from ``out/checkpoint.pt`` at the epoch after the saved one.
-    max_steps_per_epoch
-        Stop each training epoch after this many steps (smoke tests).
-    prefetch
-        Volumes read ahead per DataLoader worker.
-    selection
-        Parquet file holding a selection (the columns of ``training_selection``); used
-        instead of the catalog. :func:`launch` writes it when given a DataFrame.
-    """
-
-    out: str
-    catalog: str | None = None
-    store: str | None = None
-    epochs: int = 2
-    batch_size: int = 2
-    shape: tuple[int, int, int] = (32, 64, 64)
-    lr: float = 1e-4
-    seed: int = 0
-    num_workers: int = 0
-    label: str = "label"
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    catalog_version: int | None = None
-    storage_options: dict[str, Any] | None = None
-    resume: bool = False
-    max_steps_per_epoch: int | None = None
-    prefetch: int = 2
-    selection: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError("epochs and batch_size must be >= 1, num_workers >= 0")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ConfigError("max_steps_per_epoch must be >= 1 when given")
-
-
-@dataclass(frozen=True)
-class TrainReport:
-    """Outcome of :func:`run_training` (identical on every rank).
-
-    Attributes
-    ----------
-    epochs
-        Epochs completed in total, resumed ones included.
-    start_epoch
-        First epoch this call trained (> 0 after a resume).
-    steps_per_epoch
-        Optimizer steps per epoch on each rank (equal on all ranks).
-    world_size
-        Number of DDP ranks.
-    catalog_version
-        Catalog version trained on (None for a selection given directly without one).
-    history
-        One row per epoch: ``epoch``, ``train``, ``validation`` metrics, ``steps_per_rank``.
-    test
-        Test-split metrics of the final model: ``loss``, ``accuracy``, ``auc``, ``count``.
-    checkpoint_path, metrics_path, curves_path
-        Files rank 0 wrote.
-    weights_sha256
-        Digest of the final weights on each rank (DDP replicas must agree).
-    """
-
-    epochs: int
-    start_epoch: int
-    steps_per_epoch: int
-    world_size: int
-    catalog_version: int | None
-    history: list[dict[str, Any]]
-    test: dict[str, float]
-    checkpoint_path: str
-    metrics_path: str
-    curves_path: str
-    weights_sha256: list[str] = field(default_factory=list)
-
-    @property
-    def final(self) -> dict[str, Any]:
-        """Metrics of the last epoch."""
-        return self.history[-1] if self.history else {}
-
-
 def run_training(
     config: TrainConfig,
     selection: pd.DataFrame | None = None,
     *,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainReport:
     """Train, validate each epoch, test at the end; checkpoint and report on rank 0.
 
@@ -187,6 +82,9 @@ def run_training(
         ``config.catalog_version`` is only recorded.
     on_epoch
         Called on rank 0 with each epoch's history row (the CLI prints it).
+    on_step
+        Called on every rank with (epoch, step) after each training step and its
+        mid-epoch checkpoint, if any.
 
     Returns
     -------
@@ -201,7 +99,7 @@ def run_training(
     """
     created, device = _dist.setup_distributed()
     try:
-        return _run(config, selection, device, on_epoch)
+        return _run(config, selection, device, on_epoch, on_step)
     finally:
         if created:
             import torch.distributed as dist
@@ -214,22 +112,16 @@ def _run(
     selection: pd.DataFrame | None,
     device: torch.device,
     on_epoch: Callable[[dict[str, Any]], None] | None,
+    on_step: Callable[[int, int], None] | None,
 ) -> TrainReport:
     world = World.detect()
     out = Path(config.out)
     paths = {name: out / name for name in ("checkpoint.pt", "metrics.json", "curves.png")}
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    checkpoint: dict[str, Any] | None = None
-    version = config.catalog_version
+    checkpoint, version = None, config.catalog_version
     if config.resume:
-        if not paths["checkpoint.pt"].exists():
-            raise ConfigError(f"cannot resume: no checkpoint at {paths['checkpoint.pt']}")
-        checkpoint = torch.load(paths["checkpoint.pt"], map_location="cpu", weights_only=True)
-        saved = checkpoint.get("catalog_version")
-        if version is not None and saved is not None and int(saved) != version:
-            raise ConfigError(f"checkpoint was trained on catalog version {saved}, not {version}")
-        version = saved if version is None else version
+        checkpoint, version = load_checkpoint(paths["checkpoint.pt"], version)
 
     frame, version = load_selection(config, selection, version)
     by = "patient_key" if "patient_key" in frame.columns else "volume_id"
@@ -244,25 +136,22 @@ def _run(
     if train_stream is None:
         raise ConfigError("the training split is empty", hint="add labelled volumes")
     loaders = {
-        name: make_loader(
-            stream, batch_size=config.batch_size, num_workers=config.num_workers, device=device
-        )
-        if stream is not None
-        else None
-        for name, stream in streams.items()
-    }
-
+        name: make_loader(s, batch_size=config.batch_size, num_workers=config.num_workers,
+                          device=device) if s is not None else None
+        for name, s in streams.items()
+    }  # fmt: skip
     train_loader = loaders["train"]
     assert train_loader is not None
     torch.manual_seed(config.seed)
-    model = CNN3D(1, config.shape).to(device)
+    model = CNN3D(1, config.input_shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    start_epoch, history = 0, list[dict[str, Any]]()
+    start_epoch, history, progress = 0, list[dict[str, Any]](), None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         train_stream.load_state_dict(checkpoint["stream"])
-        start_epoch, history = int(checkpoint["epoch"]) + 1, list(checkpoint["history"])
+        start_epoch, progress = resume_point(checkpoint, world.rank)
+        history = list(checkpoint["history"])
         _dist.restore_rng(checkpoint.get("rng"), world.rank, world.world_size)
     net: torch.nn.Module = model
     if world.is_distributed:
@@ -278,12 +167,35 @@ def _run(
         "num_samples": {n: int((frame["split"] == n).sum()) for n in streams},
         "config": dataclasses.asdict(config),
     }
+
+    def state(epoch_done: int) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch_done,
+            "catalog_version": version,
+            "config": dataclasses.asdict(config),
+            "history": history,
+        }
+
     steps = int(history[-1]["steps_per_rank"][world.rank]) if history else 0
+    every = config.checkpoint_every_steps
     for epoch in range(start_epoch, config.epochs):
         train_stream.set_epoch(epoch)
+
+        def step_done(done: EpochProgress, epoch: int = epoch) -> None:
+            if every is not None and done.steps % every == 0:
+                save_training_state(
+                    paths["checkpoint.pt"], device, progress=done, stream=train_stream,
+                    samples=done.samples, state=state(epoch - 1),
+                )  # fmt: skip
+            if on_step is not None:
+                on_step(epoch, done.steps)
+
         train_metrics, steps, samples = train_epoch(
-            net, train_loader, optimizer, device, config.max_steps_per_epoch
-        )
+            net, train_loader, optimizer, device, config.max_steps_per_epoch,
+            start=progress if epoch == start_epoch else None, on_step=step_done,
+        )  # fmt: skip
         validation = evaluate(model, loaders["validation"], device)
         row: dict[str, Any] = {
             "epoch": epoch,
@@ -294,28 +206,16 @@ def _run(
         history.append(row)
         logger.info(
             "epoch %d: train loss %.4f acc %.3f, validation loss %.4f acc %.3f auc %.3f",
-            epoch,
-            train_metrics["loss"],
-            train_metrics["accuracy"],
-            validation["loss"],
-            validation["accuracy"],
-            validation["auc"],
-        )
-        rng = _dist.all_gather_objects(_dist.rng_state(device))
+            epoch, train_metrics["loss"], train_metrics["accuracy"], validation["loss"],
+            validation["accuracy"], validation["auc"],
+        )  # fmt: skip
+        save_training_state(
+            paths["checkpoint.pt"], device, progress=None, stream=train_stream,
+            samples=samples, state=state(epoch),
+        )  # fmt: skip
         if world.is_main:
             if on_epoch is not None:
                 on_epoch(row)
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "stream": train_stream.state_dict(samples_yielded=samples),
-                "catalog_version": version,
-                "config": dataclasses.asdict(config),
-                "history": history,
-                "rng": rng,
-            }
-            save_checkpoint(paths["checkpoint.pt"], state)
             write_curves(history, paths["curves.png"])
             write_json(paths["metrics.json"], {**summary, "history": history, "test": None})
         _dist.barrier()

@@ -7,13 +7,23 @@ these functions can be mixed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ct_window", "random_flip", "resize", "zscore"]
+__all__ = [
+    "Augmentation",
+    "augment",
+    "ct_window",
+    "random_affine",
+    "random_flip",
+    "resize",
+    "zscore",
+]
 
 
 def zscore(volume: torch.Tensor, mean: float, std: float, *, eps: float = 1e-6) -> torch.Tensor:
@@ -82,4 +92,96 @@ def random_flip(
     out = dict(sample)
     if flip:
         out[key] = torch.flip(sample[key], dims=flip)
+    return out
+
+
+def _rotation(angles: Sequence[float]) -> torch.Tensor:
+    """Rotation matrix (float64) about the z, y and x axes, in that order."""
+    a, b, c = (float(v) for v in angles)
+    rz = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = torch.tensor([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    rx = torch.tensor([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    return (rz.double() @ ry.double() @ rx.double()).double()
+
+
+def random_affine(
+    volume: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    max_rotation: float = 10.0,
+    max_scale: float = 0.1,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Rotate and scale a (C, D, H, W) volume by a small random affine about its centre.
+
+    Angles about each axis are uniform in ``[-max_rotation, max_rotation]`` degrees and
+    scale factors per axis uniform in ``[1 - max_scale, 1 + max_scale]``. The transform
+    acts in voxel space (not in ``affine_grid``'s normalised space, which would shear
+    non-cubic volumes); voxels mapped from outside the volume are 0 (the mean after
+    z-scoring). ``mode="nearest"`` suits label maps.
+    """
+    if volume.dim() != 4:
+        raise ValueError(f"volume must be (C, D, H, W), got {tuple(volume.shape)}")
+    draws = torch.rand(6, generator=generator, dtype=torch.float64) * 2.0 - 1.0
+    angles = (draws[:3] * math.radians(max_rotation)).tolist()
+    scales = (1.0 + draws[3:] * max_scale).tolist()
+    # Output voxel -> input voxel, in (z, y, x) order with the centre as origin.
+    matrix = _rotation(angles) @ torch.diag(torch.tensor(scales, dtype=torch.float64)).inverse()
+    sizes = torch.tensor(volume.shape[-3:], dtype=torch.float64)
+    # affine_grid works in normalised (x, y, z) coordinates: conjugate by the voxel size.
+    normalise = torch.diag(2.0 / sizes)
+    theta_zyx = normalise @ matrix @ normalise.inverse()
+    flip = torch.tensor([2, 1, 0])
+    theta = torch.zeros(1, 3, 4, dtype=torch.float32)
+    theta[0, :, :3] = theta_zyx[flip][:, flip].float()
+    batch = volume.unsqueeze(0).float()
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    out = F.grid_sample(batch, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out.squeeze(0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Augmentation:
+    """Random flips and a small affine applied by the stream to each sample's ``image``.
+
+    Draws come from a generator seeded by (seed, epoch, sample), so augmented samples are
+    the same for any number of workers and after a resume.
+
+    Attributes
+    ----------
+    flip_prob
+        Probability of flipping along each of ``flip_axes``.
+    flip_axes
+        Tensor dimensions of the (C, D, H, W) image that may be flipped.
+    affine_prob
+        Probability of applying :func:`random_affine` (0 disables it).
+    max_rotation, max_scale
+        Passed to :func:`random_affine`.
+    """
+
+    flip_prob: float = 0.5
+    flip_axes: tuple[int, ...] = (-3, -2, -1)
+    affine_prob: float = 0.0
+    max_rotation: float = 10.0
+    max_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.flip_prob <= 1 and 0 <= self.affine_prob <= 1):
+            raise ValueError("flip_prob and affine_prob must be in [0, 1]")
+
+
+def augment(
+    sample: Mapping[str, Any], generator: torch.Generator, augmentation: Augmentation
+) -> dict[str, Any]:
+    """Apply ``augmentation`` to ``sample["image"]`` (flips, then the affine)."""
+    out = random_flip(sample, generator, augmentation.flip_axes, p=augmentation.flip_prob)
+    if augmentation.affine_prob > 0:
+        draw = float(torch.rand(1, generator=generator))
+        if draw < augmentation.affine_prob:
+            out["image"] = random_affine(
+                out["image"],
+                generator,
+                max_rotation=augmentation.max_rotation,
+                max_scale=augmentation.max_scale,
+            )
     return out

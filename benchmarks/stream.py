@@ -1,0 +1,402 @@
+"""Streaming benchmark: VolumeStream (local Zarr, S3) against MONAI over .nii.gz, in one run.
+
+On the same synthetic CT-like volumes (int16, HU), on this machine:
+
+- the ceiling: decompressing the stored Zarr chunks from memory (no I/O, 2 threads);
+- ``VolumeStream`` whole volumes (z-scored float32, not resized) through a 2-worker
+  DataLoader, from a local store and from S3 (moto's server on loopback, a subprocess);
+- what users run today: MONAI ``LoadImaged`` over ``.nii.gz`` through a 2-worker
+  DataLoader (float32 output, like the stream's);
+- random 96^3 patches (patch mode), local and S3, with bytes fetched per patch counted by
+  :class:`voxlake.volumes.counting.CountingStore` (read amplification);
+- resident memory (main process + DataLoader workers) over 20 epochs.
+
+MB/s always counts the stored volume's int16 bytes, so rows compare. Usage::
+
+    python benchmarks/stream.py --volumes 12 --shape 128 256 256 --work /tmp/vxl-stream
+
+Figures and method are recorded in docs/performance.md ("Streaming").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VOLUME_ID = "{:032x}"
+REVISION = "00c0ffee"
+
+
+def phantom(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """CT-like int16 volume: air, a soft-tissue ellipsoid with noise, a bone ring, organs."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    _, cy, cx = (n / 2 for n in shape)
+    r = ((y - cy) / (0.42 * shape[1])) ** 2 + ((x - cx) / (0.38 * shape[2])) ** 2
+    body = np.broadcast_to(r < 1.0, shape)
+    data = np.full(shape, -1000, np.int16)
+    data[body] = 40
+    data[np.broadcast_to((r > 0.8) & (r < 0.9), shape)] = 700
+    for _ in range(4):  # organs
+        oz, oy, ox = (rng.uniform(0.3, 0.7) * n for n in shape)
+        rad = rng.uniform(0.06, 0.12) * shape[1]
+        blob = (z - oz) ** 2 + (y - oy) ** 2 + (x - ox) ** 2 < rad**2
+        data[blob] = int(rng.integers(60, 200))
+    noise = rng.normal(0, 20, shape).astype(np.int16)
+    return np.where(body, data + noise, data).astype(np.int16)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_data(work: Path, count: int, shape: tuple[int, int, int], options: dict) -> Any:
+    """Write the volumes as Zarr (local and S3) and .nii.gz; return the selection."""
+    import nibabel as nib
+    import pandas as pd
+
+    from voxlake.volumes import write_volume
+
+    local = work / "volumes.zarr"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "nifti").mkdir(parents=True)
+    rows, timings = [], {"zarr": 0.0, "s3": 0.0, "nifti": 0.0}
+    for i in range(count):
+        data = phantom(shape, i)
+        vid, path = VOLUME_ID.format(i + 1), f"{VOLUME_ID.format(i + 1)}/{REVISION}"
+        attrs = {"volume_id": vid, "spacing": [1.0, 1.0, 1.0], "affine": np.eye(4).tolist()}
+        t = time.perf_counter()
+        result = write_volume(local, path, data, attributes=attrs)
+        timings["zarr"] += time.perf_counter() - t
+        t = time.perf_counter()
+        write_volume(
+            "s3://bench/volumes.zarr", path, data, attributes=attrs, storage_options=options
+        )
+        timings["s3"] += time.perf_counter() - t
+        t = time.perf_counter()
+        nifti = work / "nifti" / f"{vid}.nii.gz"
+        # NIfTI stores (i, j, k) = (x, y, z): the transposed array is the same volume.
+        nib.save(nib.Nifti1Image(data.T, np.eye(4)), nifti)
+        timings["nifti"] += time.perf_counter() - t
+        rows.append(
+            {
+                "volume_id": vid,
+                "store_url": str(local),
+                "store_path": path,
+                "intensity_mean": result.stats.mean,
+                "intensity_std": result.stats.std,
+                "nifti": str(nifti),
+                "stored_bytes": result.stored_bytes,
+                "label": float(i % 2),
+            }
+        )
+        print(f"  wrote {i + 1}/{count} volumes", end="\r", flush=True)
+    print()
+    return pd.DataFrame(rows), timings
+
+
+def timed_loader(loader: Any, epochs: int = 2) -> tuple[float, int]:
+    """Seconds per epoch (best of ``epochs``, page cache warm after the first) and items."""
+    best, items = float("inf"), 0
+    for epoch in range(epochs):
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        start, items = time.perf_counter(), 0
+        for batch in loader:
+            items += len(batch["image"])
+        best = min(best, time.perf_counter() - start)
+    return best, items
+
+
+def stream_loader(selection: Any, *, workers: int = 2, batch: int = 1, **kwargs: Any) -> Any:
+    from torch.utils.data import DataLoader
+
+    from voxlake.training import VolumeStream
+
+    stream = VolumeStream(selection, batch_size=batch, **kwargs)
+    return DataLoader(stream, batch_size=batch, num_workers=workers)
+
+
+def ceiling(selection: Any, threads: int = 2) -> float:
+    """Seconds to decode every volume from an in-memory copy of its stored bytes."""
+    import zarr
+
+    from voxlake.volumes import open_store, open_volume
+
+    memory = zarr.storage.MemoryStore()
+    source = Path(selection.store_url[0])
+    for path in selection.store_path:
+        for file in (source / path).rglob("*"):
+            if file.is_file():
+                key = file.relative_to(source).as_posix()
+                memory._store_dict[key] = zarr.core.buffer.cpu.Buffer.from_bytes(file.read_bytes())
+    del open_store
+    arrays = [open_volume(memory, p) for p in selection.store_path]
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda a: a[...], arrays))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def monai_loader(selection: Any, workers: int = 2) -> Any:
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    files = [
+        {"image": f, "label": lab} for f, lab in zip(selection.nifti, selection.label, strict=True)
+    ]
+    transform = Compose(
+        [LoadImaged(keys="image", image_only=True), EnsureChannelFirstd(keys="image")]
+    )
+    return DataLoader(Dataset(files, transform), batch_size=1, num_workers=workers)
+
+
+def amplification(selection: Any, patches: int, **kwargs: Any) -> dict[str, float]:
+    """Bytes fetched per random 96^3 patch (one process, counted at the store)."""
+    from voxlake.training import VolumeStream
+    from voxlake.volumes.counting import CountingStore
+
+    counters: list[CountingStore] = []
+
+    def count(store: Any) -> CountingStore:
+        counters.append(CountingStore(store))
+        return counters[-1]
+
+    per = max(1, patches // len(selection))
+    stream = VolumeStream(
+        selection,
+        mode="patch",
+        patch_size=(96, 96, 96),
+        patches_per_volume=per,
+        wrap_store=count,
+        prefetch=0,
+        **kwargs,
+    )
+    reader = stream._process_reader()
+    for path in selection.store_path:  # open every array first: count chunk traffic only
+        reader.array(0, path)
+    counters[0].reset()
+    n = sum(1 for _ in stream)
+    fetched = counters[0].bytes_read / n
+    patch_bytes = 96**3 * 2
+    ratio = float(selection.stored_bytes.sum()) / (len(selection) * np.prod(SHAPE) * 2)
+    return {
+        "patches": n,
+        "fetched_mb_per_patch": fetched / 1e6,
+        "requests_per_patch": counters[0].requests / n,
+        "vs_patch_raw_bytes": fetched / patch_bytes,
+        "vs_patch_stored_bytes": fetched / (patch_bytes * ratio),
+        "compression_ratio": 1 / ratio,
+    }
+
+
+def memory_over_epochs(selection: Any, epochs: int) -> dict[str, Any]:
+    """Peak RSS (main + workers) per epoch of a 2-worker patch stream."""
+    import psutil
+
+    loader = stream_loader(
+        selection, mode="patch", patch_size=(96, 96, 96), patches_per_volume=4, batch=2
+    )
+    me = psutil.Process()
+    peaks: list[float] = []
+    for epoch in range(epochs):
+        loader.dataset.set_epoch(epoch)
+        peak, stop = [0.0], threading.Event()
+
+        def sample(peak: list[float] = peak, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                total = me.memory_info().rss
+                for child in me.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        total += child.memory_info().rss
+                peak[0] = max(peak[0], total / 1e6)
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=sample)
+        thread.start()
+        for _ in loader:
+            pass
+        stop.set()
+        thread.join()
+        peaks.append(peak[0])
+    base = peaks[1] if len(peaks) > 1 else peaks[0]  # epoch 0 includes imports / warm-up
+    return {
+        "peak_rss_mb": peaks,
+        "growth_pct": 100.0 * (peaks[-1] - base) / base,
+        "main_rss_mb_end": me.memory_info().rss / 1e6,
+    }
+
+
+SHAPE: tuple[int, int, int] = (128, 256, 256)
+
+
+def main() -> None:
+    global SHAPE
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--volumes", type=int, default=12)
+    parser.add_argument("--shape", type=int, nargs=3, default=SHAPE)
+    parser.add_argument("--patches", type=int, default=480, help="patches per patch epoch")
+    parser.add_argument("--memory-epochs", type=int, default=20)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/vxl-stream-bench"))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    SHAPE = tuple(args.shape)  # type: ignore[assignment]
+
+    port = free_port()
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    options = {
+        "key": "x",
+        "secret": "x",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import boto3
+
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="bench")
+        results = run(args, options)
+    finally:
+        moto.terminate()
+        moto.wait()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def run(args: argparse.Namespace, options: dict) -> dict[str, Any]:
+    print(f"{args.volumes} volumes of {SHAPE} int16 on {os.cpu_count()} cores")
+    selection, write_times = make_data(args.work, args.volumes, SHAPE, options)
+    s3 = selection.assign(store_url="s3://bench/volumes.zarr")
+    mb = args.volumes * int(np.prod(SHAPE)) * 2 / 1e6
+    stored = float(selection.stored_bytes.sum()) / 1e6
+    print(
+        f"dataset: {mb:.0f} MB raw, {stored:.0f} MB stored ({mb / stored:.2f}x); "
+        f"write s: zarr {write_times['zarr']:.1f}, s3 {write_times['s3']:.1f}, "
+        f"nii.gz {write_times['nifti']:.1f}"
+    )
+    rows: dict[str, dict[str, float]] = {}
+
+    def record(name: str, seconds: float, items: int, unit: str, nbytes: float) -> None:
+        rows[name] = {
+            "seconds": seconds,
+            f"{unit}_per_s": items / seconds,
+            "mb_per_s": nbytes / seconds,
+        }
+        print(f"  {name:<34} {items / seconds:8.1f} {unit}/s {nbytes / seconds:9.1f} MB/s")
+
+    whole = dict(shape=SHAPE, shuffle=False)
+    record("ceiling: decode from memory", ceiling(selection), args.volumes, "volumes", mb)
+    record(
+        "voxlake zarr local (2 workers)",
+        *timed_loader(stream_loader(selection, **whole)),
+        "volumes",
+        mb,
+    )
+    record(
+        "voxlake zarr s3/moto (2 workers)",
+        *timed_loader(stream_loader(s3, storage_options=options, **whole)),
+        "volumes",
+        mb,
+    )
+    record(
+        "MONAI LoadImaged .nii.gz (2 workers)",
+        *timed_loader(monai_loader(selection)),
+        "volumes",
+        mb,
+    )
+
+    per = max(1, args.patches // args.volumes)
+    patch_mb = per * args.volumes * 96**3 * 2 / 1e6
+    patch = dict(mode="patch", patch_size=(96, 96, 96), patches_per_volume=per, batch=4)
+    record(
+        "patches 96^3 local (2 workers)",
+        *timed_loader(stream_loader(selection, **patch)),
+        "patches",
+        patch_mb,
+    )
+    record(
+        "patches 96^3 s3/moto (2 workers)",
+        *timed_loader(stream_loader(s3, storage_options=options, **patch)),
+        "patches",
+        patch_mb,
+    )
+    record(
+        "patches 96^3 s3/moto + 256MB cache",
+        *timed_loader(stream_loader(s3, storage_options=options, cache_bytes=256 << 20, **patch)),
+        "patches",
+        patch_mb,
+    )
+    amp = amplification(selection, min(args.patches, 120))
+    print(
+        "  read amplification per 96^3 patch: "
+        f"{amp['fetched_mb_per_patch']:.2f} MB fetched in {amp['requests_per_patch']:.1f} "
+        f"requests = {amp['vs_patch_stored_bytes']:.2f}x the patch's stored bytes "
+        f"({amp['vs_patch_raw_bytes']:.2f}x its raw bytes)"
+    )
+    memory = memory_over_epochs(selection, args.memory_epochs)
+    print(
+        f"  peak RSS epoch 1 -> {args.memory_epochs - 1}: {memory['peak_rss_mb'][1]:.0f} -> "
+        f"{memory['peak_rss_mb'][-1]:.0f} MB ({memory['growth_pct']:+.1f}%)"
+    )
+
+    ceil = rows["ceiling: decode from memory"]["mb_per_s"]
+    local = rows["voxlake zarr local (2 workers)"]["mb_per_s"]
+    monai = rows["MONAI LoadImaged .nii.gz (2 workers)"]["mb_per_s"]
+    ratios = {
+        "local_vs_monai": local / monai,
+        "local_vs_ceiling": local / ceil,
+        "s3_vs_monai": rows["voxlake zarr s3/moto (2 workers)"]["mb_per_s"] / monai,
+    }
+    print(
+        f"ratios: local/MONAI {ratios['local_vs_monai']:.1f}x (target >= 10x), "
+        f"local/ceiling {100 * ratios['local_vs_ceiling']:.0f}% (target >= 70%), "
+        f"s3/MONAI {ratios['s3_vs_monai']:.1f}x; patches/s local "
+        f"{rows['patches 96^3 local (2 workers)']['patches_per_s']:.0f} (target >= 250)"
+    )
+    return {
+        "volumes": args.volumes,
+        "shape": SHAPE,
+        "raw_mb": mb,
+        "stored_mb": stored,
+        "rows": rows,
+        "amplification": amp,
+        "memory": memory,
+        "ratios": ratios,
+    }
+
+
+if __name__ == "__main__":
+    main()
