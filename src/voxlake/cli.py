@@ -601,6 +601,13 @@ def train(
     nproc: Annotated[int, typer.Option(help="Processes (DDP ranks) on this node.")] = 1,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers per rank.")] = 0,
     label: Annotated[str, typer.Option(help="Label name attached to the catalog.")] = "label",
+    split: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Use this split saved with `voxlake catalog split` (default: hash "
+            "patient_key with the default fractions)."
+        ),
+    ] = None,
     version: Annotated[Optional[int], typer.Option(help="Catalog version to pin.")] = None,  # noqa: UP045
     resume: Annotated[bool, typer.Option(help="Resume from OUT/checkpoint.pt.")] = False,
     mode: Annotated[str, typer.Option(help="volume (resized) or patch (random boxes).")] = (
@@ -633,6 +640,7 @@ def train(
         seed=seed,
         num_workers=num_workers,
         label=label,
+        split=split,
         catalog_version=version,
         resume=resume,
         mode=mode,  # type: ignore[arg-type]  # validated by TrainConfig

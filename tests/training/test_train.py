@@ -163,3 +163,58 @@ def test_command_line_round_trips_the_config_and_keeps_secrets_off_it() -> None:
     assert not any("SECRET" in arg for arg in argv)
     env = {STORAGE_OPTIONS_ENV: json.dumps(original.storage_options)}
     assert TrainConfig(**config_kwargs(build_parser().parse_args(argv), env)) == original
+
+
+@pytest.mark.integration
+def test_training_uses_the_split_saved_in_the_catalog(tmp_path):
+    """A saved split is used as is (not re-derived from fractions)."""
+    import json
+
+    import numpy as np
+
+    from voxlake.catalog import CatalogWriter, open_catalog
+    from voxlake.catalog.splits import save_split
+    from voxlake.training.train import TrainConfig, run_training
+    from voxlake.volumes import volume_path, write_volume
+
+    rng = np.random.default_rng(0)
+    writer = CatalogWriter(tmp_path / "cat")
+    rows, labels = [], []
+    for n in range(8):
+        vid = f"{n:024x}"
+        path = volume_path(vid, "ab" * 8)
+        data = rng.normal(size=(16, 16, 16)).astype(np.float32)
+        write_volume(tmp_path / "store", path, data, attributes={"volume_id": vid})
+        rows.append(
+            {
+                "volume_id": vid,
+                "revision": "ab" * 8,
+                "patient_key": f"p{n}",
+                "series_key": f"s{n}",
+                "store_url": str(tmp_path / "store"),
+                "store_path": path,
+                "intensity_mean": 0.0,
+                "intensity_std": 1.0,
+            }
+        )
+        labels.append(
+            {"key_kind": "series", "key": f"s{n}", "name": "label", "value": float(n % 2)}
+        )
+    writer.commit({"volumes": rows, "labels": labels}, run_id="t", operation="t")
+    save_split(
+        tmp_path / "cat", name="fixed", by="patient_key", fractions=(0.5, 0.25, 0.25), seed=3
+    )
+    saved = open_catalog(tmp_path / "cat").training_selection("label", split="fixed")
+    report = run_training(
+        TrainConfig(
+            catalog=str(tmp_path / "cat"),
+            out=str(tmp_path / "out"),
+            epochs=1,
+            shape=(16, 16, 16),
+            split="fixed",
+        )
+    )
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["num_samples"]["train"] == int((saved.split == "train").sum())
+    assert metrics["num_samples"]["test"] == int((saved.split == "test").sum())
+    assert report.epochs >= 1

@@ -39,6 +39,7 @@ def config_to_argv(config: TrainConfig) -> list[str]:
         "--max-steps-per-epoch": config.max_steps_per_epoch,
         "--selection": config.selection,
         "--checkpoint-every-steps": config.checkpoint_every_steps,
+        "--split": config.split,
     }
     for flag, value in optional.items():
         if value is not None:
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefetch", type=int, default=2)
     add("--label", default="label")
     add("--fractions", type=float, nargs=3, default=(0.7, 0.15, 0.15))
+    add("--split", default=None, help="name of a split saved in the catalog")
     add("--catalog-version", type=int)
     add("--max-steps-per-epoch", type=int)
     add("--mode", choices=("volume", "patch"), default="volume")

@@ -37,7 +37,10 @@ class TrainConfig:
     label
         Label name: the float column of ``Catalog.training_selection(label)``.
     fractions
-        Train / validation / test shares of patients.
+        Train / validation / test shares of patients (when no saved split is used).
+    split
+        Name of a split saved in the catalog (``voxlake catalog split``); its assignment
+        is used as is. None: split by hashing ``patient_key`` with ``fractions``.
     catalog_version
         Catalog version to read; None: the latest (or the checkpoint's when resuming).
     storage_options
@@ -73,6 +76,7 @@ class TrainConfig:
     num_workers: int = 0
     label: str = "label"
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split: str | None = None
     catalog_version: int | None = None
     storage_options: dict[str, Any] | None = None
     resume: bool = False

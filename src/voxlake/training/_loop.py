@@ -205,7 +205,7 @@ def load_selection(
         catalog = open_catalog(
             config.catalog, version=version, storage_options=config.storage_options
         )
-        frame = catalog.training_selection(config.label)
+        frame = catalog.training_selection(config.label, split=config.split)
         version = int(catalog.version)
     # One order on every rank, whatever order the table files were read in.
     return frame.sort_values("volume_id", kind="mergesort").reset_index(drop=True), version

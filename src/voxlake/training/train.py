@@ -127,7 +127,10 @@ def _run(
     by = "patient_key" if "patient_key" in frame.columns else "volume_id"
     if by != "patient_key":
         logger.warning("selection has no patient_key column: splitting by volume_id")
-    frame = split_frame(frame, by=by, fractions=config.fractions, seed=config.seed)
+    if config.split is not None and "split" in frame.columns and frame["split"].notna().all():
+        logger.info("using the split %r saved in the catalog", config.split)
+    else:
+        frame = split_frame(frame, by=by, fractions=config.fractions, seed=config.seed)
     streams = {
         name: make_stream(config, frame[frame["split"] == name], version, shuffle=name == "train")
         for name in ("train", "validation", "test")
