@@ -39,7 +39,10 @@ _KILLED_CHILD = textwrap.dedent(
     """
     import dataclasses, os, signal, sys
     import pandas as pd
+    import torch
     from voxlake.training import TrainConfig, run_training
+
+    torch.set_num_threads(1)  # bit-exact comparison: same reduction order as the parent
 
     config = TrainConfig(**{**eval(sys.argv[2]), "shape": (16, 16, 16)})
 
@@ -54,7 +57,21 @@ _KILLED_CHILD = textwrap.dedent(
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_killed_run_resumes_mid_epoch_exactly(ten_volumes: pd.DataFrame, tmp_path: Path) -> None:
+def test_a_killed_run_resumes_mid_epoch_exactly(
+    ten_volumes: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bit-exact weights need the same float reduction order in every process: earlier
+    # tests in this process may have changed torch's thread count, so pin it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        _killed_run_resumes(ten_volumes, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _killed_run_resumes(ten_volumes: pd.DataFrame, tmp_path: Path) -> None:
     straight = run_training(config(tmp_path / "straight", num_workers=1), ten_volumes)
     assert straight.steps_per_epoch == 4  # 7 training volumes, batches of 2
 
