@@ -25,6 +25,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import random
+import time
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -33,7 +35,7 @@ from voxlake.catalog.schema import SCHEMAS, TABLE_KEYS
 from voxlake.errors import CatalogError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
 __all__ = [
     "CLUSTER_BY",
@@ -146,6 +148,28 @@ def _dedupe_last(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
     return table.take(sorted(seen.values()))
 
 
+#: Attempts of a commit that conflicts with a concurrent writer's. delta-rs detects the
+#: conflict (a merge or delete whose rows another writer changed meanwhile, two catalog
+#: commits at once) and refuses; the write is planned again on the new table state.
+COMMIT_ATTEMPTS = 10
+
+
+def _retry_conflicts(target: Any, write: Callable[[], None]) -> None:
+    """Run ``write``; after a Delta commit conflict, refresh ``target`` and run it again."""
+    from deltalake.exceptions import CommitFailedError
+
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            write()
+            return
+        except CommitFailedError:
+            if attempt == COMMIT_ATTEMPTS:
+                raise
+            logger.debug("commit conflict (attempt %d), retrying", attempt)
+            time.sleep(random.uniform(0.005, 0.05) * attempt)  # de-synchronise the writers
+            target.update_incremental()
+
+
 def _add_actions(table: Any) -> pa.Table:
     return pa.table(table.get_add_actions(flatten=True))
 
@@ -242,11 +266,18 @@ class CatalogWriter:
         from deltalake import DeltaTable
 
         table = self._tables.get(name)
-        if table is None:
-            table = DeltaTable(table_url(self.url, name), storage_options=self.storage_options)
-            self._tables[name] = table
-        else:
-            table.update_incremental()
+        try:
+            if table is None:
+                table = DeltaTable(table_url(self.url, name), storage_options=self.storage_options)
+                self._tables[name] = table
+            else:
+                table.update_incremental()
+        except OSError as exc:  # object store down or stalled (after delta-rs' retries)
+            raise CatalogError(
+                f"catalog table {name!r} cannot be read: {type(exc).__name__}",
+                code="catalog_unreachable",
+                hint="check the catalog URL, the endpoint and the network, then run again",
+            ) from exc
         return table
 
     def upsert(
@@ -284,7 +315,8 @@ class CatalogWriter:
         if name in CLUSTER_BY:
             table = table.sort_by([(c, "ascending") for c in CLUSTER_BY[name]])
             options["writer_properties"] = writer_properties()
-        try:
+
+        def write() -> None:
             if assume_new:
                 write_deltalake(target, table, mode="append", **options)
             else:
@@ -295,6 +327,9 @@ class CatalogWriter:
                     predicate=_key_predicate(table, keys),
                     **options,
                 )
+
+        try:
+            _retry_conflicts(target, write)
         except Exception as exc:
             raise CatalogError(f"commit to {name!r} failed: {exc}") from exc
         target.update_incremental()
@@ -311,37 +346,63 @@ class CatalogWriter:
         props = CommitProperties(custom_metadata={"voxlake.run_id": run_id})
         target = self._table(name)
         try:
-            write_deltalake(
+            _retry_conflicts(
                 target,
-                SCHEMAS[name].empty_table(),
-                mode="overwrite",
-                predicate=predicate,
-                commit_properties=props,
+                lambda: write_deltalake(
+                    target,
+                    SCHEMAS[name].empty_table(),
+                    mode="overwrite",
+                    predicate=predicate,
+                    commit_properties=props,
+                ),
             )
         except Exception as exc:
             raise CatalogError(f"delete from {name!r} failed: {exc}") from exc
         target.update_incremental()
 
     def record_commit(self, *, run_id: str, operation: str) -> int:
-        """Append a ``_commits`` row with every table's latest version; return the version."""
+        """Append a ``_commits`` row with every table's latest version; return the version.
+
+        Catalog versions are positions in ``committed_at`` order, so concurrent writers
+        are serialized: the row is written as a predicate overwrite of ``committed_at >
+        <the latest>``, which matches no existing row but makes delta-rs refuse (and this
+        method retry) when another writer recorded a commit in between. Rows then sit in
+        ``committed_at`` order exactly as committed (a pinned version never changes
+        meaning), and each row's table versions, read after the rows before it were
+        committed, include everything those made visible.
+        """
         from deltalake import CommitProperties, write_deltalake
 
-        versions = {f"{name}_version": int(self._table(name).version()) for name in TABLES}
-        commits = self._table("_commits")
-        # Catalog versions are positions in committed_at order: keep timestamps strictly
-        # increasing even if this host's clock is behind the last writer's.
-        now = dt.datetime.now(dt.UTC)
-        last = _last_commit_time(commits)
-        if last is not None and now <= last:
-            now = last + dt.timedelta(milliseconds=1)
-        row = {"run_id": run_id, "operation": operation, "committed_at": now, **versions}
         props = CommitProperties(custom_metadata={"voxlake.run_id": run_id})
-        write_deltalake(
-            commits,
-            pa.Table.from_pylist([row], schema=COMMITS_SCHEMA),
-            mode="append",
-            commit_properties=props,
-        )
+        commits = self._table("_commits")
+
+        def write() -> None:
+            # _commits first, then the tables: whatever a row committed before this
+            # snapshot made visible is in the versions read after it.
+            last = _last_commit_time(commits)
+            versions = {f"{name}_version": int(self._table(name).version()) for name in TABLES}
+            # Strictly increasing even if this host's clock is behind the last writer's.
+            now = dt.datetime.now(dt.UTC)
+            if last is not None and now <= last:
+                now = last + dt.timedelta(milliseconds=1)
+            row = {"run_id": run_id, "operation": operation, "committed_at": now, **versions}
+            after = (
+                "committed_at IS NOT NULL"
+                if last is None
+                else f"committed_at > '{last.isoformat()}'"
+            )
+            write_deltalake(
+                commits,
+                pa.Table.from_pylist([row], schema=COMMITS_SCHEMA),
+                mode="overwrite",
+                predicate=after,
+                commit_properties=props,
+            )
+
+        try:
+            _retry_conflicts(commits, write)
+        except Exception as exc:
+            raise CatalogError(f"catalog commit failed: {exc}") from exc
         commits.update_incremental()
         version = _count_rows(commits)
         logger.debug("catalog commit %d (%s) for run %s", version, operation, run_id)

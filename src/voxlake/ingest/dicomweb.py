@@ -23,6 +23,7 @@ Authentication: ``storage_options={"headers": {"Authorization": "Bearer ..."}}``
 from __future__ import annotations
 
 import email.parser
+import re
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from voxlake.keys import keyed_hash
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from voxlake.ingest.sources import FileRef
+    from voxlake.ingest.sources import FileRef, ListingProblem
 
 __all__ = ["fetch_instance", "is_dicomweb", "list_instances"]
 
@@ -40,6 +41,9 @@ _PREFIXES = ("dicomweb+http://", "dicomweb+https://")
 _PAGE = 1000
 _TAGS = {"study": "0020000D", "series": "0020000E", "sop": "00080018"}
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+#: A UID as PS3.5 9.1 defines it. Locators are built from the server's answers, so anything
+#: else ("../", "?", "/") could point the WADO-RS request elsewhere on the server.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def is_dicomweb(url: str) -> bool:
@@ -76,11 +80,12 @@ def _value(item: dict[str, Any], tag: str) -> str:
 
 def list_instances(
     url: str, *, secret: str, storage_options: dict[str, Any] | None = None
-) -> Iterator[FileRef]:
-    """Yield one :class:`FileRef` per instance matching the URL's QIDO filters."""
+) -> Iterator[FileRef | ListingProblem]:
+    """Yield one :class:`FileRef` per instance matching the URL's QIDO filters (and a
+    ``bad_response`` problem per answer whose UIDs are not UIDs)."""
     import requests
 
-    from voxlake.ingest.sources import FileRef
+    from voxlake.ingest.sources import FileRef, ListingProblem
 
     root, filters = _split(url)
     options = _request_options(storage_options)
@@ -107,8 +112,11 @@ def list_instances(
             study, series, sop = (_value(item, tag) for tag in _TAGS.values())
             if not (study and series and sop):
                 continue
-            locator = f"dicomweb+{root}/studies/{study}/series/{series}/instances/{sop}"
             safe = f"dicomweb+{root}/instances/{keyed_hash(secret, 'instance', sop)}"
+            if not all(len(uid) <= 64 and _UID.match(uid) for uid in (study, series, sop)):
+                yield ListingProblem(safe, "bad_response", "QIDO-RS answered a malformed UID")
+                continue
+            locator = f"dicomweb+{root}/studies/{study}/series/{series}/instances/{sop}"
             yield FileRef(safe, 0, 0.0, locator=locator)
         if len(items) < _PAGE:
             return

@@ -123,6 +123,14 @@ def open_bytes(url: str, *, max_bytes: int, storage_options: dict[str, Any] | No
         raise SourceError("permission denied", code="permission_denied") from exc
     except OSError as exc:
         raise SourceError(f"cannot read file: {exc.strerror or type(exc).__name__}") from exc
+    except Exception as exc:
+        from voxlake.volumes.retry import is_transient
+
+        if not is_transient(exc):  # botocore/aiohttp connection errors are not OSErrors
+            raise
+        raise SourceError(
+            f"source unreachable ({type(exc).__name__})", code="source_unreachable"
+        ) from exc
     if len(data) > max_bytes:
         raise SourceError(f"file larger than the {max_bytes} byte cap", code="file_too_large")
     return data
@@ -163,6 +171,9 @@ def parse_dicom_bytes(data: bytes, *, max_bytes: int) -> tuple[pydicom.Dataset, 
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    # pydicom's value validation warns and logs with the offending value quoted, which on
+    # a malformed header can be a name or an ID: nothing read from data may reach a log.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     gzipped = data[:2] == _GZIP_MAGIC
     if gzipped:
         data = _gunzip(data, max_bytes)

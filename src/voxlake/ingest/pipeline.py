@@ -20,12 +20,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from voxlake.catalog.concurrent import ForeignRows
 from voxlake.catalog.keymap import KeyMapWriter
 from voxlake.catalog.query import open_catalog
 from voxlake.catalog.tables import CatalogWriter
 from voxlake.cluster import dask_client
 from voxlake.config import IngestConfig
-from voxlake.errors import VoxlakeError
+from voxlake.errors import SourceError, VoxlakeError
 from voxlake.ingest.headers import HeaderBatch, failure_row, read_headers
 from voxlake.ingest.readers.dicom import build_volume
 from voxlake.ingest.series import plan_volumes
@@ -56,6 +57,13 @@ _PLAN_COLUMNS = [
     "array_affine", "array_dtype", "photometric_interpretation", "slice_thickness",
 ]  # fmt: skip
 
+#: Failure codes of the infrastructure, not of the data (a store or source that was down,
+#: a permission since fixed, an unexpected error): a re-run tries those files and volumes
+#: again instead of skipping them as known failures.
+RETRYABLE_CODES = frozenset(
+    {"store", "unreadable", "permission_denied", "source_unreachable", "source_unavailable",
+     "volume_error"}
+)  # fmt: skip
 
 _VERSIONED_PACKAGES = (
     "voxlake", "pydicom", "zarr", "deltalake", "dask", "numpy", "pylibjpeg",
@@ -220,9 +228,21 @@ class _Run:
     # -- stage 1: headers --------------------------------------------------------------
     def seen_files(self) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]]:
         catalog = open_catalog(self.catalog_url, storage_options=self.catalog_options)
+        # What other runs commit from this snapshot on (concurrent ingests): see _settle.
+        self.foreign = ForeignRows(
+            self.catalog_url, "instances", run_id=self.run_id, key="url",
+            columns=("url", "size", "mtime"), version=catalog.table_versions.get("instances"),
+            storage_options=self.catalog_options,
+        )  # fmt: skip
         inst = catalog.read("instances", columns=["url", "size", "mtime"])
-        fails = catalog.read("failures", columns=["subject", "subject_kind", "size", "mtime"])
+        fails = catalog.read(
+            "failures", columns=["subject", "subject_kind", "size", "mtime", "code"]
+        )
         fails = fails[fails["subject_kind"] == "file"]
+        retry = fails["code"].isin(RETRYABLE_CODES)  # never "unchanged": read them again
+        fails = fails.assign(
+            size=fails["size"].where(~retry, -1), mtime=fails.mtime.where(~retry, -1)
+        )
         ok = {
             u: (int(s), float(m))
             for u, s, m in zip(inst.url, inst["size"], inst.mtime, strict=True)
@@ -291,6 +311,7 @@ class _Run:
         self.report.bytes_read += batch.bytes_read
         self.report.instances += len(batch.instances)
         self.count_failures(batch.failures)
+        self._absorb(self.foreign.poll(), ok)
         fresh = [r for r in batch.instances if r["url"] not in ok]
         changed = [r for r in batch.instances if r["url"] in ok]
         # A file that now parses clears its old failure; one that now fails loses its row.
@@ -300,13 +321,44 @@ class _Run:
             self.writer.delete("failures", f"subject IN ({_sql_list(healed)})", run_id=self.run_id)
         if broken:
             self.writer.delete("instances", f"url IN ({_sql_list(broken)})", run_id=self.run_id)
-        self.writer.upsert("instances", fresh, run_id=self.run_id, assume_new=True)
+        appended = self.writer.upsert("instances", fresh, run_id=self.run_id, assume_new=True)
+        if appended is not None:
+            self._settle(appended, fresh, ok)
         self.commit({"instances": changed, "failures": batch.failures}, "headers")
         if (fresh or healed or broken) and not (changed or batch.failures):
             self.report.catalog_version = self.writer.record_commit(
                 run_id=self.run_id, operation="headers"
             )
         return len(batch.instances) + len(batch.failures)
+
+    @staticmethod
+    def _absorb(rows: pd.DataFrame, ok: dict[str, Any]) -> None:
+        """Files another run catalogued meanwhile: merged, not appended, from now on."""
+        ok.update(
+            (u, (int(s), float(m)))
+            for u, s, m in zip(rows["url"], rows["size"], rows["mtime"], strict=True)
+        )
+
+    def _settle(self, version: int, fresh: list[dict[str, Any]], ok: dict[str, Any]) -> None:
+        """Another run appended some of ``fresh`` just before this run did (a race between
+        the poll and the append): delete this run's copies, the earlier rows stay."""
+        rows, lost = self.foreign.settle(version, {r["url"] for r in fresh})
+        self._absorb(rows, ok)
+        if lost:
+            mine = f"run_id = {_sql_list([self.run_id])} AND url IN ({_sql_list(lost)})"
+            self.writer.delete("instances", mine, run_id=self.run_id)
+
+    def check_sources(self) -> None:
+        """Files the source stopped delivering could be slices of any series: building
+        volumes now could store a series without them. Stop instead; a re-run reads them."""
+        unread = self.codes.get("source_unreachable", 0)
+        if unread:
+            raise SourceError(
+                f"{unread} files could not be read (the source stopped answering);"
+                " no volume was built",
+                code="source_unreachable",
+                hint="run the same command again when the source answers",
+            )
 
     # -- stage 2: volumes --------------------------------------------------------------
     def plan(self) -> tuple[list[VolumePlan], pd.DataFrame]:
@@ -320,8 +372,9 @@ class _Run:
             max_voxels=self.config.max_voxels,
         )
         volumes = catalog.read("volumes", columns=["volume_id", "revision"])
-        failures = catalog.read("failures", columns=["failure_id"])
+        failures = catalog.read("failures", columns=["failure_id", "code"])
         known_failures = set(failures.failure_id)
+        final = set(failures.failure_id[~failures.code.isin(RETRYABLE_CODES)])
         rows = [
             failure_row(subject=f.subject, subject_kind="series", error=f.error, run_id=self.run_id)
             for f in plan_failures
@@ -342,7 +395,7 @@ class _Run:
                 subject=plan.volume_id, subject_kind="volume", error=VoxlakeError(""),
                 run_id="", stage="volume", discriminator=plan.revision,
             )["failure_id"]  # fmt: skip
-            if committed.get(plan.volume_id) == plan.revision or fid in known_failures:
+            if committed.get(plan.volume_id) == plan.revision or fid in final:
                 self.report.volumes_skipped += 1
             else:
                 todo.append(plan)
@@ -412,11 +465,13 @@ class _Run:
         self.report.volumes_written += len(rows)
         self.count_failures(failures)
         if rows:
-            # The series now assembles: clear its old assembly failures.
+            # The series now assembles: clear its old assembly (and volume) failures.
             subjects = sorted({r["series_key"] for r in rows})
+            built = sorted({r["volume_id"] for r in rows})
             self.writer.delete(
                 "failures",
-                f"subject_kind = 'series' AND subject IN ({_sql_list(subjects)})",
+                f"(subject_kind = 'series' AND subject IN ({_sql_list(subjects)}))"
+                f" OR (subject_kind = 'volume' AND subject IN ({_sql_list(built)}))",
                 run_id=self.run_id,
             )
         self.commit({"volumes": rows, "failures": failures}, "volumes")
@@ -491,6 +546,7 @@ def ingest(
             run.report.dashboard_link = getattr(dask, "dashboard_link", None)
             run.progress(ProgressEvent("cluster", 0, None, message=run.report.dashboard_link))
             run.headers(dask)
+            run.check_sources()
             plans, _ = run.plan()
             run.volumes(dask, plans)
     except KeyboardInterrupt:

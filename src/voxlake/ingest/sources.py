@@ -111,6 +111,14 @@ def _walk_local(root: str) -> Iterator[FileRef | ListingProblem]:
     for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append, followlinks=False):
         dirnames.sort()
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in dirnames:  # os.walk lists folder symlinks but does not enter them
+            link = os.path.abspath(os.path.join(dirpath, name))
+            if os.path.islink(link):
+                yield ListingProblem(
+                    _local_url(link),
+                    "symlink_not_followed",
+                    "folder symlinks are not followed (give the target as a source)",
+                )
         for name in sorted(filenames):
             if name in _SKIP_NAMES or name.startswith("._"):
                 continue
@@ -122,7 +130,12 @@ def _walk_local(root: str) -> Iterator[FileRef | ListingProblem]:
                     _local_url(path), "unreadable", f"cannot stat file: {exc.strerror}"
                 )
                 continue
-            if not stat.S_ISREG(info.st_mode):
+            if not stat.S_ISREG(info.st_mode):  # reading a pipe or a device could block
+                yield ListingProblem(
+                    _local_url(path),
+                    "not_regular_file",
+                    "not a regular file (pipe, socket, device)",
+                )
                 continue
             yield FileRef(_local_url(path), info.st_size, info.st_mtime)
     for error in errors:
@@ -130,7 +143,9 @@ def _walk_local(root: str) -> Iterator[FileRef | ListingProblem]:
         yield ListingProblem(where, "unreadable", f"cannot list folder: {error.strerror}")
 
 
-def _walk_fsspec(url: str, storage_options: dict[str, Any] | None) -> Iterator[FileRef]:
+def _walk_fsspec(
+    url: str, storage_options: dict[str, Any] | None
+) -> Iterator[FileRef | ListingProblem]:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -153,6 +168,11 @@ def _walk_fsspec(url: str, storage_options: dict[str, Any] | None) -> Iterator[F
         mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or 0
         if hasattr(mtime, "timestamp"):
             mtime = mtime.timestamp()
+        if "::" in name:  # fsspec would open the rest of the name as another URL
+            yield ListingProblem(
+                f"{protocol}://{name}", "unsafe_url", "object name holds '::' (a URL chain)"
+            )
+            continue
         yield FileRef(f"{protocol}://{name}", int(info.get("size") or 0), float(mtime))
 
 
@@ -172,6 +192,8 @@ def _safe_member(name: str) -> bool:
         or "\x00" in name
         or ".." in parts
         or (len(parts[0]) == 2 and parts[0][1] == ":")  # C:/...
+        or "::" in name  # fsspec would read the rest as another URL to open (any file)
+        or "://" in name
     )
 
 
@@ -200,11 +222,11 @@ def _list_archive(
         if info.get("type") != "file":
             continue
         chained = f"{protocol}://{name}::{ref.url}"
-        if not _safe_member(name):
+        if not _safe_member(name) or info.get("linkname"):
             yield ListingProblem(
                 chained,
                 "unsafe_member_path",
-                "archive member path is absolute or escapes the archive",
+                "archive member is a link, or its path is absolute or escapes the archive",
             )
             continue
         size = int(info.get("size") or 0)

@@ -165,10 +165,14 @@ class VolumeWriter:
             self._staging = ""
             self._store = open_store(self.store_url, storage_options=storage_options)
             self._group_path = path
+        name = join_url(self._group_path, "0").lstrip("/")
         try:
-            self._array = zarr.create_array(
+            reused = (
+                None if self._local else _same_array(self._store, name, self.layout, self.dtype)
+            )
+            self._array = reused or zarr.create_array(
                 self._store,
-                name=join_url(self._group_path, "0").lstrip("/"),
+                name=name,
                 shape=self.layout.shape,
                 dtype=self.dtype,
                 chunks=self.layout.chunks,
@@ -291,6 +295,29 @@ class VolumeWriter:
         """Drop what was staged (local stores); remote partial data stays invisible."""
         if self._staging:
             shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def _same_array(store: Any, name: str, layout: ArrayLayout, dtype: np.dtype[Any]) -> Any:
+    """The array at ``name`` when it exists with exactly this shape, dtype and chunking.
+
+    On object stores two writers of one revision (concurrent ingests) write identical
+    bytes. Re-creating the array would delete the chunks the first one wrote, under a
+    group whose catalog row may already be committed (readers would get zeros), so an
+    identical array is written into, not replaced.
+    """
+    import zarr
+
+    try:
+        array = zarr.open_array(store, path=name, mode="r+")
+    except Exception:
+        return None
+    same = (
+        tuple(array.shape) == layout.shape
+        and array.dtype == dtype
+        and tuple(array.chunks) == layout.chunks
+        and tuple(array.shards or ()) == layout.shards
+    )
+    return array if same else None
 
 
 def _stored_bytes(store: Any, prefix: str) -> int:

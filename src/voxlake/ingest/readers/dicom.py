@@ -43,7 +43,7 @@ _UNCOMPRESSED = {
 }
 
 
-def _decode_error(exc: Exception, syntax: str = "") -> DecodeError:
+def _decode_error(exc: BaseException, syntax: str = "") -> DecodeError:
     from pydicom.uid import UID
 
     text = str(exc).lower()
@@ -140,7 +140,9 @@ class FrameDecoder:
                 pixels = pixel_array(ds, index=ref.frame)
             else:
                 pixels = ds.pixel_array
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a codec's Rust panic (pyo3 PanicException) is no Exception
             raise _decode_error(exc, syntax) from exc
         if pixels.shape != (rows, columns):
             raise DecodeError(
@@ -197,7 +199,7 @@ def _decoder_name(syntaxes: set[str]) -> str:
 
 def _final_exists(store_url: str, path: str) -> bool:
     if not is_local_url(store_url):
-        return False
+        return True  # a concurrent run may have written it: one metadata read tells
     return os.path.isdir(os.path.join(strip_file_scheme(store_url), *path.split("/")))
 
 
@@ -271,7 +273,7 @@ def build_volume(
     path = volume_path(plan.volume_id, plan.revision)
     if _final_exists(store_url, path):
         try:
-            attrs = volume_attributes(store_url, path)
+            attrs = volume_attributes(store_url, path, storage_options=store_storage_options)
             plan = dataclasses.replace(plan, dtype=str(attrs.get("dtype", plan.dtype)))
             return volume_row(plan, None, {**attrs, "store_url": store_url}, run_id=run_id)
         except VoxlakeError:

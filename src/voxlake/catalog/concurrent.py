@@ -1,0 +1,129 @@
+"""What other writers commit to a catalog table while this writer runs.
+
+Two ingests of overlapping sources may run at the same time, on one machine or on many.
+Predicate overwrites (merges on keys) conflict in Delta and are retried
+(:class:`~voxlake.catalog.tables.CatalogWriter`), but appends never conflict, so both
+runs could append the same instance rows. A merge of every batch costs 3-6 times an
+append on a large table and grows with it (``docs/reliability.md``), so the ingest driver
+appends the instance rows it believes new and uses :class:`ForeignRows` to stay exact:
+
+- before deciding what is new, :meth:`ForeignRows.poll` returns the rows other runs
+  committed since the last poll: those keys are merged, not appended, from then on;
+- after appending at table version ``v``, :meth:`ForeignRows.settle` finds the keys just
+  appended that another run had committed at a version before ``v`` (it raced in between
+  the poll and the append). The driver deletes its own copies and the earlier row stays.
+  The later writer always resolves the race, so exactly one row per key survives.
+
+When nobody else writes, a poll costs a version check and the commit infos of this
+writer's own commits; rows are read only from files other writers added.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from voxlake.catalog._io import fsspec_options, read_parquet_file
+from voxlake.catalog.schema import SCHEMAS
+from voxlake.catalog.tables import _delta_options, table_url
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Mapping, Sequence
+
+    import pandas as pd
+
+__all__ = ["ForeignRows"]
+
+
+class ForeignRows:
+    """Rows of one table that other writers (other ``run_id`` s) commit after a version.
+
+    Parameters
+    ----------
+    url
+        Catalog root.
+    name
+        Table name (``"instances"``).
+    run_id
+        This writer's run id: commits and rows carrying it are not foreign.
+    key
+        The key column compared by :meth:`settle` (``"url"``).
+    columns
+        Columns returned for foreign rows (the key among them); ``run_id`` and ``_file``
+        (the data file that holds the row) are added.
+    version
+        Table version the writer's knowledge starts from (its snapshot); None for nothing
+        (every row then counts as foreign until polled).
+    storage_options
+        fsspec- or delta-rs-style options of a remote catalog.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        name: str,
+        *,
+        run_id: str,
+        key: str,
+        columns: Sequence[str],
+        version: int | None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        from deltalake import DeltaTable
+
+        self.run_id = run_id
+        self.key = key
+        self._uri = table_url(url, name)
+        self._options = _delta_options(storage_options)
+        names = list(dict.fromkeys([*columns, key, "run_id"]))
+        self._schema = pa.schema([SCHEMAS[name].field(c) for c in names])
+        if version is None:
+            self._table = DeltaTable(self._uri, storage_options=self._options)
+            self._version, self._files = -1, set[str]()
+        else:
+            self._table = DeltaTable(self._uri, version=version, storage_options=self._options)
+            self._version, self._files = version, set(self._table.file_uris())
+
+    def _empty(self) -> pd.DataFrame:
+        frame: pd.DataFrame = self._schema.empty_table().to_pandas()
+        frame["_file"] = []
+        return frame
+
+    def poll(self) -> pd.DataFrame:
+        """Rows other writers added since the last poll (columns, ``run_id``, ``_file``)."""
+        import pandas as pd
+
+        self._table.update_incremental()
+        current = int(self._table.version())
+        if current == self._version:
+            return self._empty()
+        commits = self._table.history(limit=current - self._version)
+        self._version = current
+        if all(c.get("voxlake.run_id") == self.run_id for c in commits):
+            return self._empty()  # only this writer's commits: nothing to read
+        files = set(self._table.file_uris())
+        added, self._files = sorted(files - self._files), files
+        options = fsspec_options(self._options)
+        frames = []
+        for uri in added:  # includes this writer's files since the last foreign commit
+            frame = read_parquet_file(uri, schema=self._schema, storage_options=options)
+            frame = frame[frame["run_id"] != self.run_id]
+            frames.append(frame.assign(_file=uri))
+        return pd.concat(frames, ignore_index=True) if frames else self._empty()
+
+    def settle(self, version: int, keys: Collection[str]) -> tuple[pd.DataFrame, list[str]]:
+        """After this writer appended ``keys`` at table ``version``: poll, and return the
+        foreign rows plus the keys this writer must delete because another writer's row
+        with the same key was committed before ``version`` and is still live."""
+        rows = self.poll()
+        clash = rows[rows[self.key].isin(set(keys))]
+        if clash.empty:
+            return rows, []
+        from deltalake import DeltaTable
+
+        before = DeltaTable(self._uri, version=version - 1, storage_options=self._options)
+        earlier = set(before.file_uris()) & self._files
+        lost = clash[clash["_file"].isin(earlier)]
+        return rows, sorted(set(lost[self.key]))
