@@ -82,14 +82,39 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A real S3 API (moto's server) on a loopback port, for the whole session."""
-    from moto.server import ThreadedMotoServer
+    """A real S3 API (moto's server) on a loopback port, for the whole session.
+
+    It runs in its own process: moto keeps global state, so an in-process server that a
+    fault test stops mid-request could otherwise wedge this one.
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("moto server did not start")
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 @pytest.fixture
