@@ -11,11 +11,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from voxlake.catalog.schema import DICOM_COLUMNS, Column
+from voxlake.catalog.tables import rows_to_table
 from voxlake.errors import HeaderError, NotDicomError, SourceError, VoxlakeError
 from voxlake.keys import keyed_hash
 
@@ -227,7 +229,8 @@ def _convert(column: Column, value: Any) -> Any:
     if kind == "str":
         return "\\".join(str(v) for v in value) if many else str(value)
     if kind == "int":
-        return int(float(first))
+        number = int(float(first))
+        return number if -(2**63) <= number < 2**63 else None  # "1e308" fits no column
     if kind == "float":
         return float(first)
     if kind == "date":
@@ -319,6 +322,10 @@ def _instance_row(
     }
     if not row["sop_class_uid"] and sop_class:
         row["sop_class_uid"] = sop_class
+    for name in ("rescale_slope", "rescale_intercept"):
+        value = row[name]
+        if value is not None and not math.isfinite(value):  # would be taken as 1 and 0
+            raise HeaderError("RescaleSlope or RescaleIntercept is not finite", code="bad_rescale")
     return row
 
 
@@ -335,16 +342,15 @@ def read_headers(
                 storage_options=config.storage_options,
             )
             batch.bytes_read += len(data)
-            batch.instances.append(
-                _instance_row(
-                    ref,
-                    data,
-                    secret=secret,
-                    config=config,
-                    run_id=run_id,
-                    key_map=batch.key_map if config.key_map_url else None,
-                )
+            row = _instance_row(
+                ref,
+                data,
+                secret=secret,
+                config=config,
+                run_id=run_id,
+                key_map=batch.key_map if config.key_map_url else None,
             )
+            batch.instances.append(row)
         except VoxlakeError as exc:
             if config.on_error == "raise":
                 raise
@@ -374,4 +380,43 @@ def read_headers(
                     stage="file",
                 )
             )
+    _drop_rows_the_catalog_cannot_hold(batch, refs, config=config, run_id=run_id)
     return batch
+
+
+def _drop_rows_the_catalog_cannot_hold(
+    batch: HeaderBatch, refs: list[FileRef], *, config: IngestConfig, run_id: str
+) -> None:
+    """Every row fits the catalog schema, or its file fails here, not the run's commit.
+
+    One conversion checks the whole batch; only when it fails is each row checked alone.
+    Messages name the kind of error only: they would quote the header value.
+    """
+    try:
+        rows_to_table("instances", batch.instances)
+        return
+    except Exception:
+        pass
+    by_url = {ref.url: ref for ref in refs}
+    kept = []
+    for row in batch.instances:
+        try:
+            rows_to_table("instances", [row])
+            kept.append(row)
+        except Exception as exc:
+            error = HeaderError(f"a header value does not fit the catalog ({type(exc).__name__})")
+            if config.on_error == "raise":
+                raise error from exc
+            ref = by_url[row["url"]]
+            batch.failures.append(
+                failure_row(
+                    subject=ref.url,
+                    subject_kind="file",
+                    error=error,
+                    run_id=run_id,
+                    size=ref.size,
+                    mtime=ref.mtime,
+                    stage="file",
+                )
+            )
+    batch.instances = kept

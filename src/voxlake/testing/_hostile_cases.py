@@ -12,6 +12,7 @@ import io
 import os
 import struct
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,6 +205,8 @@ _SERIES: tuple[tuple[str, str, tuple[str, ...], str, Change, dict[str, Any]], ..
      ("unknown_transfer_syntax",), "volume", _bytes(_EXPLICIT_LE, _UNKNOWN_SYNTAX), {}),
     ("rle_decoder_panic", "an RLE slice decoding past its frame (the decoder panics)",
      ("decode",), "volume", _one(1, _rle_overrun), {"transfer_syntax": _RLE}),
+    ("rescale_slope_huge", "RescaleSlope 1e308 (no stored type holds the values)",
+     ("value_overflow",), "volume", _each(_set("RescaleSlope", "1e308")), {}),
 )
 # fmt: on
 
@@ -275,6 +278,10 @@ def _good(b: Builder) -> None:
     b.plant(*(f"VXLHUIDNAME^{n}" for n in range(1, written.spec.n_slices + 1)))
     b.volume("text_in_uids", "SOPInstanceUIDs holding text with a name (invalid UI)", written)
 
+    written = b.series("number_too_large")
+    _each(_set("InstanceNumber", "1e308"))(written)
+    b.volume("number_too_large", "InstanceNumber 1e308 (fits no integer column)", written)
+
     written = b.series("oversized_text")
     _each(_set("SeriesDescription", "x" * 60000))(written)
     b.volume("oversized_text", "a 60 000-character SeriesDescription", written)
@@ -321,6 +328,11 @@ def _broken_dicom(b: Builder) -> None:
         )
     first = good.index(b"\x08\x00\x05\x00")  # the first element after the file meta
     ds = read_dicom(b.root / "scratch" / "source_slice" / "IM0001.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns that "inf" is no valid DS
+        ds.RescaleSlope = "inf"
+    infinite_slope = io.BytesIO()
+    save_dicom(ds, infinite_slope)
     del ds.SOPInstanceUID, ds.SeriesInstanceUID
     no_uids = io.BytesIO()
     save_dicom(ds, no_uids)
@@ -341,6 +353,8 @@ def _broken_dicom(b: Builder) -> None:
     b.file("dicomdir", "a DICOMDIR media index", "dicomdir", _dicomdir(), filename="DICOMDIR")
     b.file("missing_uids", "no SOPInstanceUID and no SeriesInstanceUID", "missing_uid",
            no_uids.getvalue())
+    b.file("infinite_rescale_slope", "RescaleSlope inf (would be taken as 1)", "bad_rescale",
+           infinite_slope.getvalue())
     # fmt: on
 
 

@@ -179,12 +179,19 @@ def _rescale(
     if np.issubdtype(dtype, np.integer):
         if slope == 1.0 and intercept == 0.0 and np.can_cast(pixels.dtype, dtype):
             return pixels.astype(dtype, copy=False)
-        out = pixels.astype(np.int64) * round(slope) + round(intercept)
+        try:
+            out = pixels.astype(np.int64) * round(slope) + round(intercept)
+        except OverflowError as exc:  # a slope like 1e308 fits no integer
+            raise _Overflow from exc
         info = np.iinfo(dtype)
         if out.size and (out.min() < info.min or out.max() > info.max):
             raise _Overflow
         return out.astype(dtype)
-    return (pixels.astype(np.float64) * slope + intercept).astype(dtype)
+    with np.errstate(over="ignore"):
+        values = (pixels.astype(np.float64) * slope + intercept).astype(dtype)
+    if pixels.dtype.kind != "f" and not np.isfinite(values).all():  # beyond float32
+        raise _Overflow
+    return values
 
 
 def _decoder_name(syntaxes: set[str]) -> str:
@@ -295,7 +302,12 @@ def build_volume(
                 "rescaled values overflow the stored type", code="value_overflow"
             ) from exc
         plan = dataclasses.replace(plan, dtype=plan.wider_dtype, wider_dtype=None)
-        result, attrs, plan = _write(plan, np.dtype(plan.dtype), **kwargs)
+        try:
+            result, attrs, plan = _write(plan, np.dtype(plan.dtype), **kwargs)
+        except _Overflow as wider:
+            raise DecodeError(
+                "rescaled values overflow the stored type", code="value_overflow"
+            ) from wider
     return volume_row(plan, result, {**attrs, "store_url": store_url}, run_id=run_id)
 
 
