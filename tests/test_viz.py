@@ -150,6 +150,26 @@ def test_index_and_time_point_choose_what_is_drawn():
         plot_triplanar(volume[0], (1.0, 1.0, 1.0), index=(4, 0, 0))
 
 
+def test_a_colour_volume_is_drawn_in_rgb_not_as_time_points():
+    from voxlake.viz import VolumeView
+
+    rgb = np.zeros((3, 4, 5, 6), dtype=np.uint8)
+    rgb[0, 1] = 255  # slice k=1 pure red, slice k=2 mid grey, the rest black
+    rgb[:, 2] = 128
+    view = VolumeView(rgb, (1.0, 1.0, 1.0), np.diag([-1.0, -1.0, 1.0, 1.0]), axes="czyx")
+    figure = plot_triplanar(view, index=(1, 2, 3))
+    axial = image_of(panels(figure)["axial"])
+    assert axial.shape == (5, 6, 3)  # rows, columns, RGB
+    np.testing.assert_array_equal(axial, np.broadcast_to([1.0, 0.0, 0.0], (5, 6, 3)))
+    assert "t=" not in figure.get_suptitle() and "RGB" in figure.get_suptitle()
+    tiles = plot_montage(view, n_slices=4).axes
+    grey = next(a for a in tiles if a.get_label() == "slice 2")
+    np.testing.assert_allclose(image_of(grey), 128 / 255)
+    # Two channels cannot be colour: a clear error, not a guess.
+    with pytest.raises(ConfigError, match="3 or 4 channels"):
+        plot_triplanar(VolumeView(rgb[:2], (1.0, 1.0, 1.0), np.eye(4), axes="czyx"))
+
+
 def test_montage_picks_evenly_spaced_slices_superior_first():
     volume = np.arange(20, dtype=np.float32)[:, None, None] * np.ones((20, 8, 8))
     figure = plot_montage(volume, (2.0, 1.0, 1.0), n_slices=5, window=(0.0, 40.0))

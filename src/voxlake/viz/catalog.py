@@ -117,6 +117,7 @@ def load_volume(
         volume_id=str(row["volume_id"]),
         description=_text(row["series_description"]),
         intensity_range=(p01, p99) if p01 is not None and p99 is not None else None,
+        axes=_text(row.get("axes")),
     )
 
 

@@ -43,7 +43,7 @@ def _unpack(
     affine: Any,
     units: str | None,
     title: str | None,
-) -> tuple[Any, Sequence[float] | None, Any, str, str, tuple[float, float] | None]:
+) -> tuple[Any, Sequence[float] | None, Any, str, str, tuple[float, float] | None, bool]:
     if isinstance(volume, VolumeView):
         return (
             volume.array,
@@ -52,8 +52,36 @@ def _unpack(
             units if units is not None else volume.units,
             title if title is not None else volume.title,
             volume.intensity_range,
+            volume.colour,
         )
-    return volume, spacing, affine, units or "", title or "", None
+    return volume, spacing, affine, units or "", title or "", None, False
+
+
+def _limits(
+    window: str | tuple[float, float] | None,
+    *,
+    units: str,
+    planes: list[np.ndarray],
+    known: tuple[float, float] | None,
+    colour: bool,
+) -> tuple[float, float, str]:
+    """Display limits; a colour volume shows its full stored range unless told otherwise."""
+    if colour and window is None:
+        dtype = planes[0].dtype
+        if np.issubdtype(dtype, np.integer):
+            return 0.0, float(np.iinfo(dtype).max), "RGB"
+        window = "auto"
+    if colour:
+        known = None  # the catalog's percentiles pool the channels: take the planes'
+    return resolve_window(window, units=units, data=planes, intensity_range=known)
+
+
+def _colour_bar(figure: Figure, image: Any, cax: Axes, units: str, colour: bool) -> None:
+    if colour:  # RGB has no single scale: the slot stays, empty, so panels keep their size
+        cax.set_axis_off()
+        return
+    colorbar = figure.colorbar(image, cax=cax)
+    colorbar.set_label(units or "value")
 
 
 def _draw_plane(
@@ -67,11 +95,14 @@ def _draw_plane(
     letters: bool = True,
 ) -> Any:
     height, width = geometry.extent(rows), geometry.extent(cols)
+    scalar: dict[str, Any] = {"cmap": "gray", "vmin": limits[0], "vmax": limits[1]}
+    if data.ndim == 3:  # RGB: scale to [0, 1] by the limits, as imshow wants
+        span = limits[1] - limits[0]
+        data = np.clip((data.astype(np.float64) - limits[0]) / span, 0.0, 1.0)
+        scalar = {}
     image = axes.imshow(
         data,
-        cmap="gray",
-        vmin=limits[0],
-        vmax=limits[1],
+        **scalar,
         extent=(0.0, width, height, 0.0),
         origin="upper",
         interpolation="nearest",
@@ -122,7 +153,9 @@ def plot_triplanar(
         See :func:`resolve_window`: ``"ct-soft"``, ``"ct-lung"``, ``"ct-bone"``,
         ``"ct-brain"``, ``"auto"``, ``(level, width)`` or None (CT preset for HU).
     t
-        Time point of a 4D volume.
+        Time point of a 4D (t, z, y, x) volume; a colour (c, z, y, x) volume (a view
+        with ``axes == "czyx"``) is drawn in RGB instead, at its full stored range unless
+        a window is given.
     index
         Array index (k, j, i) the three planes pass through; default: the centre.
     units
@@ -147,8 +180,9 @@ def plot_triplanar(
     >>> [axes.get_label() for axes in figure.axes[:3]]
     ['axial', 'coronal', 'sagittal']
     """
-    array, spacing, affine, units, title, known = _unpack(volume, spacing, affine, units, title)
-    geometry, prefix = geometry_of(array, spacing, affine, t)
+    unpacked = _unpack(volume, spacing, affine, units, title)
+    array, spacing, affine, units, title, known, colour = unpacked
+    geometry, prefix = geometry_of(array, spacing, affine, t, colour=colour)
     centre = [n // 2 for n in geometry.shape] if index is None else [int(v) for v in index]
     if len(centre) != 3 or not all(0 <= c < n for c, n in zip(centre, geometry.shape, strict=True)):
         raise ConfigError(f"index {tuple(centre)} is outside the volume {geometry.shape}")
@@ -159,8 +193,8 @@ def plot_triplanar(
         name: take_plane(array, geometry, prefix, axis, cut[axis])
         for name, axis in _PLANE_AXIS.items()
     }
-    vmin, vmax, label = resolve_window(
-        window, units=units, data=list(planes.values()), intensity_range=known
+    vmin, vmax, label = _limits(
+        window, units=units, planes=list(planes.values()), known=known, colour=colour
     )
 
     si, ap, rl = (geometry.extent(a) for a in range(3))
@@ -191,10 +225,9 @@ def plot_triplanar(
             axes.axhline((cut[rows] + 0.5) * geometry.step(rows), **style)
             axes.axvline((cut[cols] + 0.5) * geometry.step(cols), **style)
     colorbar_axes = figure.add_subplot(grid[0, 3], label="colorbar")
-    colorbar = figure.colorbar(image, cax=colorbar_axes)
-    colorbar.set_label(units or "value")
+    _colour_bar(figure, image, colorbar_axes, units, colour)
     caption = f"{title}   window {label}" if title else f"window {label}"
-    if len(prefix):
+    if len(prefix) and not colour:
         caption += f"   t={t}"
     figure.suptitle(caption, fontsize=10)
     return figure
@@ -237,13 +270,14 @@ def plot_montage(
         raise ConfigError(f"unknown plane {plane!r}", hint="use axial, coronal or sagittal")
     if n_slices < 1:
         raise ConfigError(f"n_slices must be at least 1, got {n_slices}")
-    array, spacing, affine, units, title, known = _unpack(volume, spacing, affine, units, title)
-    geometry, prefix = geometry_of(array, spacing, affine, t)
+    unpacked = _unpack(volume, spacing, affine, units, title)
+    array, spacing, affine, units, title, known, colour = unpacked
+    geometry, prefix = geometry_of(array, spacing, affine, t, colour=colour)
     axis = _PLANE_AXIS[plane]
     count = geometry.size(axis)
     chosen = np.unique(np.linspace(0, count - 1, min(n_slices, count)).round().astype(int))
     planes = [take_plane(array, geometry, prefix, axis, int(i)) for i in chosen]
-    vmin, vmax, label = resolve_window(window, units=units, data=planes, intensity_range=known)
+    vmin, vmax, label = _limits(window, units=units, planes=planes, known=known, colour=colour)
 
     rows_axis, cols_axis = [a for a in range(3) if a != axis]
     ncols = columns or math.ceil(math.sqrt(len(planes)))
@@ -268,10 +302,10 @@ def plot_montage(
         axes.set_title(
             f"{'kji'[array_axis]}={index}  {_WORLD_NAMES[2 - axis]} {world:.1f} mm", fontsize=8
         )
-    colorbar = figure.colorbar(image, cax=figure.add_subplot(grid[:, ncols], label="colorbar"))
-    colorbar.set_label(units or "value")
+    colorbar_axes = figure.add_subplot(grid[:, ncols], label="colorbar")
+    _colour_bar(figure, image, colorbar_axes, units, colour)
     caption = f"{plane} montage  {title}   window {label}" if title else f"{plane} montage"
-    figure.suptitle(caption + (f"   t={t}" if len(prefix) else ""), fontsize=10)
+    figure.suptitle(caption + (f"   t={t}" if len(prefix) and not colour else ""), fontsize=10)
     return figure
 
 

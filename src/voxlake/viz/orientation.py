@@ -114,18 +114,27 @@ class Geometry:
 
 
 def geometry_of(
-    array: Any, spacing: Sequence[float] | None, affine: Any, t: int
-) -> tuple[Geometry, tuple[int, ...]]:
+    array: Any, spacing: Sequence[float] | None, affine: Any, t: int, *, colour: bool = False
+) -> tuple[Geometry, tuple[Any, ...]]:
     """Geometry of a (z, y, x) or (t, z, y, x) array, and the index prefix selecting ``t``.
 
-    Without an affine the array is taken as a plain head-first axial stack of ``spacing``
-    (default 1 mm); without a spacing, the affine's column lengths are used.
+    With ``colour`` the array is (c, z, y, x) with 3 or 4 channels (RGB, RGBA) and the
+    prefix keeps every channel. Without an affine the array is taken as a plain head-first
+    axial stack of ``spacing`` (default 1 mm); without a spacing, the affine's column
+    lengths are used.
     """
     shape = tuple(int(n) for n in array.shape)
     if len(shape) not in (3, 4):
         raise ConfigError(f"expected a 3D or 4D volume, got shape {shape}", code="bad_shape")
-    prefix: tuple[int, ...] = ()
-    if len(shape) == 4:
+    prefix: tuple[Any, ...] = ()
+    if colour:
+        if len(shape) != 4 or shape[0] not in (3, 4):
+            raise ConfigError(
+                f"a colour volume is (c, z, y, x) with 3 or 4 channels, got shape {shape}",
+                code="bad_shape",
+            )
+        prefix = (slice(0, 3),)  # RGB; an alpha channel is not drawn
+    elif len(shape) == 4:
         if not 0 <= t < shape[0]:
             raise ConfigError(
                 f"time point {t} out of range: the volume has {shape[0]}", code="bad_time_point"
@@ -153,16 +162,19 @@ def geometry_of(
 
 
 def take_plane(
-    array: Any, geometry: Geometry, prefix: tuple[int, ...], display_axis: int, index: int
+    array: Any, geometry: Geometry, prefix: tuple[Any, ...], display_axis: int, index: int
 ) -> np.ndarray:
-    """The display-oriented 2D plane at ``index`` (display coordinates) of a display axis."""
+    """The display-oriented plane at ``index`` (display coordinates) of a display axis:
+    (rows, columns), or (rows, columns, 3) for a colour volume."""
     axis = geometry.array_axis(display_axis)
     selection: list[Any] = [slice(None)] * 3
     selection[axis] = geometry.to_array(display_axis, index)
     data: np.ndarray = np.asarray(array[(*prefix, *selection)])
+    if data.ndim == 3:  # channels first: move them last, as imshow wants RGB
+        data = np.moveaxis(data, 0, -1)
     rest = [a for a in range(3) if a != axis]
     if geometry.display[rest[0]] > geometry.display[rest[1]]:
-        data = data.T
+        data = data.swapaxes(0, 1)
         rest.reverse()
     for position, array_axis in enumerate(rest):
         if geometry.flips[array_axis]:

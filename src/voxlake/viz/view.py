@@ -33,6 +33,9 @@ class VolumeView:
         Series description.
     intensity_range
         1st and 99th percentiles from the catalog, used by the ``"auto"`` window.
+    axes
+        The array's axes as the catalog records them: ``"zyx"``, ``"tzyx"`` or
+        ``"czyx"`` (colour: drawn as RGB); empty means ``"zyx"`` or ``"tzyx"`` by shape.
     """
 
     array: Any
@@ -43,6 +46,12 @@ class VolumeView:
     volume_id: str = ""
     description: str = ""
     intensity_range: tuple[float, float] | None = None
+    axes: str = ""
+
+    @property
+    def colour(self) -> bool:
+        """Whether the first axis holds colour channels (RGB), not time points."""
+        return self.axes == "czyx"
 
     @property
     def title(self) -> str:
