@@ -12,14 +12,17 @@ queries on a pinned ``Catalog``:
 - Q3: all instances (12 columns, not the header) of 100 random series;
 - and a single-series lookup (one ``series_key``).
 
-Each runs through DuckDB SQL with both scan engines (``Catalog.sql(q)`` over pyarrow
-datasets, ``Catalog.sql(q, engine="parquet")`` with DuckDB's Parquet reader) and through
+Each runs through DuckDB SQL with both scan engines (``Catalog.sql(q, engine="arrow")``
+over pyarrow datasets, ``Catalog.sql(q)`` with DuckDB's Parquet reader, the default for a
+local catalog) and through
 pandas with pushdown (``Catalog.dataset(...).to_table(filter=..., columns=...)`` then
 pandas), and the same question is answered from an equivalent flat CSV with
 ``pandas.read_csv(usecols=...)``; ratios are CSV time / catalog time. Queries run on the
 catalog as committed and again after ``voxlake catalog optimize``. Latencies are medians
 of ``--repeat`` runs after one warm-up (the CSV: one run), with the CPU time of the same
-runs, which a busy machine does not inflate. Usage::
+runs, which a busy machine does not inflate. Every result is compared with the answer
+computed from the generator's own tables (volume ids, counts per model, the
+``(series_key, instance_number)`` pairs), on every path. Usage::
 
     python benchmarks/catalog.py                  # full size
     python benchmarks/catalog.py --rows 100000    # quicker
@@ -49,6 +52,7 @@ import pyarrow.csv as pacsv
 
 from voxlake.catalog import CatalogWriter, isin, open_catalog, optimize_catalog
 from voxlake.catalog.schema import SCHEMAS
+from voxlake.catalog.tables import ROW_GROUP_ROWS
 
 MANUFACTURERS = {
     "SIEMENS": ["SOMATOM Force", "SOMATOM Definition AS", "Skyra", "Prisma"],
@@ -327,8 +331,8 @@ def catalog_queries(cat: Any, series: list[str], one: str) -> dict[str, dict[str
     }
     for paths in queries.values():
         sql = paths.pop("sql")
-        paths["duckdb"] = functools.partial(cat.sql, sql)
-        paths["duckdb-parquet"] = functools.partial(cat.sql, sql, engine="parquet")
+        paths["duckdb"] = functools.partial(cat.sql, sql, engine="arrow")
+        paths["duckdb-parquet"] = functools.partial(cat.sql, sql)  # the default on local disk
     return queries
 
 
@@ -369,6 +373,41 @@ def csv_queries(root: Path, series: list[str], one: str) -> dict[str, Callable]:
     }
 
 
+def answer(name: str, result: Any) -> Any:
+    """A query result in a form comparable across paths (checked against the generator)."""
+    if name.startswith("Q1"):
+        return sorted(result["volume_id"])
+    if name.startswith("Q2"):
+        if isinstance(result, pd.DataFrame):
+            result = result.set_index(["manufacturer", "manufacturer_model_name"])["n"]
+        return {key: int(n) for key, n in result.items()}
+    return sorted(zip(result["series_key"], result["instance_number"], strict=True))
+
+
+def expected_answers(
+    volumes: pd.DataFrame, series: list[str], one: str
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Row counts and exact answers of every query, from the generator's volume table."""
+    thin = volumes[
+        (volumes.modality == "CT") & (volumes.n_slices >= 100) & (volumes.slice_thickness <= 1.5)
+    ]
+    per_model = volumes.groupby(["manufacturer", "manufacturer_model_name"])["n_slices"].sum()
+    by_series = volumes.set_index("series_key")["n_slices"]
+
+    def instances_of(keys: list[str]) -> list[tuple[str, int]]:
+        return sorted((k, i) for k in keys for i in range(1, int(by_series[k]) + 1))
+
+    answers = {
+        "Q1 thin CT volumes, >= 100 slices": sorted(thin.volume_id),
+        "Q1b the same through instances": sorted(thin.volume_id),
+        "Q2 instances per manufacturer and model": {k: int(n) for k, n in per_model.items()},
+        "Q3 all instances of 100 random series": instances_of(series),
+        "single-series lookup": instances_of([one]),
+    }
+    rows = {name: len(value) for name, value in answers.items()}
+    return rows, answers
+
+
 def run_queries(
     url: str,
     csv: dict[str, Callable],
@@ -376,6 +415,7 @@ def run_queries(
     one: str,
     repeat: int,
     expected: dict[str, int],
+    answers: dict[str, Any],
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     cat = open_catalog(url)
@@ -386,6 +426,7 @@ def run_queries(
         for path, fn in paths.items():
             first, median, cpu, result = timed(fn, repeat)
             assert len(result) == expected[name], (name, path, len(result), expected[name])
+            assert answer(name, result) == answers[name], (name, path)
             row[path] = {"first_s": first, "median_s": median, "cpu_s": cpu}
         row["rows"] = expected[name]
         row["csv_s"] = csv[name]
@@ -503,27 +544,18 @@ def main() -> None:
     pick = np.random.default_rng(args.seed + 1)
     series = [str(s) for s in pick.choice(volumes["series_key"].to_numpy(), 100, replace=False)]
     one = series[0]
-    by_series = volumes.set_index("series_key")["n_slices"]
-    thin = volumes[
-        (volumes.modality == "CT") & (volumes.n_slices >= 100) & (volumes.slice_thickness <= 1.5)
-    ]
-    expected = {
-        "Q1 thin CT volumes, >= 100 slices": len(thin),
-        "Q1b the same through instances": len(thin),
-        "Q2 instances per manufacturer and model": len(MODELS),
-        "Q3 all instances of 100 random series": int(by_series[series].sum()),
-        "single-series lookup": int(by_series[one]),
-    }
+    expected, answers = expected_answers(volumes, series, one)
     csv_times = {}
     for name, fn in csv_queries(work, series, one).items():
         t0 = time.perf_counter()
         result = fn()
         csv_times[name] = time.perf_counter() - t0
         assert len(result) == expected[name], (name, len(result))
+        assert answer(name, result) == answers[name], name
 
     report: dict[str, Any] = {
         "rows": args.rows,
-        "row_group_rows": args.row_group_rows or 4096,
+        "row_group_rows": args.row_group_rows or ROW_GROUP_ROWS,
         "load_average": os.getloadavg(),
         "volumes": n_volumes,
         "cpus": os.cpu_count(),
@@ -533,7 +565,9 @@ def main() -> None:
         "catalog_mb": disk / 1e6,
         "csv_mb": csv_bytes / 1e6,
     }
-    report["as_committed"] = run_queries(url, csv_times, series, one, args.repeat, expected)
+    report["as_committed"] = run_queries(
+        url, csv_times, series, one, args.repeat, expected, answers
+    )
     print_table("queries on the catalog as committed", report["as_committed"])
     t0 = time.perf_counter()
     optimized = optimize_catalog(url)
@@ -542,7 +576,7 @@ def main() -> None:
         f"\noptimize: {report['optimize_s']:.1f} s, instances files"
         f" {optimized.files_before['instances']} -> {optimized.files_after['instances']}"
     )
-    report["optimized"] = run_queries(url, csv_times, series, one, args.repeat, expected)
+    report["optimized"] = run_queries(url, csv_times, series, one, args.repeat, expected, answers)
     print_table("queries after `voxlake catalog optimize`", report["optimized"])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

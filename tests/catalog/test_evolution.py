@@ -69,3 +69,10 @@ def test_writer_evolves_an_old_catalog_and_old_versions_stay_readable(tmp_path):
     dask_frame = new.to_dask("instances", columns=["url", NEW_INSTANCE_COLUMN]).compute()
     assert sorted(dask_frame.url) == ["/a.dcm", "/b.dcm"]
     assert list(new.history().version) == [1, 2]
+    # So does SQL through both engines (DuckDB's reader unions the files by name).
+    for engine in ("arrow", "parquet"):
+        rows = new.sql(
+            f"SELECT url, {NEW_INSTANCE_COLUMN} AS v FROM instances ORDER BY url", engine=engine
+        )
+        assert rows.url.tolist() == ["/a.dcm", "/b.dcm"]
+        assert pd.isna(rows.v[0]) and rows.v[1] == "tse"

@@ -3,16 +3,21 @@
 Both engines read the files of the pinned table versions and push ``WHERE`` filters and
 column projections down to them; they differ in who reads the Parquet:
 
-``"arrow"`` (default)
+``"parquet"``
+    DuckDB's own Parquet reader over the file list of the pinned version (``read_parquet``,
+    footers parsed once per connection and cached): row groups are skipped by their
+    statistics, filter columns are decoded first and the other columns only where rows
+    match. The fastest for everything measured on a local catalog: aggregations and joins
+    over ``instances`` several times less CPU than the arrow scan, lookups about the
+    same. Remote catalogs are read through a registered fsspec filesystem.
+``"arrow"``
     Each table is a pyarrow dataset built from the Delta log. Files whose Delta statistics
     exclude a filter are skipped without being opened, and row groups by their Parquet
-    statistics: the fastest for selective lookups (one series), and it reads ``s3://``
-    catalogs through delta-rs.
-``"parquet"``
-    DuckDB's own Parquet reader over the same file list (``read_parquet``, metadata
-    cached): several times less CPU than the arrow scan on queries that read most rows
-    (aggregations, joins over ``instances``), slower on selective lookups. Remote
-    catalogs are read through a registered fsspec filesystem.
+    statistics; remote catalogs are read through delta-rs' object store. Scans of many
+    rows cost several times more CPU than with ``"parquet"``, and long ``IN`` lists read
+    every row group.
+``"auto"`` (default)
+    ``"parquet"`` for a local catalog, ``"arrow"`` for a remote one.
 
 The benchmark (``benchmarks/catalog.py``, ``docs/performance.md``) measures both.
 """
@@ -33,9 +38,9 @@ if TYPE_CHECKING:
 
     from voxlake.catalog.query import Catalog
 
-__all__ = ["Engine", "duckdb_connection", "isin"]
+__all__ = ["Engine", "duckdb_connection", "isin", "resolve_engine"]
 
-Engine = Literal["arrow", "parquet"]
+Engine = Literal["auto", "arrow", "parquet"]
 
 #: pyarrow (26) stops simplifying ``is_in`` against row-group statistics above about 50
 #: values and then reads every row group; chunks of this size keep the pruning.
@@ -66,20 +71,31 @@ def isin(column: str, values: Iterable[Any], *, type: pa.DataType | None = None)
     return functools.reduce(operator.or_, parts)
 
 
-def duckdb_connection(catalog: Catalog, engine: Engine = "arrow") -> Any:
+def resolve_engine(catalog: Catalog, engine: Engine) -> Engine:
+    """The engine ``"auto"`` stands for: ``"parquet"`` when local, ``"arrow"`` when remote."""
+    if engine not in ("auto", "arrow", "parquet"):
+        raise ValueError(f"engine must be 'auto', 'arrow' or 'parquet', not {engine!r}")
+    if engine != "auto":
+        return engine
+    return "arrow" if _is_remote(catalog.url) else "parquet"
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def duckdb_connection(catalog: Catalog, engine: Engine = "auto") -> Any:
     """A DuckDB connection with every table of ``catalog`` registered as a view."""
     import duckdb
 
+    engine = resolve_engine(catalog, engine)
     con = duckdb.connect()
     if engine == "arrow":
         for name in TABLES:
             con.register(name, catalog.dataset(name))
         return con
-    if engine != "parquet":
-        raise ValueError(f"engine must be 'arrow' or 'parquet', not {engine!r}")
-    con.execute("SET enable_object_cache = true")  # footers parsed once per connection
-    remote = "://" in catalog.url and not catalog.url.startswith("file://")
-    if remote:
+    _cache_parquet_metadata(con)
+    if _is_remote(catalog.url):
         import fsspec
 
         from voxlake.catalog._io import fsspec_options
@@ -96,8 +112,59 @@ def duckdb_connection(catalog: Catalog, engine: Engine = "arrow") -> Any:
             con.register(name, catalog.dataset(name))  # empty: keep the schema
             continue
         listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        # union_by_name: files written before a column was added read it as null.
-        con.execute(
-            f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listing}], union_by_name = true)"
-        )
+        # Files written before a column was added lack it: union_by_name reads it as null
+        # there. It costs every query a schema pass over all files (Q2 and lookups took
+        # 1.5 to 4x longer with it), so only mixed listings get it.
+        options = "" if _same_columns(con, listing) else ", union_by_name = true"
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listing}]{options})")
     return con
+
+
+def _cache_parquet_metadata(con: Any) -> None:
+    """Keep parsed Parquet footers across queries (files of a Delta version never change).
+
+    Without it DuckDB re-reads and re-parses every footer on every query: 60 to 70 ms of a
+    single-series lookup on a million-row catalog. The setting's name changed across DuckDB
+    releases; the older one is tried where the newer one is unknown.
+    """
+    for setting in ("parquet_metadata_cache", "enable_object_cache"):
+        if _set_if_known(con, setting, "true"):
+            return
+
+
+def _set_if_known(con: Any, setting: str, value: str) -> bool:
+    """Set a DuckDB option; False where this DuckDB release does not know it."""
+    import duckdb
+
+    try:
+        con.execute(f"SET {setting} = {value}")
+    except duckdb.Error:
+        return False
+    return True
+
+
+def _same_columns(con: Any, listing: str) -> bool:
+    """Whether the listed Parquet files all have the same top-level columns.
+
+    Reads the footers through DuckDB, which caches them for the queries that follow.
+    """
+    rows = con.execute(
+        f"SELECT file_name, name, num_children FROM parquet_schema([{listing}])"
+    ).fetchall()
+    columns: dict[str, list[str]] = {}
+    pending: dict[str, list[int]] = {}  # per file: children left to visit at each depth
+    for file_name, name, children in rows:
+        stack = pending.setdefault(file_name, [])
+        if not stack and file_name not in columns:  # the root element
+            columns[file_name] = []
+            stack.append(int(children or 0))
+            continue
+        while stack and stack[-1] == 0:
+            stack.pop()
+        if len(stack) == 1:
+            columns[file_name].append(name)
+        if stack:
+            stack[-1] -= 1
+        if children:
+            stack.append(int(children))
+    return len({tuple(names) for names in columns.values()}) <= 1

@@ -181,20 +181,23 @@ class Catalog:
         )
 
     # -- SQL -------------------------------------------------------------------------
-    def sql(self, query: str, *, engine: Engine = "arrow") -> pd.DataFrame:
+    def sql(self, query: str, *, engine: Engine = "auto") -> pd.DataFrame:
         """Run DuckDB SQL with every table registered as a view; return pandas.
 
         ``WHERE`` filters and column projections push down to the Parquet files of the
-        pinned versions. ``engine="arrow"`` (default) scans pyarrow datasets: best for
-        selective lookups; ``engine="parquet"`` uses DuckDB's Parquet reader: less CPU
-        for queries reading most rows (see :mod:`voxlake.catalog.engines`). Connections
-        are opened once per :class:`Catalog` and engine and reused (queries on one
-        catalog run one at a time).
+        pinned versions. ``engine="parquet"`` reads them with DuckDB's Parquet reader (the
+        fastest on a local catalog, from lookups to full scans); ``engine="arrow"`` scans
+        pyarrow datasets built from the Delta log (remote catalogs through delta-rs);
+        ``"auto"`` (default) picks ``"parquet"`` for a local catalog and ``"arrow"`` for a
+        remote one (see :mod:`voxlake.catalog.engines`). Connections and parsed Parquet
+        footers are kept per :class:`Catalog` and engine, so repeated queries pay only for
+        the scan (queries on one catalog run one at a time).
         """
         import duckdb
 
-        from voxlake.catalog.engines import duckdb_connection
+        from voxlake.catalog.engines import duckdb_connection, resolve_engine
 
+        engine = resolve_engine(self, engine)
         with self._lock:
             if engine not in self._duckdb:
                 self._duckdb[engine] = duckdb_connection(self, engine)
