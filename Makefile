@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch goes in first, pinned, so no later resolve pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= jpeg,s3,dev
+EXTRAS ?= jpeg,s3,dev,bench
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint typecheck docs clean

@@ -76,14 +76,19 @@ def timed(label: str, func) -> float:  # type: ignore[no-untyped-def]
     return elapsed
 
 
-def run_voxlake(archive: Path, work: Path, workers: int) -> float:
-    from voxlake.config import IngestConfig
+def run_voxlake(archive: Path, work: Path, workers: int, codec: str | None = None) -> float:
+    from voxlake.config import IngestConfig, StoreConfig
     from voxlake.ingest import ingest
 
     out = work / f"voxlake-{workers}w"
     shutil.rmtree(out, ignore_errors=True)
+    store = StoreConfig(codec=codec) if codec else StoreConfig()  # type: ignore[arg-type]
     config = IngestConfig(
-        secret="benchmark", workers=workers, dashboard_address=":0", memory_limit="6GiB"
+        secret="benchmark",
+        workers=workers,
+        dashboard_address=":0",
+        memory_limit="6GiB",
+        store=store,
     )
 
     def go() -> None:
@@ -95,6 +100,72 @@ def run_voxlake(archive: Path, work: Path, workers: int) -> float:
     return timed(f"voxlake ingest, {workers} worker(s)", go)
 
 
+def worker_baseline_rss() -> int:
+    """Current RSS (bytes) of an idle worker with voxlake's ingest modules imported."""
+    from distributed import Client, LocalCluster
+
+    def rss() -> int:
+        import importlib
+
+        import psutil
+
+        # What a worker has imported once it has run a header task and a volume task.
+        for name in (
+            "voxlake.ingest.pipeline", "pydicom", "pydicom.pixels", "zarr", "zarr.codecs",
+            "numcodecs.blosc", "pyarrow", "pandas", "voxlake.catalog.tables",
+        ):  # fmt: skip
+            importlib.import_module(name)
+        return int(psutil.Process().memory_info().rss)
+
+    with (
+        LocalCluster(n_workers=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        return int(next(iter(client.run(rss).values())))
+
+
+class PeakWorkerRSS:
+    """Samples the current RSS of this process's children (the Dask workers) every 50 ms.
+
+    ``ru_maxrss`` is no use here: a child spawned by fork + exec starts from its parent's
+    peak on Linux.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.05):
+            for child in me.children(recursive=True):
+                try:
+                    self.peak = max(self.peak, child.memory_info().rss)
+                except psutil.Error:
+                    continue
+
+    def __enter__(self) -> PeakWorkerRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime + own.ru_utime + own.ru_stime
+
+
 def run_header_pass(folders: list[Path]) -> tuple[float, int]:
     from voxlake.config import IngestConfig
     from voxlake.ingest.headers import read_headers
@@ -102,9 +173,10 @@ def run_header_pass(folders: list[Path]) -> tuple[float, int]:
 
     refs = [r for folder in folders[:4] for r in list_source(folder)]
     config = IngestConfig(secret="benchmark")
-    start = time.perf_counter()
+    # CPU time of this process: "per core", and not inflated by other jobs on the machine.
+    start = time.process_time()
     batch = read_headers(refs, secret="benchmark", config=config, run_id="bench")
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert not batch.failures
     return elapsed, len(refs)
 
@@ -175,6 +247,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gb", type=float, default=2.0, help="archive size in GB")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vxl-bench"))
+    parser.add_argument("--codec", default=None, help="store codec (default: the config's)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"archive of ~{args.gb} GB of 512x512 CT in {args.work}")
@@ -182,19 +255,38 @@ def main() -> None:
     n_files, n_bytes = dir_stats(folders)
     mb = n_bytes / 1e6
     print(f"{len(folders)} series, {n_files} files, {mb:.0f} MB; {os.cpu_count()} cores")
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    cpu0 = children_cpu()
+    print(f"store codec: {args.codec or 'default'}")
+    with PeakWorkerRSS() as memory:
+        one = run_voxlake(args.work / "dicom", args.work, 1, args.codec)
+        cpu1 = children_cpu()
+        two = run_voxlake(args.work / "dicom", args.work, 2, args.codec)
+        cpu2 = children_cpu()
+    peak = memory.peak
     times = {
-        "voxlake 1 worker": run_voxlake(args.work / "dicom", args.work, 1),
-        "voxlake 2 workers": run_voxlake(args.work / "dicom", args.work, 2),
+        "voxlake 1 worker": one,
+        "voxlake 2 workers": two,
         "dcm2niix -z n": run_dcm2niix(folders, args.work, "n"),
         "dcm2niix -z y": run_dcm2niix(folders, args.work, "y"),
         "naive pydicom loop": run_naive(folders, args.work),
     }
     header_s, header_files = run_header_pass(folders)
+    baseline = worker_baseline_rss()
+    largest = 120 * 512 * 512 * 2  # every generated series: 120 int16 slices of 512 x 512
     print()
     print(f"{'run':<22} {'s':>7} {'files/s':>9} {'MB/s':>8}")
     for name, seconds in times.items():
         print(f"{name:<22} {seconds:7.1f} {n_files / seconds:9.0f} {mb / seconds:8.0f}")
-    print(f"header-only pass (1 process): {header_files / header_s:.0f} files/s per core")
+    print(f"header-only pass (1 process, CPU time): {header_files / header_s:.0f} files/s per core")
+    print(
+        f"CPU seconds (driver + workers): 1 worker {cpu1 - cpu0:.1f}, 2 workers {cpu2 - cpu1:.1f}"
+    )
+    print(
+        f"peak worker RSS {peak / 1e6:.0f} MB; idle worker {baseline / 1e6:.0f} MB;"
+        f" growth {(peak - baseline) / largest:.2f}x the largest volume ({largest / 1e6:.0f} MB)"
+    )
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     best = times["voxlake 2 workers"]
     print("\nratios (voxlake 2 workers as numerator, higher is better for voxlake):")
     for peer in ("dcm2niix -z n", "dcm2niix -z y", "naive pydicom loop"):

@@ -217,3 +217,29 @@ def test_no_planted_identifier_reaches_catalog_or_store(tiny_ingested):
     everything = b"\n".join(blobs)
     leaked = [p for p in planted if p.encode() in everything]
     assert leaked == []
+
+
+def test_header_tasks_are_split_but_committed_a_batch_at_a_time(tmp_path, tiny_sample, dask_client):
+    """Header tasks take a quarter of batch_size (both workers get work), while header rows
+    are still committed batch_size at a time (no more Delta commits than before)."""
+    from distributed import get_task_stream
+
+    files = sum(len(s.files) for s in tiny_sample.series)
+    config = IngestConfig(secret=SECRET, batch_size=64)
+    with get_task_stream(client=dask_client) as stream:
+        report = ingest(
+            [tiny_sample.root / "dicom"],
+            catalog=tmp_path / "catalog",
+            store=tmp_path / "volumes.zarr",
+            config=config,
+            client=dask_client,
+        )
+    assert report.failures == 0, report.failures_by_code
+    assert report.instances == files
+    header_tasks = [t for t in stream.data if "read_headers" in str(t["key"])]
+    listed = report.files_seen
+    expected_tasks = (listed // 64) * 4 + -(-(listed % 64) // 16)
+    assert len(header_tasks) == expected_tasks
+    history = open_catalog(tmp_path / "catalog").history()
+    header_commits = int((history["operation"] == "headers").sum())
+    assert 1 <= header_commits <= -(-listed // 64)

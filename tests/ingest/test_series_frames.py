@@ -184,7 +184,12 @@ def test_image_files_plan_with_their_own_affine():
     np.testing.assert_allclose(np.array(plan.affine).reshape(4, 4), affine)
     assert plan.spacing == (2.0, 3.0, 1.0)
     colour = pd.DataFrame([{**row, "array_dtype": "structured", "samples_per_pixel": 3}])
-    assert codes(plan_volumes(colour)[1]) == ["color_unsupported"]
+    assert codes(plan_volumes(colour)[1]) == ["color_unsupported"]  # fields not all uint8
+    rgb = {**row, "array_shape": [7, 6, 5], "array_dtype": "uint8", "samples_per_pixel": 3}
+    (plan,), _ = plan_volumes(pd.DataFrame([rgb]))
+    assert plan.shape == (3, 5, 6, 7) and plan.dims == "czyx" and plan.dtype == "uint8"
+    rgb_4d = pd.DataFrame([{**rgb, "array_shape": [7, 6, 5, 2]}])
+    assert codes(plan_volumes(rgb_4d)[1]) == ["color_unsupported"]
     five = pd.DataFrame([{**row, "array_shape": [7, 6, 5, 2, 3]}])
     assert codes(plan_volumes(five)[1]) == ["unsupported_dimensions"]
 
@@ -212,3 +217,52 @@ def test_temporal_positions_with_a_moving_table_become_separate_volumes():
     assert failures == [] and len(plans) == 2
     assert {p.split_reason for p in plans} == {"temporal_position"}
     assert sorted(p.split_key for p in plans) == ["temporal_position=1", "temporal_position=2"]
+
+
+def _colour(photometric, samples, positions, **extra):
+    frame = rows(positions, series="c")
+    frame["photometric_interpretation"] = photometric
+    frame["samples_per_pixel"] = samples
+    frame["bits_allocated"] = frame["bits_stored"] = extra.pop("bits", 8)
+    frame["pixel_representation"] = 0
+    for key, value in extra.items():
+        frame[key] = value
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("photometric", "samples", "bits", "dtype"),
+    [
+        ("RGB", 3, 8, "uint8"),
+        ("YBR_FULL_422", 3, 8, "uint8"),
+        ("RGB", 3, 16, "uint16"),
+        ("PALETTE COLOR", 1, 8, "uint16"),  # LUT entries may be 16-bit
+    ],
+)
+def test_colour_series_plan_channels_first_without_rescale(photometric, samples, bits, dtype):
+    positions = [(0, 0, 2.0 * z) for z in range(3)]
+    plans, failures = plan_volumes(_colour(photometric, samples, positions, bits=bits))
+    assert failures == []
+    (plan,) = plans
+    assert plan.shape == (3, 3, 4, 5) and plan.dims == "czyx" and plan.dtype == dtype
+    # One source frame per slice (never per channel); no CT rescale applied to colour.
+    assert len(plan.slices) == 3 and {(s.slope, s.intercept) for s in plan.slices} == {(1, 0)}
+    assert plan.metadata["value_scaling"] == "none"
+    np.testing.assert_allclose(np.array(plan.affine).reshape(4, 4)[:3, 2], [0, 0, 2])
+
+
+def test_colour_kinds_not_stored_are_refused():
+    positions = [(0, 0, 2.0 * z) for z in range(3)]
+    assert codes(plan_volumes(_colour("CMYK", 4, positions))[1]) == ["color_unsupported"]
+    assert codes(plan_volumes(_colour("RGB", 2, positions))[1]) == ["color_unsupported"]
+    # Colour and time (each position twice, by temporal position): 4D colour is refused.
+    twice = _colour("RGB", 3, positions + positions)
+    twice["temporal_position_identifier"] = [1, 1, 1, 2, 2, 2]
+    assert codes(plan_volumes(twice)[1]) == ["color_unsupported"]
+    # Greyscale and colour frames of one series never share an array.
+    mixed = pd.concat([rows(positions, series="c"), _colour("RGB", 3, positions)])
+    mixed["url"] = [f"/data/{n}.dcm" for n in range(6)]
+    mixed["instance_key"] = [f"i{n}" for n in range(6)]
+    mixed["content_hash"] = [f"h{n}" for n in range(6)]
+    plans, failures = plan_volumes(mixed)
+    assert failures == [] and sorted(p.dims for p in plans) == ["czyx", "zyx"]

@@ -229,8 +229,14 @@ _VOLUME_COLUMNS: tuple[Column, ...] = (
     Column("study_date", "date", "De-identified study date."),
     Column("patient_age", "str", "Patient age."),
     Column("patient_sex", "str", "Patient sex."),
-    Column("ndim", "int", "3 for (z, y, x), 4 for (t, z, y, x)."),
-    Column("shape", "ints", "Array shape, (z, y, x) or (t, z, y, x)."),
+    Column("ndim", "int", "3 for (z, y, x), 4 for (t, z, y, x) or (c, z, y, x)."),
+    Column(
+        "axes",
+        "str",
+        "Axis names of the stored array, one letter each: zyx, tzyx (time), czyx (colour "
+        "channels R, G, B first; the same names as the OME-Zarr axes).",
+    ),
+    Column("shape", "ints", "Array shape, in the order of `axes`."),
     Column("spacing", "floats", "Voxel spacing (z, y, x) in mm."),
     Column("affine", "floats", "4x4 RAS affine (row-major) mapping (i, j, k, 1) to mm."),
     Column("orientation", "str", "Axis codes of (i, j, k) in RAS+ terms (e.g. LPS for axial)."),

@@ -49,7 +49,9 @@ from pydicom.config import IGNORE
 from pydicom.datadict import get_entry, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.valuerep import PersonName
 
 from voxlake.errors import ConfigError, SecretMissingError
 from voxlake.ingest import _deid_table as _table
@@ -239,18 +241,23 @@ def header_to_json(ds: Dataset) -> str:
     Bulk values (pixel data, binary values over 1 KiB) are left out entirely; an element whose
     value cannot be represented (unparsable number, NaN) is dropped instead of raising.
     """
+    try:
+        # Nearly every header encodes whole: one dump, no per-element probe. Only when it
+        # fails is each element probed (and the ones JSON cannot carry dropped).
+        return _dumps(_json_dataset(ds, probe=False))
+    except (TypeError, ValueError):
+        return _dumps(_json_dataset(ds, probe=True))
+
+
+def _dumps(model: dict[str, Any]) -> str:
     return json.dumps(
-        _json_dataset(ds),
-        ensure_ascii=False,
-        separators=(",", ":"),
-        sort_keys=True,
-        allow_nan=False,
+        model, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
     )
 
 
 def _clean_dataset(src: Dataset, ctx: _Context) -> Dataset:
     out = Dataset()
-    for tag in sorted(src.keys()):
+    for tag in sorted(map(int, src.keys())):  # plain ints compare much faster than Tags
         try:
             if _is_bulk(src.get_item(tag, keep_deferred=True)):
                 continue
@@ -265,17 +272,17 @@ def _clean_dataset(src: Dataset, ctx: _Context) -> Dataset:
 
 
 def _clean_element(elem: DataElement, ctx: _Context) -> DataElement | None:
-    tag = elem.tag
-    if tag.element == 0:  # group lengths are stale once elements are removed
+    tag = int(elem.tag)
+    group, element = tag >> 16, tag & 0xFFFF
+    if element == 0:  # group lengths are stale once elements are removed
         return None
-    if tag.is_private:
+    if group & 1:  # private
         return _clean_generic(elem, ctx) if ctx.config.keep_private_tags else None
     if elem.VR == "UN":  # a public attribute pydicom could not interpret cannot be vetted
         return None
-    group = tag.group
     if group >> 8 == 0x50 or group == 0x7FE0:
         return None
-    if group >> 8 == 0x60 and tag.element in (0x3000, 0x4000):
+    if group >> 8 == 0x60 and element in (0x3000, 0x4000):
         return None
     if tag == _PATIENT_NAME:  # set to the PatientID key by _clean_dataset
         return _new(elem, "")
@@ -416,23 +423,59 @@ def _code_item(code: str) -> Dataset:
     return item
 
 
-def _json_dataset(ds: Dataset) -> dict[str, Any]:
+def _json_dataset(ds: Dataset, *, probe: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for tag in sorted(ds.keys()):
+    for tag in sorted(map(int, ds.keys())):
         try:
             if _is_bulk(ds.get_item(tag, keep_deferred=True)):
                 continue
             elem = ds[tag]
             if elem.VR == "SQ":
-                items = [_json_dataset(item) for item in elem.value]
+                items = [_json_dataset(item, probe=probe) for item in elem.value]
                 entry: dict[str, Any] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
             else:
-                entry = _resolve_ambiguous(elem).to_json_dict(None, 0)
-                json.dumps(entry, allow_nan=False)  # probe: drop what JSON cannot carry
+                entry = _json_element(elem)
+                if probe:
+                    json.dumps(entry, allow_nan=False)  # drop what JSON cannot carry
         except Exception:  # never raise on odd values: the element is left out
             continue
         out[f"{tag:08X}"] = entry
     return out
+
+
+_JSON_TEXT_VRS: Final = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+_JSON_INT_VRS: Final = frozenset({"IS", "SL", "SS", "SV", "UL", "US", "UV"})
+_JSON_FLOAT_VRS: Final = frozenset({"DS", "FD", "FL"})
+
+
+def _json_element(elem: DataElement) -> dict[str, Any]:
+    """``elem.to_json_dict(None, 0)`` for the common text and number values, faster.
+
+    Anything else (names, binary, tags, ambiguous VRs, single-item lists) goes through
+    pydicom, so the output is the same as pydicom's for every element.
+    """
+    vr, value = elem.VR, elem.value
+    kind = type(value)
+    if vr in _JSON_TEXT_VRS:
+        if isinstance(value, str):
+            return {"vr": vr, "Value": [value]} if value else {"vr": vr}
+        if value is None:
+            return {"vr": vr}
+    elif vr in _JSON_INT_VRS or vr in _JSON_FLOAT_VRS:
+        number = int if vr in _JSON_INT_VRS else float
+        if value is None or (isinstance(value, str) and not value):
+            return {"vr": vr}
+        if isinstance(value, int | float) and kind is not bool:
+            return {"vr": vr, "Value": [number(value)]}
+    if isinstance(value, MultiValue) and len(value) > 1 and " or " not in vr:
+        if vr in _JSON_TEXT_VRS:
+            return {"vr": vr, "Value": list(value)}
+        if vr in _JSON_INT_VRS or vr in _JSON_FLOAT_VRS:
+            number = int if vr in _JSON_INT_VRS else float
+            return {"vr": vr, "Value": [number(v) if v is not None else None for v in value]}
+    return _resolve_ambiguous(elem).to_json_dict(None, 0)
 
 
 def _resolve_ambiguous(elem: DataElement) -> DataElement:
@@ -497,10 +540,19 @@ def _strip(value: Any) -> str:
     return str(value).strip(" \x00")
 
 
+_IMMUTABLE: Final = (str, int, float, bytes, PersonName)
+
+
 def _new(elem: DataElement, value: Any, vr: str | None = None) -> DataElement:
     # Values were validated when read, replacements are valid by construction: warning again
-    # for every copied element would only flood the workers' logs.
-    return DataElement(elem.tag, vr or elem.VR, copy.deepcopy(value), validation_mode=IGNORE)
+    # for every copied element would only flood the workers' logs. Immutable values (and
+    # lists of them, which DataElement copies into a new MultiValue) need no deep copy.
+    if value is not None and not isinstance(value, _IMMUTABLE):
+        if isinstance(value, list | MultiValue) and all(isinstance(v, _IMMUTABLE) for v in value):
+            value = list(value)
+        else:
+            value = copy.deepcopy(value)
+    return DataElement(elem.tag, vr or elem.VR, value, validation_mode=IGNORE)
 
 
 def _dictionary(tag: int) -> tuple[str, str]:

@@ -9,6 +9,7 @@ and failure messages name the kind of problem, never a value from the file.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import io
 import math
@@ -239,14 +240,24 @@ def _convert(column: Column, value: Any) -> Any:
     raise ValueError(kind)
 
 
+@functools.cache
+def _column_tags() -> tuple[tuple[Column, int | None], ...]:
+    from pydicom.datadict import tag_for_keyword
+
+    return tuple(
+        (column, tag_for_keyword(column.keyword) if column.keyword else None)
+        for column in DICOM_COLUMNS
+    )
+
+
 def typed_columns(ds: pydicom.Dataset) -> dict[str, Any]:
     """Typed catalog columns from a (de-identified) dataset; unusable values become null."""
     row: dict[str, Any] = {}
-    for column in DICOM_COLUMNS:
+    for column, tag in _column_tags():
         value = None
-        if column.keyword is not None and column.keyword in ds:
+        if tag is not None and tag in ds:
             try:
-                value = _convert(column, ds[column.keyword].value)
+                value = _convert(column, ds[tag].value)
             except Exception:
                 value = None  # a malformed optional value must not lose the file
         row[column.name] = value

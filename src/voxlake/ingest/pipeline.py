@@ -145,6 +145,19 @@ def _versions_json() -> str:
     return json.dumps(versions, sort_keys=True)
 
 
+def _merge_batches(batches: list[HeaderBatch]) -> HeaderBatch:
+    """One batch holding the rows of several header tasks (committed together)."""
+    if len(batches) == 1:
+        return batches[0]
+    merged = HeaderBatch()
+    for batch in batches:
+        merged.instances += batch.instances
+        merged.failures += batch.failures
+        merged.bytes_read += batch.bytes_read
+        merged.key_map += batch.key_map
+    return merged
+
+
 def _digest(*parts: str) -> str:
     import hashlib
 
@@ -261,6 +274,21 @@ class _Run:
         pending = as_completed()
         submitted = 0
         done = 0
+        # Tasks are a quarter of a commit batch: with few, large tasks one worker would
+        # still parse while the other idles (4 tasks of 256 on 2 workers). Results are
+        # committed a batch at a time, so the number of Delta commits does not grow.
+        task_size = max(16, self.config.batch_size // 4)
+        results: list[HeaderBatch] = []
+
+        def collect(batch: HeaderBatch, *, flush: bool = False) -> None:
+            nonlocal done
+            results.append(batch)
+            rows = sum(len(b.instances) + len(b.failures) for b in results)
+            if rows >= self.config.batch_size or flush:
+                done += self._commit_headers(_merge_batches(results), ok, bad)
+                results.clear()
+                self.progress(ProgressEvent("headers", done, submitted, self.report.bytes_read))
+
         for files, problems in iter_file_batches(
             self.sources,
             batch_size=self.config.batch_size,
@@ -285,25 +313,25 @@ class _Run:
                 ]
                 self.count_failures(rows)
                 self.commit({"failures": rows}, "listing")
-            if fresh:
+            for start in range(0, len(fresh), task_size):
                 pending.add(
                     client.submit(
                         read_headers,
-                        fresh,
+                        fresh[start : start + task_size],
                         secret=self.secret,
                         config=self.config,
                         run_id=self.run_id,
                         pure=False,
                     )
                 )
-                submitted += len(fresh)
+            submitted += len(fresh)
             self.progress(ProgressEvent("files", self.report.files_seen, None))
             while pending.has_ready():
-                done += self._commit_headers(next(pending).result(), ok, bad)
-                self.progress(ProgressEvent("headers", done, submitted, self.report.bytes_read))
+                collect(next(pending).result())
         for future in pending:
-            done += self._commit_headers(future.result(), ok, bad)
-            self.progress(ProgressEvent("headers", done, submitted, self.report.bytes_read))
+            collect(future.result())
+        if results:
+            collect(HeaderBatch(), flush=True)
 
     def _commit_headers(self, batch: HeaderBatch, ok: dict[str, Any], bad: dict[str, Any]) -> int:
         if self.key_map is not None and batch.key_map:

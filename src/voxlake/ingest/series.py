@@ -9,7 +9,8 @@ Rules (``docs/series-assembly.md`` explains them with every failure code):
    multi-frame image one frame per functional-group item, a Siemens mosaic one per tile.
 3. Split where one volume would be wrong: series number, stack (multi-frame StackID),
    image orientation, rows/columns, pixel spacing, echo number, echo time, image kind
-   (magnitude/phase/real/imaginary or a derived map), samples per pixel. Each part
+   (magnitude/phase/real/imaginary or a derived map), samples per pixel, photometric
+   interpretation (colour series become (c, z, y, x) volumes, ``axes = "czyx"``). Each part
    records what distinguished it in ``split_key`` / ``split_reason``; parts that cannot
    stack are split by acquisition number or temporal position when each group stacks.
 4. Sort along the slice normal ``n = row x col`` by ``ImagePositionPatient . n``, never by
@@ -64,6 +65,7 @@ _META_COLUMNS = (
     "study_date",
     "patient_age",
     "patient_sex",
+    "slice_thickness",  # nominal SliceThickness: lets volume queries filter on it
 )
 
 
@@ -115,6 +117,12 @@ class VolumePlan:
     metadata: dict[str, Any] = field(default_factory=dict)
     layout: str = "classic"
     resample: tuple[tuple[float, ...], float] | None = None
+    axes: str = ""
+
+    @property
+    def dims(self) -> str:
+        """Axis names of ``shape``: ``zyx``, ``tzyx`` or ``czyx`` (colour channels first)."""
+        return self.axes or ("zyx" if len(self.shape) == 3 else "tzyx")
 
     @property
     def nvoxels(self) -> int:
@@ -153,6 +161,7 @@ def _signature(frame: Frame) -> dict[str, Any]:
         "echo_time": None if frame.echo_time is None else round(frame.echo_time, 2),
         "image_kind": frame.kind,
         "samples": frame.samples,
+        "photometric": frame.photometric,
     }
 
 
@@ -182,6 +191,7 @@ def _revision(plan: VolumePlan) -> str:
             "slices": [(s.content_hash, s.frame, s.slope, s.intercept) for s in plan.slices],
             "affine": [round(v, 6) for v in plan.affine],
             "resample": plan.resample,
+            **({"axes": plan.dims} if plan.dims == "czyx" else {}),
         },
         sort_keys=True,
     )
@@ -244,6 +254,7 @@ def _plan_part(
             metadata=metadata,
             layout=stack.layout,
             resample=stack.resample,
+            axes=stack.axes,
         )
         out.append(with_revision(plan))
     return out

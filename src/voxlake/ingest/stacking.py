@@ -31,7 +31,12 @@ if TYPE_CHECKING:
     from voxlake.ingest.frame_table import Frame
     from voxlake.ingest.series import SliceRef
 
-__all__ = ["Stack", "output_dtype", "plan_stack"]
+__all__ = ["COLOUR_PHOTOMETRIC", "Stack", "colour_kind", "output_dtype", "plan_stack"]
+
+#: Photometric interpretations stored as RGB channels. pydicom converts YBR_FULL and
+#: YBR_FULL_422 to RGB when decoding (JPEG 2000 codecs already return RGB for YBR_ICT and
+#: YBR_RCT); PALETTE COLOR is expanded through its lookup table.
+COLOUR_PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Stack:
     layout: str = "classic"
     resample: tuple[tuple[float, ...], float] | None = None
     resampled: bool = False
+    axes: str = "zyx"
 
 
 def _num(value: Any, default: float) -> float:
@@ -72,7 +78,8 @@ def output_dtype(
     the worker widens to int32 if a slab proves otherwise. Inexact rescales give float32.
     """
     low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    ends = np.concatenate([slopes * low + intercepts, slopes * high + intercepts])
+    with np.errstate(over="ignore"):  # a slope like 1e308 gives inf: float32 at worst
+        ends = np.concatenate([slopes * low + intercepts, slopes * high + intercepts])
     integral = bool(
         np.all(np.abs(slopes - np.round(slopes)) < 1e-6)
         and np.all(np.abs(intercepts - np.round(intercepts)) < 1e-6)
@@ -88,6 +95,23 @@ def output_dtype(
     if identity and not signed and bits <= 16:
         return "uint16", None
     return "int16", "int32"
+
+
+def colour_kind(samples: int, photometric: str) -> str:
+    """``""`` for greyscale, ``"rgb"`` or ``"palette"`` for a stored colour series.
+
+    Raises :class:`AssemblyError` (``color_unsupported``) for any other colour model.
+    """
+    if samples == 1 and photometric == "PALETTE COLOR":
+        return "palette"
+    if samples == 1:
+        return ""
+    if samples == 3 and photometric in COLOUR_PHOTOMETRIC:
+        return "rgb"
+    raise AssemblyError(
+        f"colour model {photometric or '?'} with {samples} samples per pixel is not stored",
+        code="color_unsupported",
+    )
 
 
 def _key(value: Any) -> tuple[bool, Any]:
@@ -166,10 +190,7 @@ def plan_stack(
     from voxlake.ingest.series import SliceRef
 
     head = frames[0]
-    if head.samples != 1 or head.photometric == "PALETTE COLOR":
-        raise AssemblyError(
-            "colour (RGB, YBR or palette) images are not stored", code="color_unsupported"
-        )
+    colour = colour_kind(head.samples, head.photometric)
     iop, ps = head.orientation, head.pixel_spacing
     if iop is None or any(f.position is None for f in frames):
         raise AssemblyError("image position or orientation missing", code="missing_geometry")
@@ -207,7 +228,11 @@ def plan_stack(
     stack = SliceStack(positions, positions @ normal)
     check = check_stack(stack, normal, tolerance=tolerance)
     resample: tuple[tuple[float, ...], float] | None = None
-    if check.code == "irregular_spacing" and resample_irregular:
+    if colour and n_t > 1:
+        raise AssemblyError(
+            "4D colour series (colour and time) are not stored", code="color_unsupported"
+        )
+    if check.code == "irregular_spacing" and resample_irregular and not colour:
         dist = np.concatenate([[0.0], np.cumsum(check.steps)])
         target = float(check.steps.min())
         resample = (tuple(float(d) for d in dist), target)
@@ -218,6 +243,14 @@ def plan_stack(
     bits = int(_num(first.get("bits_stored"), _num(first.get("bits_allocated"), 16)))
     signed = int(_num(first.get("pixel_representation"), 0)) == 1
     dtype, wider = output_dtype(slopes, intercepts, bits=bits, signed=signed)
+    if colour:
+        # Colour values are not rescaled (PS3.3 C.11.1 applies to greyscale). Palette
+        # colour is stored as uint16: the LUT's entries are 8 or 16 bits, known only
+        # from its data, and uint16 holds either exactly.
+        slopes, intercepts, how = np.ones(len(timeline)), np.zeros(len(timeline)), "none"
+        allocated = int(_num(first.get("bits_allocated"), 8))
+        dtype = "uint8" if colour == "rgb" and allocated <= 8 else "uint16"
+        wider = None
     if resample is not None and dtype != "float32":
         dtype, wider = "float32", None  # interpolated values are not integers
     slices = tuple(
@@ -241,6 +274,9 @@ def plan_stack(
     affine = affine_from_stack(iop, (ps[0], ps[1]), positions[0], step_vector)
     rows, cols = head.rows, head.columns
     shape: tuple[int, ...] = (n_z, rows, cols) if n_t == 1 else (n_t, n_z, rows, cols)
+    axes = "zyx" if n_t == 1 else "tzyx"
+    if colour:
+        shape, axes = (3, n_z, rows, cols), "czyx"
     modality = str(first.get("modality") or "")
     rescale_type = str(first.get("rescale_type") or "")
     units = "HU" if modality == "CT" or rescale_type == "HU" else rescale_type
@@ -278,5 +314,6 @@ def plan_stack(
             layout=head.layout,
             resample=resample,
             resampled=resample is not None,
+            axes=axes,
         )
     ]

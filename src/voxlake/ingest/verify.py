@@ -47,6 +47,7 @@ __all__ = [
     "compare_volume",
     "find_references",
     "input_for",
+    "reference_array",
     "verify",
 ]
 
@@ -124,6 +125,24 @@ def _canonical(data: np.ndarray, affine: np.ndarray) -> Any:
     return nib.as_closest_canonical(nib.Nifti1Image(data, affine))
 
 
+def reference_array(reference: Any) -> np.ndarray:
+    """A reference's voxels; colour (RGB24 / RGBA32) becomes a last axis of channels.
+
+    nibabel exposes colour NIfTI as a structured dtype with fields R, G, B (and A). An
+    alpha channel that is fully opaque everywhere carries nothing and is dropped (the
+    DICOM source has none); any other alpha is kept, so the comparison fails on shape.
+    """
+    data = np.asarray(reference.dataobj)
+    if data.dtype.fields is None:
+        return data
+    names = list(data.dtype.names or ())
+    if "A" in names:
+        alpha = data["A"]
+        if alpha.size and np.all(alpha == np.iinfo(alpha.dtype).max):
+            names.remove("A")
+    return np.stack([data[name] for name in names], axis=-1)
+
+
 def _corners(shape: tuple[int, ...]) -> np.ndarray:
     ends = [(0, n - 1) for n in shape[:3]]
     return np.array([[i, j, k, 1.0] for i in ends[0] for j in ends[1] for k in ends[2]]).T
@@ -134,12 +153,14 @@ def compare_volume(
 ) -> tuple[bool, str, float | None, float | None, tuple[int, ...], tuple[int, ...]]:
     """Compare a stored (t,) z, y, x array and its RAS affine with a nibabel image.
 
-    Returns (matched, detail, max_abs_diff, affine_error_mm, our_shape, reference_shape),
-    shapes in nibabel (i, j, k[, t]) order after canonical reorientation.
+    A colour volume (c, z, y, x) is compared with a colour reference channel by channel
+    (see :func:`reference_array`). Returns (matched, detail, max_abs_diff,
+    affine_error_mm, our_shape, reference_shape), shapes in nibabel (i, j, k[, t | c])
+    order after canonical reorientation.
     """
     order = tuple(range(ours.ndim))[::-1]
     mine = _canonical(np.ascontiguousarray(ours.transpose(order)), affine)
-    ref = _canonical(np.asarray(reference.dataobj), reference.affine)
+    ref = _canonical(reference_array(reference), reference.affine)
     a_shape, r_shape = tuple(mine.shape), tuple(ref.shape)
     if a_shape != r_shape:
         return False, f"shape {a_shape} != reference {r_shape}", None, None, a_shape, r_shape

@@ -93,11 +93,12 @@ def _huge(ds: pydicom.Dataset) -> None:
     ds.Rows = ds.Columns = 40000
 
 
-def _rgb(ds: pydicom.Dataset) -> None:
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+def _cmyk(ds: pydicom.Dataset) -> None:
+    """Four samples per pixel (CMYK, retired from the standard): no colour model to store."""
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 4, "CMYK", 0
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = bytes(16 * 16 * 3)
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 4)
 
 
 def _shrink(ds: pydicom.Dataset) -> None:
@@ -192,7 +193,8 @@ _SERIES: tuple[tuple[str, str, tuple[str, ...], str, Change, dict[str, Any]], ..
      _each(_set("BitsAllocated", 12)), {}),
     ("bits_stored_over_allocated", "BitsStored 20 with BitsAllocated 16",
      ("bad_pixel_description",), "volume", _each(_set("BitsStored", 20)), {}),
-    ("rgb_colour", "RGB colour slices", ("color_unsupported",), "assemble", _each(_rgb), {}),
+    ("cmyk_colour", "CMYK colour slices (4 samples per pixel)", ("color_unsupported",),
+     "assemble", _each(_cmyk), {}),
     ("pixel_data_too_short", "pixel data 64 bytes shorter than Rows x Columns",
      ("pixel_length_mismatch",), "volume",
      _one(1, lambda ds: setattr(ds, "PixelData", ds.PixelData[:-64])), {}),
@@ -285,6 +287,96 @@ def _good(b: Builder) -> None:
     written = b.series("oversized_text")
     _each(_set("SeriesDescription", "x" * 60000))(written)
     b.volume("oversized_text", "a 60 000-character SeriesDescription", written)
+
+
+# -- colour series: stored as channels (c, z, y, x) --------------------------------------
+
+
+def _colour_volume(written: WrittenSeries, channels: np.ndarray) -> WrittenSeries:
+    """``written`` whose expected volume is ``channels`` (c, z, y, x), not greyscale."""
+
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class ColourSeries(type(written)):  # type: ignore[misc]
+        def expected_volume(self) -> np.ndarray:
+            return channels
+
+    return ColourSeries(**{f.name: getattr(written, f.name) for f in dataclasses.fields(written)})
+
+
+def _colour(b: Builder) -> None:
+    rng = np.random.default_rng(b.seed)
+
+    # RGB, 8 bits; planar configuration 0 (R1 G1 B1 R2...) and 1 (all R, all G, all B)
+    # alternate between slices, so both byte layouts must decode to the same channels.
+    written = b.series("rgb_colour")
+    rgb = rng.integers(0, 256, (3, len(written.files), written.spec.rows, written.spec.columns))
+    rgb = rgb.astype(np.uint8)
+    for z, path in enumerate(written.files):
+
+        def to_rgb(ds: pydicom.Dataset, z: int = z) -> None:
+            planar = z % 2
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, "RGB"
+            ds.PlanarConfiguration = planar
+            ds.BitsAllocated = ds.BitsStored = 8
+            ds.HighBit, ds.PixelRepresentation = 7, 0
+            ds.PixelData = (rgb[:, z] if planar else rgb[:, z].transpose(1, 2, 0)).tobytes()
+            for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+                if keyword in ds:
+                    delattr(ds, keyword)
+
+        edit_dicom(path, to_rgb)
+    b.volume(
+        "rgb_colour",
+        "RGB slices, planar configuration 0 and 1 alternating",
+        _colour_volume(written, rgb),
+    )
+
+    # YBR_FULL of grey pixels (Cb = Cr = 128): R = G = B = Y exactly (PS3.3 C.7.6.3.1.2).
+    written = b.series("ybr_full_colour")
+    luma = rng.integers(0, 256, (len(written.files), written.spec.rows, written.spec.columns))
+    luma = luma.astype(np.uint8)
+    for z, path in enumerate(written.files):
+
+        def to_ybr(ds: pydicom.Dataset, z: int = z) -> None:
+            ybr = np.stack([luma[z], np.full_like(luma[z], 128), np.full_like(luma[z], 128)], -1)
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, "YBR_FULL"
+            ds.PlanarConfiguration = 0
+            ds.BitsAllocated = ds.BitsStored = 8
+            ds.HighBit, ds.PixelRepresentation = 7, 0
+            ds.PixelData = ybr.tobytes()
+
+        edit_dicom(path, to_ybr)
+    b.volume(
+        "ybr_full_colour",
+        "YBR_FULL slices (converted to RGB)",
+        _colour_volume(written, np.stack([luma] * 3)),
+    )
+
+    # PALETTE COLOR: 8-bit indices through 16-bit red, green and blue tables.
+    written = b.series("palette_colour")
+    index = rng.integers(0, 256, (len(written.files), written.spec.rows, written.spec.columns))
+    index = index.astype(np.uint8)
+    tables = rng.integers(0, 65536, (3, 256)).astype(np.uint16)
+    for z, path in enumerate(written.files):
+
+        def to_palette(ds: pydicom.Dataset, z: int = z) -> None:
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "PALETTE COLOR"
+            ds.BitsAllocated = ds.BitsStored = 8
+            ds.HighBit, ds.PixelRepresentation = 7, 0
+            ds.PixelData = index[z].tobytes()
+            for tag, table in zip((0x1101, 0x1102, 0x1103), tables, strict=True):
+                ds.add_new((0x0028, tag), "US", [256, 0, 16])  # descriptor
+                ds.add_new((0x0028, tag + 0x100), "OW", table.tobytes())  # data
+            for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+                if keyword in ds:
+                    delattr(ds, keyword)
+
+        edit_dicom(path, to_palette)
+    b.volume(
+        "palette_colour",
+        "PALETTE COLOR slices (16-bit lookup tables)",
+        _colour_volume(written, np.stack([t[index] for t in tables])),
+    )
 
 
 # -- files that are not (usable) DICOM ------------------------------------------------------
@@ -521,6 +613,7 @@ def _permissions(b: Builder) -> None:
 
 SECTIONS: tuple[Callable[[Builder], None], ...] = (
     _good,
+    _colour,
     _not_dicom,
     _broken_dicom,
     _non_image,

@@ -11,6 +11,7 @@ def downsample2(volume: np.ndarray) -> np.ndarray:
     """2x mean-pool along each spatial axis (odd edges padded by repetition).
 
     Integer volumes are rounded back to their dtype; the last three axes are (z, y, x).
+    A leading axis (time, or colour channels in a (c, z, y, x) volume) is never pooled.
     """
     spatial = volume.shape[-3:]
     pad = [(0, 0)] * (volume.ndim - 3) + [(0, n % 2) for n in spatial]

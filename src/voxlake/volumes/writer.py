@@ -112,7 +112,8 @@ def _compressors(config: StoreConfig) -> Any:
 
     if config.codec == "zstd":
         return ZstdCodec(level=config.clevel)
-    return BloscCodec(cname="zstd", clevel=config.clevel, shuffle="shuffle")
+    cname = "lz4" if config.codec == "blosc-lz4" else "zstd"
+    return BloscCodec(cname=cname, clevel=config.clevel, shuffle="shuffle")
 
 
 class VolumeWriter:
@@ -125,7 +126,11 @@ class VolumeWriter:
     path
         Group path inside the store (:func:`voxlake.volumes.layout.volume_path`).
     shape, dtype
-        Array shape ((z, y, x) or (t, z, y, x)) and dtype.
+        Array shape ((z, y, x), (t, z, y, x) or (c, z, y, x)) and dtype.
+    axes
+        Axis names of ``shape`` (``"zyx"``, ``"tzyx"``, ``"czyx"``); default ``zyx`` or
+        ``tzyx`` by dimension. A leading ``c`` (colour channels) is never downsampled
+        and gets one chunk per channel.
     config
         Chunk / shard / codec policy.
     storage_options
@@ -142,15 +147,17 @@ class VolumeWriter:
         config: StoreConfig | None = None,
         storage_options: dict[str, Any] | None = None,
         levels: int = 0,
+        axes: str | None = None,
     ) -> None:
         import zarr
 
+        self.axes = axes or "tzyx"[-len(shape) :]
         self.levels = int(levels)
         self._level1: list[np.ndarray] = []
         self.store_url = os.fspath(store_url)
         self.path = path
         self.config = config or StoreConfig()
-        self.layout: ArrayLayout = choose_layout(tuple(shape), self.config)
+        self.layout: ArrayLayout = choose_layout(tuple(shape), self.config, axes=self.axes)
         self.dtype = np.dtype(dtype)
         self._local = is_local_url(self.store_url)
         self._stats = _StatsAccumulator()
@@ -179,7 +186,7 @@ class VolumeWriter:
                 shards=self.layout.shards,
                 compressors=_compressors(self.config),
                 fill_value=0,
-                dimension_names=("t", "z", "y", "x")[-len(self.layout.shape) :],
+                dimension_names=tuple(self.axes),
                 overwrite=True,
             )
         except Exception as exc:
@@ -229,6 +236,7 @@ class VolumeWriter:
                 ndim=len(self.layout.shape),
                 time_step=attributes.get("time_step"),
                 levels=self.levels,
+                axes=self.axes,
             ),
             "voxlake": {**attributes, "stats": stats.__dict__, "complete": True},
         }
@@ -262,7 +270,7 @@ class VolumeWriter:
         level = np.concatenate(self._level1, axis=axis)
         self._level1 = []
         for number in range(1, self.levels + 1):
-            layout = choose_layout(level.shape, self.config)
+            layout = choose_layout(level.shape, self.config, axes=self.axes)
             array = zarr.create_array(
                 self._store,
                 name=join_url(self._group_path, str(number)).lstrip("/"),
@@ -272,7 +280,7 @@ class VolumeWriter:
                 shards=layout.shards,
                 compressors=_compressors(self.config),
                 fill_value=0,
-                dimension_names=("t", "z", "y", "x")[-level.ndim :],
+                dimension_names=tuple(self.axes),
                 overwrite=True,
             )
             array[...] = level
@@ -348,11 +356,13 @@ def write_volume(
     attributes: Mapping[str, Any],
     config: StoreConfig | None = None,
     storage_options: dict[str, Any] | None = None,
+    axes: str | None = None,
 ) -> WriteResult:
     """Write an in-memory volume in one call (slab by slab underneath).
 
     ``attributes`` should hold at least ``volume_id``, ``spacing`` (z, y, x in mm) and
-    ``affine`` (4x4 RAS, row-major nested lists).
+    ``affine`` (4x4 RAS, row-major nested lists). ``axes`` names the axes of ``data``
+    (``"czyx"`` for colour channels first; default ``zyx`` / ``tzyx``).
     """
     writer = VolumeWriter(
         store_url,
@@ -361,6 +371,7 @@ def write_volume(
         dtype=data.dtype,
         config=config,
         storage_options=storage_options,
+        axes=axes,
     )
     depth = writer.slab_depth
     nz = data.shape[-3]

@@ -5,7 +5,10 @@ nibabel, so the affine is exactly what nibabel reports); the planner turns that 
 :class:`~voxlake.ingest.series.VolumePlan`; the worker reads slabs from nibabel's array
 proxy. nibabel's (i, j, k[, t]) array becomes the stored (k, j, i) or (t, k, j, i) array
 and the affine is kept unchanged. Scaling (NIfTI ``scl_slope``/``scl_inter``, MINC
-image ranges) is applied once, to float32. Free-text header fields (``descrip``,
+image ranges) is applied once, to float32. Colour NIfTI (RGB24, RGBA32: nibabel's
+structured dtype with fields R, G, B[, A]) becomes (c, k, j, i) uint8, one channel per
+field. A 4D MINC, which nibabel returns time first as (t, i, j, k) with an affine over
+(i, j, k), becomes (t, k, j, i). Free-text header fields (``descrip``,
 ``db_name``, ``aux_file``) may hold names and are never copied to the catalog.
 """
 
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGE_FORMATS",
     "image_file_row",
+    "minc_time_first",
     "open_image",
     "plan_image_file",
     "read_image_slab",
@@ -159,6 +163,28 @@ def _scaling(img: Any) -> tuple[float, float]:
     return slope, inter
 
 
+def _channels(disk: np.dtype[Any]) -> int:
+    """Fields of a colour dtype (3 for RGB24, 4 for RGBA32) when all are uint8, else 0."""
+    if disk.fields is None:
+        return 0
+    kinds = {np.dtype(disk.fields[name][0]) for name in disk.names or ()}
+    return len(disk.names or ()) if kinds == {np.dtype(np.uint8)} else 0
+
+
+def minc_time_first(img: Any) -> bool:
+    """True for a 4D MINC whose first dimension is time and the others space.
+
+    nibabel keeps MINC's file dimension order (time first, as MINC writes it) and builds
+    the affine from the spatial dimensions only.
+    """
+    import nibabel as nib
+
+    if not isinstance(img, nib.minc1.Minc1Image) or len(img.shape) != 4:
+        return False
+    names = [str(n) for n in getattr(getattr(img.dataobj, "minc_file", None), "_dim_names", ())]
+    return len(names) == 4 and names[0] == "time" and all(n.endswith("space") for n in names[1:])
+
+
 def _value_dtype(img: Any, disk: np.dtype[Any], image_format: str) -> str:
     """Name of the dtype values are stored as: the on-disk type, float32 once scaled.
 
@@ -166,7 +192,7 @@ def _value_dtype(img: Any, disk: np.dtype[Any], image_format: str) -> str:
     array reaches the planner's ``max_voxels`` check).
     """
     if disk.fields is not None:
-        return "structured"
+        return "uint8" if _channels(disk) else "structured"
     slope, inter = _scaling(img)
     if disk.kind in "iub" and (image_format == "minc" or (slope, inter) != (1.0, 0.0)):
         return "float32"  # nibabel scales MINC by its image ranges, NIfTI by scl_slope/inter
@@ -223,6 +249,15 @@ def image_file_row(
         return row
     with open_image(ref.url, data) as img:
         shape = [int(v) for v in img.shape]
+        time_first = minc_time_first(img)
+        if time_first:  # recorded in nibabel's NIfTI order (i, j, k, t), like a 4D NIfTI
+            shape = [*shape[1:], shape[0]]
+        elif image_format == "minc" and len(shape) == 4:
+            # nibabel keeps MINC's dimension order; only time first is understood here.
+            raise NotDicomError(
+                "4D MINC whose first dimension is not time is not stored",
+                code="unsupported_dimensions",
+            )
         dtype = np.dtype(img.get_data_dtype())
         slope, inter = _scaling(img)
         affine = np.asarray(img.affine, dtype=float)
@@ -241,9 +276,15 @@ def image_file_row(
         rescale_intercept=inter,
         rows=shape[1] if len(shape) > 1 else 1,
         columns=shape[0],
-        samples_per_pixel=3 if dtype.fields is not None else 1,
+        samples_per_pixel=(_channels(dtype) or 3) if dtype.fields is not None else 1,
         header_json=json.dumps(
-            {"format": image_format, "shape": shape, "zooms": zooms, "dtype": str(dtype)}
+            {
+                "format": image_format,
+                "shape": shape,
+                "zooms": zooms,
+                "dtype": str(dtype),
+                "time_first": time_first,
+            }
         ),
     )
     return row
@@ -260,19 +301,15 @@ def plan_image_file(row: pd.Series) -> VolumePlan | PlanFailure:
     while len(shape) > 3 and shape[-1] == 1:
         shape.pop()
     dtype = str(row.get("array_dtype") or "")
-    if dtype == "structured" or int(row.get("samples_per_pixel") or 1) != 1:
+    channels = int(row.get("samples_per_pixel") or 1)
+    if dtype == "structured" or (channels != 1 and (dtype != "uint8" or len(shape) > 3)):
         error = AssemblyError(
-            "colour (multi-channel) images are not stored", code="color_unsupported"
+            "only uint8 RGB/RGBA colour images of 2 or 3 dimensions are stored",
+            code="color_unsupported",
         )
         return PlanFailure(subject, error)
     if not 2 <= len(shape) <= 4 or min(shape) < 1:
         error = AssemblyError("only 2D, 3D and 4D images are stored", code="unsupported_dimensions")
-        return PlanFailure(subject, error)
-    if len(shape) == 4 and row.get("file_format") == "minc":
-        # nibabel puts MINC's time axis first and its affine covers the spatial axes only.
-        error = AssemblyError(
-            "4D MINC (time-first axis order) is not stored", code="unsupported_dimensions"
-        )
         return PlanFailure(subject, error)
     shape += [1] * (3 - len(shape))
     scaling = row.get("rescale_type")
@@ -280,7 +317,7 @@ def plan_image_file(row: pd.Series) -> VolumePlan | PlanFailure:
     slope = float(row.get("rescale_slope") or 1.0)
     inter = float(row.get("rescale_intercept") or 0.0)
     stored = dtype
-    ours = tuple(shape[::-1])
+    ours = tuple(shape[::-1]) if channels == 1 else (channels, *shape[::-1])
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     layout = str(row.get("file_format"))
     plan = VolumePlan(
@@ -319,6 +356,7 @@ def plan_image_file(row: pd.Series) -> VolumePlan | PlanFailure:
             "resampled": False,
         },
         layout=layout,
+        axes="czyx" if channels != 1 else "",
     )
     return with_revision(plan)
 
@@ -326,17 +364,20 @@ def plan_image_file(row: pd.Series) -> VolumePlan | PlanFailure:
 def read_image_slab(img: Any, z0: int, depth: int, *, dtype: np.dtype[Any]) -> np.ndarray:
     """Slab ``[z0, z0 + depth)`` of an open nibabel image as (t, depth, rows, columns).
 
-    nibabel's array proxy applies the file's scaling; values are then cast to ``dtype``
-    (float32 when scaled), refusing a lossy cast to an integer type.
+    Colour images give (c, depth, rows, columns). nibabel's array proxy applies the
+    file's scaling; values are then cast to ``dtype`` (float32 when scaled), refusing a
+    lossy cast to an integer type.
     """
     proxy = img.dataobj
-    if len(img.shape) == 2:
-        raw = np.asarray(proxy)[:, :, None, None]
-    elif len(img.shape) == 3:
-        raw = np.asarray(proxy[:, :, z0 : z0 + depth])[..., None]
+    if minc_time_first(img):
+        raw = np.asarray(proxy[:, :, :, z0 : z0 + depth]).transpose(1, 2, 3, 0)
+    elif len(img.shape) == 2:
+        raw = np.asarray(proxy)[:, :, None]
     else:
         raw = np.asarray(proxy[:, :, z0 : z0 + depth, ...])
-        raw = raw.reshape(*raw.shape[:3], -1)
+    if raw.dtype.fields is not None:  # colour: one channel per field, last
+        raw = np.stack([raw[name] for name in raw.dtype.names or ()], axis=-1)
+    raw = raw.reshape(*raw.shape[:3], -1)
     data = raw.transpose(3, 2, 1, 0)
     if np.issubdtype(dtype, np.integer) and not np.can_cast(data.dtype, dtype):
         info = np.iinfo(dtype)

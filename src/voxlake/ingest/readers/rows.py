@@ -44,7 +44,7 @@ def volume_row(
     study_date = meta.pop("study_date", None)
     if study_date is not None and not isinstance(study_date, dt.date):
         study_date = None
-    n_t = plan.shape[0] if len(plan.shape) == 4 else 1
+    n_t = plan.shape[0] if plan.dims == "tzyx" else 1
     return {
         "volume_id": plan.volume_id,
         "revision": plan.revision,
@@ -56,6 +56,7 @@ def volume_row(
         **{k: _clean(v) for k, v in meta.items()},
         "study_date": study_date,
         "ndim": len(plan.shape),
+        "axes": plan.dims,
         "shape": list(plan.shape),
         "spacing": list(plan.spacing),
         "affine": list(plan.affine),
