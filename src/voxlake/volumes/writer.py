@@ -112,8 +112,9 @@ def _compressors(config: StoreConfig) -> Any:
 
     if config.codec == "zstd":
         return ZstdCodec(level=config.clevel)
-    cname = "lz4" if config.codec == "blosc-lz4" else "zstd"
-    return BloscCodec(cname=cname, clevel=config.clevel, shuffle="shuffle")
+    if config.codec == "blosc-lz4":
+        return BloscCodec(cname="lz4", clevel=config.clevel, shuffle="shuffle")
+    return BloscCodec(cname="zstd", clevel=config.clevel, shuffle="shuffle")
 
 
 class VolumeWriter:
