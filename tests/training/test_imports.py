@@ -12,6 +12,7 @@ MODULES = [
     "voxlake.training.partition",
     "voxlake.training.patches",
     "voxlake.training.datasets",
+    "voxlake.training.collate",
     "voxlake.training.transforms",
     "voxlake.training.models",
     "voxlake.training.split",
@@ -22,6 +23,7 @@ MODULES = [
     "voxlake.volumes.foreground",
     "voxlake.volumes.patches",
     "voxlake.volumes.retry",
+    "voxlake.volumes.sharded",
 ]
 
 

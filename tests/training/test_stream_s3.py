@@ -92,9 +92,10 @@ def test_s3_patch_reads_are_ranged(moto_s3, tmp_path) -> None:
         counters[0].reset()
         stream.read_sample(item["sample"])
         # A 96^3 patch of this 2 x 4 x 2-chunk volume touches at most 12 of its 16 chunks:
-        # ranged GETs of those (and the shard index), never the whole shard object.
+        # ranged GETs of those (the shard index is kept from the first read, chunks side by
+        # side in the shard are merged into one GET), never the whole shard object.
         assert 0 < counters[0].bytes_read <= whole * 12 / 16 + 2100
-        assert counters[0].requests > 1
+        assert 1 <= counters[0].requests <= 12
 
 
 @pytest.mark.slow

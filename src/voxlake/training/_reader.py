@@ -12,27 +12,30 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from voxlake.training._output import normalize_array, normalizer, output_tensor, prefetched
 from voxlake.training.patches import patch_origin, sample_seed
 from voxlake.training.transforms import augment, resize
 
 if TYPE_CHECKING:
     from voxlake.training.datasets import VolumeStream
     from voxlake.volumes.foreground import ForegroundIndex
+    from voxlake.volumes.sharded import Emit, ShardedReader
 
 __all__ = [
     "ReadOptions",
     "VolumeReader",
     "normalize_array",
+    "normalizer",
+    "output_tensor",
     "prefetched",
     "read_stream_sample",
 ]
@@ -40,7 +43,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,19 @@ class ReadOptions:
     wrap_store
         Called with each raw store before retries and the cache are added (e.g.
         :class:`voxlake.volumes.counting.CountingStore` to measure what is fetched).
+    lean
+        Read the writer's sharded layout with :class:`voxlake.volumes.sharded.
+        ShardedReader` (zarr reads other layouts, and everything when False).
+    decode_threads
+        Threads decoding chunks per process (lean path).
     """
 
     storage_options: dict[str, Any] | None = None
     retries: int = 5
     cache_bytes: int = 0
     wrap_store: Callable[[Any], Any] | None = None
+    lean: bool = True
+    decode_threads: int = 2
 
 
 class _Lru:
@@ -107,6 +116,9 @@ class VolumeReader:
         self._arrays = _Lru(512)
         self._foreground = _Lru(256)
         self._stats = _Lru(4096)
+        self._lean = _Lru(512)
+        self._axes = _Lru(4096)
+        self._pool: ThreadPoolExecutor | None = None
         self._warned_foreground = False
 
     def store(self, code: int) -> Any:
@@ -136,6 +148,50 @@ class VolumeReader:
         from voxlake.volumes import open_volume
 
         return self._arrays.get_or_create((code, path), lambda: open_volume(self.store(code), path))
+
+    def lean(self, code: int, path: str) -> ShardedReader | None:
+        """The lean sharded reader of the volume's array, or None (zarr reads it)."""
+        from voxlake.volumes.sharded import ShardedReader
+
+        def create() -> ShardedReader | None:
+            array = self.array(code, path)
+            if not self.options.lean or not ShardedReader.supports(array):
+                return None
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        self.options.decode_threads, thread_name_prefix="voxlake-decode"
+                    )
+                pool = self._pool
+            # With a chunk cache, fetch chunk by chunk so the cache holds reusable chunks.
+            return ShardedReader(array, pool=pool, coalesce=self.options.cache_bytes == 0)
+
+        reader: ShardedReader | None = self._lean.get_or_create((code, path), create)
+        return reader
+
+    def axes(self, code: int, path: str) -> tuple[str, ...]:
+        """Axis names of array ``0`` from the group's OME ``multiscales`` metadata.
+
+        Falls back to (z, y, x) / (t, z, y, x) by rank when the metadata is absent.
+        """
+
+        def load() -> tuple[str, ...]:
+            import zarr
+
+            ndim = self.array(code, path).ndim
+            try:
+                group = zarr.open_group(self.store(code), path=path.strip("/"), mode="r")
+                ome: Any = group.attrs.get("ome", {})
+                axes = ome["multiscales"][0]["axes"]
+                names = tuple(str(a["name"]) for a in axes)
+            except Exception:
+                names = ()
+            if len(names) != ndim:
+                names = ("z", "y", "x") if ndim == 3 else ("t", "z", "y", "x")[-ndim:]
+            return names
+
+        names: tuple[str, ...] = self._axes.get_or_create((code, path), load)
+        return names
 
     def foreground(self, code: int, path: str) -> ForegroundIndex | None:
         """The volume's class-location index, or None (warned about once per process)."""
@@ -169,65 +225,61 @@ class VolumeReader:
         return result
 
 
-def normalize_array(
-    data: np.ndarray,
-    method: str,
-    *,
-    mean: float = np.nan,
-    std: float = np.nan,
-    window: tuple[float, float] = (40.0, 400.0),
-) -> np.ndarray:
-    """``data`` as float32, z-scored, CT-windowed to [0, 1], or raw (``"none"``).
-
-    Works in one output buffer (the conversion and the arithmetic are fused into two
-    passes), which matters for whole-volume throughput. ``zscore`` needs finite
-    ``mean`` and ``std > 0``; the caller supplies fallbacks.
-    """
-    out = np.empty(data.shape, dtype=np.float32)
-    if method == "zscore":
-        np.subtract(data, np.float32(mean), out=out, dtype=np.float32, casting="unsafe")
-        out *= np.float32(1.0 / max(float(std), 1e-6))
-    elif method == "ct_window":
-        center, width = window
-        low = np.float32(center - width / 2.0)
-        np.subtract(data, low, out=out, dtype=np.float32, casting="unsafe")
-        out *= np.float32(1.0 / width)
-        np.clip(out, 0.0, 1.0, out=out)
-    else:
-        out[...] = data
-    return out
-
-
-def prefetched(read: Callable[[int], T], items: Iterable[int], depth: int) -> Iterator[T]:
-    """``read(item)`` for each item, in order, computed by ``depth`` threads ahead.
-
-    ``depth == 0`` reads in the calling thread. Closing the generator early (break, error)
-    cancels the reads nobody will consume instead of waiting for them.
-    """
-    if depth == 0:
-        for item in items:
-            yield read(item)
-        return
-    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="voxlake-read")
-    pending: deque[Future[T]] = deque()
-    upcoming = iter(items)
-    try:
-        for item in upcoming:
-            pending.append(pool.submit(read, item))
-            if len(pending) > depth:
-                break
-        while pending:
-            result = pending.popleft().result()
-            following = next(upcoming, None)
-            if following is not None:
-                pending.append(pool.submit(read, following))
-            yield result
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
 def _stats_ok(mean: float, std: float) -> bool:
     return bool(np.isfinite(mean) and np.isfinite(std) and std > 0)
+
+
+def _region(axes: tuple[str, ...], spatial: tuple[slice, slice, slice]) -> tuple[Any, ...]:
+    """Selection of a (z, y, x) box across all channels at the first time point."""
+    place = {"z": spatial[0], "y": spatial[1], "x": spatial[2]}
+    return tuple(place.get(name, 0 if name == "t" else slice(None)) for name in axes)
+
+
+def _channels(array: Any, axes: tuple[str, ...]) -> int:
+    return int(array.shape[axes.index("c")]) if "c" in axes else 1
+
+
+def _fill(
+    reader: VolumeReader,
+    code: int,
+    path: str,
+    spatial: tuple[slice, slice, slice],
+    out: np.ndarray,
+    *,
+    method: str,
+    window: tuple[float, float],
+    stats: Callable[[np.ndarray | None], tuple[float, float]],
+) -> None:
+    """Read the (z, y, x) box ``spatial`` of every channel, normalised, into ``out``
+    (C, d, h, w). ``stats(None)`` gives (mean, std) without data or NaNs; then
+    ``stats(raw)`` is asked with the raw values read first (two passes)."""
+    array = reader.array(code, path)
+    axes = reader.axes(code, path)
+    region = _region(axes, spatial)
+    target = out if "c" in axes else out[0]
+    lean = reader.lean(code, path)
+
+    def read(dest: np.ndarray, emit: Emit | None) -> None:
+        if lean is not None:
+            if emit is None:
+                lean.read(region, dest)
+            else:
+                lean.read(region, dest, emit=emit)
+        else:
+            data = np.asarray(array[region])
+            if emit is None:
+                dest[...] = data
+            else:
+                emit(data, dest)
+
+    mean, std = stats(None) if method == "zscore" else (np.nan, np.nan)
+    if method == "zscore" and not _stats_ok(mean, std):
+        raw = np.empty(target.shape, np.dtype(array.dtype))
+        read(raw, None)
+        mean, std = stats(raw)
+        normalizer(method, mean=mean, std=std, window=window)(raw, target)
+        return
+    read(target, normalizer(method, mean=mean, std=std, window=window))
 
 
 def read_stream_sample(stream: VolumeStream, sample: int, reader: VolumeReader) -> dict[str, Any]:
@@ -235,17 +287,39 @@ def read_stream_sample(stream: VolumeStream, sample: int, reader: VolumeReader) 
     index = sample // stream.patches_per_volume
     code, path = int(stream._store_codes[index]), stream._paths[index]
     array = reader.array(code, path)
-    mean, std = float(stream._means[index]), float(stream._stds[index])
+    channels = _channels(array, reader.axes(code, path))
+    catalog = float(stream._means[index]), float(stream._stds[index])
     method, window = stream.normalize, stream.window
     item: dict[str, Any] = {}
+    spatial = tuple(int(n) for n in array.shape[-3:])
+    # The image is sent as it is only when nothing replaces or batches it.
+    shared = stream.batch_size == 1 and stream.augment is None and stream.transform is None
+
+    def own(data: np.ndarray) -> tuple[float, float]:
+        return float(data.mean(dtype=np.float64)), float(data.std(dtype=np.float64))
+
     if stream.mode == "volume":
-        data = np.asarray(array[0] if array.ndim == 4 else array[...])
-        if method == "zscore" and not _stats_ok(mean, std):
-            mean, std = float(data.mean(dtype=np.float64)), float(data.std(dtype=np.float64))
-        image = torch.from_numpy(normalize_array(data, method, mean=mean, std=std, window=window))
-        image = resize(image.unsqueeze(0), stream.shape).contiguous()
+
+        def volume_stats(raw: np.ndarray | None) -> tuple[float, float]:
+            return catalog if raw is None else own(raw)
+
+        final = spatial == stream.shape  # no resize: the read buffer is the sample
+        image = output_tensor((channels, *spatial), shared=shared and final)
+        box = (slice(0, spatial[0]), slice(0, spatial[1]), slice(0, spatial[2]))
+        _fill(reader, code, path, box, image.numpy(), method=method, window=window,
+              stats=volume_stats)  # fmt: skip
+        if not final:
+            image = resize(image, stream.shape).contiguous()
     else:
-        from voxlake.volumes.patches import read_patch
+        from voxlake.volumes.patches import patch_bounds
+
+        def patch_stats(raw: np.ndarray | None) -> tuple[float, float]:
+            if _stats_ok(*catalog):
+                return catalog
+            stored = reader.stored_stats(code, path)
+            if _stats_ok(*stored) or raw is None:
+                return stored
+            return own(raw)
 
         foreground = reader.foreground(code, path) if stream.sampler == "foreground" else None
         origin = patch_origin(
@@ -258,16 +332,15 @@ def read_stream_sample(stream: VolumeStream, sample: int, reader: VolumeReader) 
             foreground=foreground,
             foreground_prob=stream.foreground_prob,
         )
-        data, pad = read_patch(array, origin, stream.patch_size)
-        if method == "zscore" and not _stats_ok(mean, std):
-            mean, std = reader.stored_stats(code, path)
-            if not _stats_ok(mean, std):
-                mean, std = float(data.mean(dtype=np.float64)), float(data.std(dtype=np.float64))
-        out = normalize_array(data, method, mean=mean, std=std, window=window)
-        image = torch.from_numpy(out).unsqueeze(0)
-        if any(p for pair in pad for p in pair):
-            widths = [p for pair in reversed(pad) for p in pair]  # F.pad: last axis first
-            image = F.pad(image, widths, value=0.0)
+        slices, pad = patch_bounds(spatial, origin, stream.patch_size)
+        padded = any(p for pair in pad for p in pair)
+        image = output_tensor((channels, *stream.patch_size), zero=padded, shared=shared)
+        inner = tuple(
+            slice(lo, lo + s.stop - s.start) for (lo, _), s in zip(pad, slices, strict=True)
+        )
+        view = image.numpy()[(slice(None), *inner)]
+        _fill(reader, code, path, slices, view, method=method, window=window,
+              stats=patch_stats)  # fmt: skip
         item["origin"] = torch.tensor(origin, dtype=torch.int64)
     item.update(
         {"image": image, "volume_id": stream._volume_ids[index], "index": index, "sample": sample}

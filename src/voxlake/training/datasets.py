@@ -19,12 +19,18 @@ Contract
   object-storage latency.
 - Samples are dictionaries (MONAI dictionary transforms accept them)::
 
-      {"image": FloatTensor (1, D, H, W), "label": float32 scalar tensor,
+      {"image": FloatTensor (C, D, H, W), "label": float32 scalar tensor,
        "volume_id": str, "index": int, "sample": int, "origin": LongTensor (3,)}
 
   ``index`` is the row position in the selection, ``sample`` the sample number in the
   epoch (equal to ``index`` in volume mode); ``label`` is absent when ``label_column``
-  is None and ``origin`` (the patch's first voxel) only in patch mode.
+  is None and ``origin`` (the patch's first voxel) only in patch mode. ``C`` is 1, or
+  the length of the volume's channel axis when its OME axes have one (``c, z, y, x``,
+  e.g. RGB): patches are then cut at the same (z, y, x) box across all channels.
+- Stored arrays are read by :class:`voxlake.volumes.sharded.ShardedReader` (the
+  writer's sharded layout) or zarr (anything else), with identical results; chunks are
+  normalised as they are decoded, into an image allocated in shared memory inside a
+  DataLoader worker (see :func:`voxlake.training.collate_samples`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset
 
 from voxlake.training._reader import ReadOptions, VolumeReader, prefetched, read_stream_sample
@@ -135,10 +142,18 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
     wrap_store
         Optional callable applied to each raw store first (instrumentation, e.g.
         :class:`voxlake.volumes.counting.CountingStore`).
+    lean
+        Read the writer's sharded layout with :class:`voxlake.volumes.sharded.
+        ShardedReader` (ranged fetches, decoding on ``decode_threads`` threads straight
+        into the normalised output); False reads every array through zarr. Both give
+        identical samples.
+    decode_threads
+        Chunk-decoding threads per process on the lean path.
 
     Notes
     -----
-    4D (t, z, y, x) volumes are streamed as their first time point (``t = 0``).
+    4D (t, z, y, x) volumes are streamed as their first time point (``t = 0``); the axes
+    are read from the group's OME ``multiscales`` metadata (by rank when it is absent).
     """
 
     def __init__(
@@ -166,8 +181,14 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         retries: int = 5,
         cache_bytes: int = 0,
         wrap_store: Callable[[Any], Any] | None = None,
+        lean: bool = True,
+        decode_threads: int = 2,
     ) -> None:
         super().__init__()
+        # Epoch, seed and resume point live in shared memory: DataLoader workers (forked,
+        # or spawned through torch's pickler) see set_epoch() and load_state_dict() made
+        # later in the main process, so persistent_workers=True follows every epoch.
+        self._shared = torch.tensor([0, 0, 0, -1, -1], dtype=torch.int64).share_memory_()
         if len(selection) == 0:
             raise ValueError("the selection is empty: nothing to stream")
         needed = ["volume_id", "store_path"] + ([] if store is not None else ["store_url"])
@@ -194,6 +215,8 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         self.sampler: Sampler = sampler
         self.foreground_prob = float(foreground_prob)
         self.label_column = label_column
+        if not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.normalize: Normalize = normalize
@@ -202,8 +225,15 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         self.augment = augment
         self.transform = transform
         self.storage_options = dict(storage_options) if storage_options else None
+        if decode_threads < 1:
+            raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
         self._options = ReadOptions(
-            self.storage_options, int(retries), int(cache_bytes), wrap_store
+            self.storage_options,
+            int(retries),
+            int(cache_bytes),
+            wrap_store,
+            lean=bool(lean),
+            decode_threads=int(decode_threads),
         )
         if catalog_version is None:
             # Catalog.training_selection() records the version it read in DataFrame.attrs.
@@ -231,12 +261,54 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
                 raise ValueError(f"label column {label_column!r} has missing values")
             self._labels = labels
 
-        self._skip = 0
-        self._skip_epoch = -1
-        self._saved_world_size: int | None = None
         self._yielded = 0
         self._world_hint: tuple[int, int] | None = None
         self._reader: VolumeReader | None = None
+
+    # -- state shared with DataLoader workers ----------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration follows (see :meth:`set_epoch`)."""
+        return int(self._shared[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._shared[0] = int(value)
+
+    @property
+    def seed(self) -> int:
+        """Seed of the order, patch positions and augmentation."""
+        return int(self._shared[1])
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._shared[1] = int(value)
+
+    @property
+    def _skip(self) -> int:
+        return int(self._shared[2])
+
+    @_skip.setter
+    def _skip(self, value: int) -> None:
+        self._shared[2] = int(value)
+
+    @property
+    def _skip_epoch(self) -> int:
+        return int(self._shared[3])
+
+    @_skip_epoch.setter
+    def _skip_epoch(self, value: int) -> None:
+        self._shared[3] = int(value)
+
+    @property
+    def _saved_world_size(self) -> int | None:
+        value = int(self._shared[4])
+        return None if value < 0 else value
+
+    @_saved_world_size.setter
+    def _saved_world_size(self, value: int | None) -> None:
+        self._shared[4] = -1 if value is None else int(value)
 
     # -- sizes and state -------------------------------------------------------------------
 
@@ -262,9 +334,10 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration follows.
 
-        Call it before creating the DataLoader iterator of each epoch (workers copy the
-        stream when the iterator starts, so ``persistent_workers=True`` would keep the
-        first epoch's order). A resume point loaded for another epoch is discarded.
+        Call it before creating the DataLoader iterator of each epoch. The epoch is kept
+        in shared memory, so persistent DataLoader workers (``persistent_workers=True``,
+        which spares each epoch the start of new worker processes) follow it too. A
+        resume point loaded for another epoch is discarded.
         """
         if epoch < 0:
             raise ValueError(f"epoch must be non-negative, got {epoch}")
