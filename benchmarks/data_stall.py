@@ -119,7 +119,7 @@ def sync(device: torch.device) -> None:
 def measure(args: argparse.Namespace, kind: str, selection: Any, device: torch.device) -> dict:
     from torch.utils.data import DataLoader
 
-    from voxlake.training import CNN3D, VolumeStream
+    from voxlake.training import CNN3D, VolumeStream, normalize_on_device
 
     patch = (args.patch,) * 3
     torch.manual_seed(0)
@@ -144,6 +144,7 @@ def measure(args: argparse.Namespace, kind: str, selection: Any, device: torch.d
         patches_per_volume=10_000,
         batch_size=args.batch,
         prefetch=args.prefetch,
+        output=args.output,
     )
     loader = DataLoader(
         stream,
@@ -160,8 +161,9 @@ def measure(args: argparse.Namespace, kind: str, selection: Any, device: torch.d
             start, waited = time.perf_counter(), 0.0
         before = time.perf_counter()
         batch = next(batches)
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
+        # Normalises stored-dtype batches on the device (--output stored); moves float32.
+        batch = normalize_on_device(batch, device)
+        images, labels = batch["image"], batch["label"]
         waited += time.perf_counter() - before
         step(images, labels)
     sync(device)
@@ -188,6 +190,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument(
+        "--output",
+        choices=["float32", "stored"],
+        default="float32",
+        help="stream float32 images, or the stored int16 normalised on the device",
+    )
     parser.add_argument("--volumes", type=int, default=8)
     parser.add_argument("--shape", type=int, nargs=3, default=(160, 256, 256))
     parser.add_argument("--models", nargs="+", default=["cnn3d", "unet"])

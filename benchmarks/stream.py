@@ -9,6 +9,9 @@ On the same synthetic CT-like volumes (int16, HU), on this machine:
   DataLoader (persistent workers, ``collate_fn=collate_samples``), in the main process
   (``num_workers=0``, thread prefetch), through zarr instead of the lean reader, and from
   S3 (moto's server on loopback, a subprocess);
+- the same with ``output="stored"``: int16 images plus each sample's normalisation
+  parameters, and, as its own row, ``normalize_on_device`` turning those batches into the
+  float32 images (here on the CPU, with torch's threads: on a GPU it is a few kernels);
 - what users run today: MONAI ``LoadImaged`` over ``.nii.gz`` through a 2-worker
   DataLoader with persistent workers (float32 output, like the stream's);
 - random 96^3 patches (patch mode), local and S3, with bytes fetched per patch counted by
@@ -187,6 +190,27 @@ def _memory_arrays(selection: Any) -> list[Any]:
                 key = file.relative_to(source).as_posix()
                 memory._store_dict[key] = zarr.core.buffer.cpu.Buffer.from_bytes(file.read_bytes())
     return [open_volume(memory, p) for p in selection.store_path]
+
+
+def device_normalisation(
+    selection: Any, *, patch: dict[str, Any] | None = None
+) -> tuple[float, int, float]:
+    """Seconds, items and CPU seconds of ``normalize_on_device`` over a stored-dtype
+    epoch's batches already in memory (on the CPU here: no GPU on this machine)."""
+    from voxlake.training import normalize_on_device
+
+    kwargs: dict[str, Any] = dict(patch or {"shape": SHAPE, "shuffle": False})
+    loader = stream_loader(selection, workers=0, output="stored", **kwargs)
+    batches = list(loader)
+    best, cpu = float("inf"), float("nan")
+    for _ in range(2):
+        start, used = time.perf_counter(), cpu_seconds()
+        for batch in batches:
+            normalize_on_device(batch, "cpu")
+        elapsed = time.perf_counter() - start
+        if elapsed < best:
+            best, cpu = elapsed, cpu_seconds() - used
+    return best, sum(len(b["image"]) for b in batches), cpu
 
 
 def ceiling(selection: Any, threads: int = 2) -> tuple[float, float]:
@@ -453,11 +477,29 @@ def run(args: argparse.Namespace, options: dict) -> dict[str, Any]:
             mb,
         )
         record(
+            "voxlake stored int16 (2 workers)",
+            *timed_loader(stream_loader(selection, output="stored", **whole)),
+            "volumes",
+            mb,
+        )
+        record(
+            "voxlake stored int16 (in-process)",
+            *timed_loader(stream_loader(selection, workers=0, output="stored", **whole)),
+            "volumes",
+            mb,
+        )
+        record(
             "MONAI LoadImaged .nii.gz (2 workers)",
             *timed_loader(monai_loader(selection)),
             "volumes",
             mb,
         )
+    record(
+        "normalize_on_device, on the CPU",
+        *device_normalisation(selection),
+        "volumes",
+        mb,
+    )
     seconds, cpu = zarr_from_memory(selection)
     record("zarr 3.1 reading from memory", seconds, args.volumes, cpu, "volumes", mb)
     record(
@@ -490,6 +532,24 @@ def run(args: argparse.Namespace, options: dict) -> dict[str, Any]:
             "patches",
             patch_mb,
         )
+        record(
+            "patches stored int16 (2 workers)",
+            *timed_loader(stream_loader(selection, output="stored", **patch)),
+            "patches",
+            patch_mb,
+        )
+        record(
+            "patches stored int16 (in-process)",
+            *timed_loader(stream_loader(selection, workers=0, output="stored", **patch)),
+            "patches",
+            patch_mb,
+        )
+    record(
+        "patches normalize_on_device, CPU",
+        *device_normalisation(selection, patch=patch),
+        "patches",
+        patch_mb,
+    )
     record(
         "patches 96^3 local, zarr path",
         *timed_loader(stream_loader(selection, lean=False, **patch)),
@@ -546,6 +606,14 @@ def run(args: argparse.Namespace, options: dict) -> dict[str, Any]:
     ):
         ratios[f"{key}_vs_monai_by_cpu"] = monai_cost / cost[name]
         ratios[f"{key}_vs_ceiling_by_cpu"] = ceiling_cost / cost[name]
+    for key, name in (
+        ("stored_local", "voxlake stored int16 (2 workers)"),
+        ("stored_in_process", "voxlake stored int16 (in-process)"),
+    ):
+        ratios[f"{key}_vs_monai"] = rows[name]["mb_per_s"] / monai
+        ratios[f"{key}_vs_ceiling"] = rows[name]["mb_per_s"] / ceil
+        ratios[f"{key}_vs_monai_by_cpu"] = monai_cost / cost[name]
+        ratios[f"{key}_vs_ceiling_by_cpu"] = ceiling_cost / cost[name]
     print(
         "by CPU cost per volume: "
         + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items() if k.endswith("_by_cpu"))
@@ -557,6 +625,14 @@ def run(args: argparse.Namespace, options: dict) -> dict[str, Any]:
         f"{100 * ratios['in_process_vs_ceiling']:.0f}%, "
         f"s3/MONAI {ratios['s3_vs_monai']:.1f}x; patches/s local "
         f"{rows['patches 96^3 local (2 workers)']['patches_per_s']:.0f} (target >= 250)"
+    )
+    print(
+        f"stored int16: in-process/MONAI {ratios['stored_in_process_vs_monai']:.1f}x, "
+        f"in-process/ceiling {100 * ratios['stored_in_process_vs_ceiling']:.0f}%, 2 workers/"
+        f"MONAI {ratios['stored_local_vs_monai']:.1f}x, 2 workers/ceiling "
+        f"{100 * ratios['stored_local_vs_ceiling']:.0f}%; patches/s in-process "
+        f"{rows['patches stored int16 (in-process)']['patches_per_s']:.0f}, 2 workers "
+        f"{rows['patches stored int16 (2 workers)']['patches_per_s']:.0f}"
     )
     return {
         "volumes": args.volumes,

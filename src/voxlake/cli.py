@@ -622,6 +622,13 @@ def train(
         Optional[int],  # noqa: UP045
         typer.Option(help="Also checkpoint within epochs (exact mid-epoch resume)."),
     ] = None,
+    output: Annotated[
+        str,
+        typer.Option(
+            help="float32 (normalised by the loader) or stored (the stored dtype, half "
+            "the bytes for int16 CT, normalised on the training device)."
+        ),
+    ] = "float32",
 ) -> None:
     """Train the tutorial 3D CNN on catalog volumes (DDP with --nproc > 1).
 
@@ -648,6 +655,7 @@ def train(
         patches_per_volume=patches_per_volume,
         sampler=sampler,  # type: ignore[arg-type]
         checkpoint_every_steps=checkpoint_every_steps,
+        output=output,  # type: ignore[arg-type]  # validated by TrainConfig
     )
     code = launch(config, nproc=nproc)
     if code:

@@ -147,6 +147,26 @@ def test_collate_samples_matches_default_collate_without_copying(
     assert pair["image"].shape == (2, 1, 150, 70, 75)
 
 
+def test_batches_of_several_samples_equal_default_collate(odd_volumes: pd.DataFrame) -> None:
+    kwargs = dict(mode="patch", patch_size=(40, 40, 48), patches_per_volume=3, batch_size=3)
+    stream = VolumeStream(odd_volumes, **kwargs)
+    samples = list(stream)
+    assert len(samples) >= 3
+    for workers in (0, 2):
+        loader = DataLoader(stream, batch_size=3, num_workers=workers, collate_fn=collate_samples)
+        references = [default_collate(samples[i : i + 3]) for i in range(0, len(samples), 3)]
+        batches = list(loader)  # all kept: a later batch must not overwrite an earlier one
+        assert len(batches) == len(references)
+        for batch, reference in zip(batches, references, strict=True):
+            assert batch.keys() == reference.keys()
+            for key, value in reference.items():
+                if isinstance(value, torch.Tensor):
+                    assert batch[key].dtype == value.dtype
+                    assert torch.equal(batch[key], value), key
+                else:
+                    assert batch[key] == value
+
+
 def test_worker_samples_arrive_equal_through_shared_memory(odd_volumes: pd.DataFrame) -> None:
     stream = VolumeStream(odd_volumes, mode="patch", patch_size=(40, 40, 40), patches_per_volume=4)
     expected = [s["image"] for s in stream]

@@ -68,6 +68,19 @@ def test_resume_continues_exactly_where_training_stopped(
     assert resumed.weights_sha256 == straight.weights_sha256
 
 
+@pytest.mark.parametrize("mode", ["volume", "patch"])
+def test_stored_output_trains_exactly_like_float32(
+    ten_volumes: pd.DataFrame, tmp_path: Path, mode: str
+) -> None:
+    # Volumes are stored at 16^3 = shape: no resizing, as output="stored" requires.
+    changes = dict(epochs=2, mode=mode, patch_size=(16, 16, 16), patches_per_volume=2)
+    floats = run_training(config(tmp_path / "float32", **changes), ten_volumes)
+    stored = run_training(config(tmp_path / "stored", output="stored", **changes), ten_volumes)
+    assert same(stored.history, floats.history)
+    assert same(stored.test, floats.test)
+    assert stored.weights_sha256 == floats.weights_sha256
+
+
 def test_resume_refuses_a_missing_checkpoint_or_another_catalog_version(
     ten_volumes: pd.DataFrame, tmp_path: Path
 ) -> None:
@@ -157,7 +170,7 @@ def test_command_line_round_trips_the_config_and_keeps_secrets_off_it() -> None:
         fractions=(0.5, 0.25, 0.25), catalog_version=12, resume=True, max_steps_per_epoch=5,
         prefetch=1, storage_options={"key": "SECRET"}, mode="patch", patch_size=(16, 24, 32),
         patches_per_volume=3, sampler="foreground", cache_bytes=1 << 20,
-        checkpoint_every_steps=7,
+        checkpoint_every_steps=7, output="stored",
     )  # fmt: skip
     argv = config_to_argv(original)
     assert not any("SECRET" in arg for arg in argv)

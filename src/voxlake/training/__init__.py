@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from voxlake.training.collate import collate_samples
 from voxlake.training.datasets import VolumeStream
+from voxlake.training.device import normalize_on_device
 from voxlake.training.metrics import binary_metrics, roc_auc
 from voxlake.training.models import CNN3D
 from voxlake.training.partition import global_order, partition_samples, samples_per_rank
@@ -43,6 +44,7 @@ __all__ = [
     "ct_window",
     "global_order",
     "launch",
+    "normalize_on_device",
     "partition_samples",
     "patch_origin",
     "random_affine",

@@ -32,6 +32,7 @@ def config_to_argv(config: TrainConfig) -> list[str]:
     argv += ["--patch-size", *(str(n) for n in config.patch_size)]
     argv += ["--patches-per-volume", str(config.patches_per_volume)]
     argv += ["--sampler", config.sampler, "--cache-bytes", str(config.cache_bytes)]
+    argv += ["--output", config.output]
     optional = {
         "--catalog": config.catalog,
         "--store": config.store,
@@ -74,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--patches-per-volume", type=int, default=1)
     add("--sampler", choices=("uniform", "foreground"), default="uniform")
     add("--cache-bytes", type=int, default=0, help="per-worker chunk cache cap")
+    add(
+        "--output",
+        choices=("float32", "stored"),
+        default="float32",
+        help="float32: normalised by the loader; stored: stored dtype, normalised on device",
+    )
     add("--checkpoint-every-steps", type=int, help="also checkpoint within epochs")
     add(
         "--storage-options",

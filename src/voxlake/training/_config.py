@@ -63,6 +63,12 @@ class TrainConfig:
     checkpoint_every_steps
         Also checkpoint every this many steps within an epoch (with the stream position),
         so a killed run resumes mid-epoch exactly; None: at epoch ends only.
+    output
+        ``"float32"``: the loader delivers normalised float32 images. ``"stored"``: it
+        delivers the stored dtype (int16 for CT, half the bytes) and each batch is
+        normalised on the training device by :func:`voxlake.training.normalize_on_device`
+        (same values, bit for bit). Needs volumes stored at ``shape`` in volume mode (no
+        resizing); see ``VolumeStream(output=...)``.
     """
 
     out: str
@@ -89,6 +95,7 @@ class TrainConfig:
     sampler: Literal["uniform", "foreground"] = "uniform"
     cache_bytes: int = 0
     checkpoint_every_steps: int | None = None
+    output: Literal["float32", "stored"] = "float32"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 0:
@@ -99,6 +106,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1 when given")
         if self.mode not in ("volume", "patch") or self.patches_per_volume < 1:
             raise ConfigError("mode must be volume or patch, patches_per_volume >= 1")
+        if self.output not in ("float32", "stored"):
+            raise ConfigError(f"output must be float32 or stored, not {self.output!r}")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -17,6 +17,7 @@ import torch
 from voxlake.errors import ConfigError
 from voxlake.training import _dist
 from voxlake.training.datasets import VolumeStream
+from voxlake.training.device import normalize_on_device
 from voxlake.training.metrics import binary_metrics
 from voxlake.training.world import World
 
@@ -99,8 +100,8 @@ def train_epoch(
     for batch in loader:
         if max_steps is not None and steps >= max_steps:
             break
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
+        batch = normalize_on_device(batch, device)
+        images, labels = batch["image"], batch["label"]
         with autocast(device):
             logits = model(images).squeeze(1)
         loss = criterion(logits.float(), labels)
@@ -142,9 +143,10 @@ def evaluate(
         model.eval()
         criterion = torch.nn.BCEWithLogitsLoss(reduction="none")
         for batch in loader:
+            batch = normalize_on_device(batch, device)
             with autocast(device):
-                logits = model(batch["image"].to(device, non_blocking=True)).squeeze(1)
-            labels = batch["label"].to(device)
+                logits = model(batch["image"]).squeeze(1)
+            labels = batch["label"]
             losses = criterion(logits.float(), labels)
             parts.append(
                 torch.stack(
@@ -236,6 +238,7 @@ def make_stream(
         storage_options=config.storage_options,
         catalog_version=version,
         batch_size=config.batch_size,
+        output=config.output,
     )
 
 

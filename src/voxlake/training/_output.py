@@ -3,6 +3,7 @@ they will be sent, and samples computed ahead in order."""
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,9 +15,55 @@ import torch
 if TYPE_CHECKING:
     from voxlake.volumes.sharded import Emit
 
-__all__ = ["normalize_array", "normalizer", "output_tensor", "prefetched"]
+__all__ = [
+    "normalization_params",
+    "normalize_array",
+    "normalizer",
+    "output_tensor",
+    "prefetched",
+]
 
 T = TypeVar("T")
+
+
+class _Scratch(threading.local):
+    buffer: np.ndarray | None = None
+
+
+_SCRATCH = _Scratch()  # one float32 work array per thread, grown on demand, never shared
+
+
+def _scratch(shape: tuple[int, ...]) -> np.ndarray:
+    count = int(np.prod(shape))
+    buffer = _SCRATCH.buffer
+    if buffer is None or buffer.size < count:
+        buffer = _SCRATCH.buffer = np.empty(count, np.float32)
+    return buffer[:count].reshape(shape)
+
+
+def normalization_params(
+    method: str,
+    *,
+    mean: float = np.nan,
+    std: float = np.nan,
+    window: tuple[float, float] = (40.0, 400.0),
+) -> tuple[np.float32, np.float32, np.float32, np.float32]:
+    """``(shift, scale, low, high)`` in float32: a normalised value is
+    ``clip((float32(x) - shift) * scale, low, high)``, each step rounded to float32.
+
+    The one definition both the stream's float32 output (:func:`normalizer`) and
+    :func:`voxlake.training.normalize_on_device` evaluate, which is why they agree bit
+    for bit. ``zscore`` needs finite ``mean`` and ``std > 0``; the caller supplies
+    fallbacks. ``low``/``high`` are -inf/+inf when nothing is clipped.
+    """
+    inf = np.float32(np.inf)
+    if method == "zscore":
+        return np.float32(mean), np.float32(1.0 / max(float(std), 1e-6)), -inf, inf
+    if method == "ct_window":
+        center, width = window
+        low = np.float32(center - width / 2.0)
+        return low, np.float32(1.0 / width), np.float32(0.0), np.float32(1.0)
+    return np.float32(0.0), np.float32(1.0), -inf, inf
 
 
 def normalizer(
@@ -27,26 +74,29 @@ def normalizer(
     window: tuple[float, float] = (40.0, 400.0),
 ) -> Emit:
     """``emit(part, out)`` writing ``part`` z-scored, CT-windowed to [0, 1] or raw into the
-    float32 view ``out``: the conversion and the arithmetic fused into two passes, with no
-    intermediate array (the lean reader calls it per decoded chunk, in its threads).
-    ``zscore`` needs finite ``mean`` and ``std > 0``; the caller supplies fallbacks.
+    float32 view ``out`` (:func:`normalization_params`): the conversion and the arithmetic
+    fused into two passes over a chunk-sized view, with no intermediate array (the lean
+    reader calls it per decoded chunk, in its threads, while the chunk is in cache).
     """
+    shift, scale, low, high = normalization_params(method, mean=mean, std=std, window=window)
+    # The arithmetic runs in a contiguous per-thread scratch array (cache-resident), and
+    # ``out`` (a strided view of a large, often freshly allocated image) is written once:
+    # measured 105 against 162 us per 64^3 chunk for converting and scaling in ``out``.
     if method == "zscore":
-        shift, scale = np.float32(mean), np.float32(1.0 / max(float(std), 1e-6))
 
         def emit_zscore(part: np.ndarray, out: np.ndarray) -> None:
-            np.subtract(part, shift, out=out, dtype=np.float32, casting="unsafe")
-            out *= scale
+            tmp = _scratch(part.shape)
+            np.subtract(part, shift, out=tmp, dtype=np.float32, casting="unsafe")
+            np.multiply(tmp, scale, out=out)
 
         return emit_zscore
     if method == "ct_window":
-        center, width = window
-        low, inverse = np.float32(center - width / 2.0), np.float32(1.0 / width)
 
         def emit_window(part: np.ndarray, out: np.ndarray) -> None:
-            np.subtract(part, low, out=out, dtype=np.float32, casting="unsafe")
-            out *= inverse
-            np.clip(out, 0.0, 1.0, out=out)
+            tmp = _scratch(part.shape)
+            np.subtract(part, shift, out=tmp, dtype=np.float32, casting="unsafe")
+            tmp *= scale
+            np.clip(tmp, low, high, out=out)
 
         return emit_window
 
@@ -71,10 +121,14 @@ def normalize_array(
 
 
 def output_tensor(
-    shape: tuple[int, ...], *, zero: bool = False, shared: bool = True
+    shape: tuple[int, ...],
+    *,
+    zero: bool = False,
+    shared: bool = True,
+    dtype: np.dtype[Any] | type = np.float32,
 ) -> torch.Tensor:
-    """A float32 tensor for a sample's image; in shared memory inside a DataLoader worker
-    when ``shared``.
+    """A tensor (``dtype``, float32 by default) for a sample's image; in shared memory
+    inside a DataLoader worker when ``shared``.
 
     A worker's samples reach the main process through shared memory. Writing the image
     there from the start means sending it costs nothing more (with
@@ -88,13 +142,13 @@ def output_tensor(
     if not shared or get_worker_info() is None:
         # numpy asks for transparent huge pages on large allocations, torch does not:
         # measured 3 to 7 ms against 15 to 28 ms to allocate and fill a 34 MB volume.
-        return torch.from_numpy(
-            np.zeros(shape, np.float32) if zero else np.empty(shape, np.float32)
-        )
+        return torch.from_numpy(np.zeros(shape, dtype) if zero else np.empty(shape, dtype))
     count = int(np.prod(shape))
-    storage: Any = torch.UntypedStorage._new_shared(count * 4)  # fresh shared pages are zeros
+    empty = torch.from_numpy(np.empty(0, dtype))
+    # Fresh shared pages are zeros.
+    storage: Any = torch.UntypedStorage._new_shared(count * empty.element_size())
     strides = [int(np.prod(shape[i + 1 :])) for i in range(len(shape))]
-    tensor: torch.Tensor = torch.empty(0, dtype=torch.float32).set_(storage, 0, shape, strides)
+    tensor: torch.Tensor = torch.empty(0, dtype=empty.dtype).set_(storage, 0, shape, strides)
     return tensor
 
 

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
-from voxlake.training._output import normalize_array, normalizer, output_tensor, prefetched
+from voxlake.training._output import (
+    normalization_params,
+    normalize_array,
+    normalizer,
+    output_tensor,
+    prefetched,
+)
 from voxlake.training.patches import patch_origin, sample_seed
 from voxlake.training.transforms import augment, resize
 
@@ -249,10 +255,12 @@ def _fill(
     method: str,
     window: tuple[float, float],
     stats: Callable[[np.ndarray | None], tuple[float, float]],
-) -> None:
-    """Read the (z, y, x) box ``spatial`` of every channel, normalised, into ``out``
-    (C, d, h, w). ``stats(None)`` gives (mean, std) without data or NaNs; then
-    ``stats(raw)`` is asked with the raw values read first (two passes)."""
+    stored: bool = False,
+) -> tuple[float, float]:
+    """Read the (z, y, x) box ``spatial`` of every channel into ``out`` (C, d, h, w):
+    normalised (float32 ``out``), or the stored values when ``stored``. Returns the
+    (mean, std) of the normalisation. ``stats(None)`` gives (mean, std) without data or
+    NaNs; then ``stats(raw)`` is asked with the raw values read first (two passes)."""
     array = reader.array(code, path)
     axes = reader.axes(code, path)
     region = _region(axes, spatial)
@@ -273,13 +281,16 @@ def _fill(
                 emit(data, dest)
 
     mean, std = stats(None) if method == "zscore" else (np.nan, np.nan)
-    if method == "zscore" and not _stats_ok(mean, std):
-        raw = np.empty(target.shape, np.dtype(array.dtype))
+    if stored or (method == "zscore" and not _stats_ok(mean, std)):
+        raw = target if stored else np.empty(target.shape, np.dtype(array.dtype))
         read(raw, None)
-        mean, std = stats(raw)
-        normalizer(method, mean=mean, std=std, window=window)(raw, target)
-        return
+        if method == "zscore" and not _stats_ok(mean, std):
+            mean, std = stats(raw)
+        if not stored:
+            normalizer(method, mean=mean, std=std, window=window)(raw, target)
+        return mean, std
     read(target, normalizer(method, mean=mean, std=std, window=window))
+    return mean, std
 
 
 def read_stream_sample(stream: VolumeStream, sample: int, reader: VolumeReader) -> dict[str, Any]:
@@ -294,6 +305,8 @@ def read_stream_sample(stream: VolumeStream, sample: int, reader: VolumeReader) 
     spatial = tuple(int(n) for n in array.shape[-3:])
     # The image is sent as it is only when nothing replaces or batches it.
     shared = stream.batch_size == 1 and stream.augment is None and stream.transform is None
+    stored = stream.output == "stored"
+    dtype = np.dtype(array.dtype) if stored else np.dtype(np.float32)
 
     def own(data: np.ndarray) -> tuple[float, float]:
         return float(data.mean(dtype=np.float64)), float(data.std(dtype=np.float64))
@@ -304,10 +317,16 @@ def read_stream_sample(stream: VolumeStream, sample: int, reader: VolumeReader) 
             return catalog if raw is None else own(raw)
 
         final = spatial == stream.shape  # no resize: the read buffer is the sample
-        image = output_tensor((channels, *spatial), shared=shared and final)
+        if stored and not final:
+            raise ValueError(
+                f"volume {stream._volume_ids[index]} is {spatial}, the stream's shape "
+                f"{stream.shape}: output='stored' delivers volumes unresized; set shape to "
+                "the stored size or use output='float32'"
+            )
+        image = output_tensor((channels, *spatial), shared=shared and final, dtype=dtype)
         box = (slice(0, spatial[0]), slice(0, spatial[1]), slice(0, spatial[2]))
-        _fill(reader, code, path, box, image.numpy(), method=method, window=window,
-              stats=volume_stats)  # fmt: skip
+        mean, std = _fill(reader, code, path, box, image.numpy(), method=method,
+                          window=window, stats=volume_stats, stored=stored)  # fmt: skip
         if not final:
             image = resize(image, stream.shape).contiguous()
     else:
@@ -316,9 +335,9 @@ def read_stream_sample(stream: VolumeStream, sample: int, reader: VolumeReader) 
         def patch_stats(raw: np.ndarray | None) -> tuple[float, float]:
             if _stats_ok(*catalog):
                 return catalog
-            stored = reader.stored_stats(code, path)
-            if _stats_ok(*stored) or raw is None:
-                return stored
+            written = reader.stored_stats(code, path)
+            if _stats_ok(*written) or raw is None:
+                return written
             return own(raw)
 
         foreground = reader.foreground(code, path) if stream.sampler == "foreground" else None
@@ -334,19 +353,26 @@ def read_stream_sample(stream: VolumeStream, sample: int, reader: VolumeReader) 
         )
         slices, pad = patch_bounds(spatial, origin, stream.patch_size)
         padded = any(p for pair in pad for p in pair)
-        image = output_tensor((channels, *stream.patch_size), zero=padded, shared=shared)
+        image = output_tensor(
+            (channels, *stream.patch_size), zero=padded, shared=shared, dtype=dtype
+        )
         inner = tuple(
             slice(lo, lo + s.stop - s.start) for (lo, _), s in zip(pad, slices, strict=True)
         )
         view = image.numpy()[(slice(None), *inner)]
-        _fill(reader, code, path, slices, view, method=method, window=window,
-              stats=patch_stats)  # fmt: skip
+        mean, std = _fill(reader, code, path, slices, view, method=method, window=window,
+                          stats=patch_stats, stored=stored)  # fmt: skip
         item["origin"] = torch.tensor(origin, dtype=torch.int64)
+        if stored:
+            item["valid"] = torch.tensor([[s.start, s.stop] for s in inner], dtype=torch.int64)
     item.update(
         {"image": image, "volume_id": stream._volume_ids[index], "index": index, "sample": sample}
     )
     if stream._labels is not None:
         item["label"] = torch.tensor(stream._labels[index], dtype=torch.float32)
+    if stored:
+        params = normalization_params(method, mean=mean, std=std, window=window)
+        item["normalization"] = torch.tensor(params, dtype=torch.float32)
     if stream.augment is not None:
         seed = sample_seed(stream.seed, stream.epoch, sample, "augment")
         item = augment(item, torch.Generator().manual_seed(seed), stream.augment)

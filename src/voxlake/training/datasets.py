@@ -22,6 +22,13 @@ Contract
       {"image": FloatTensor (C, D, H, W), "label": float32 scalar tensor,
        "volume_id": str, "index": int, "sample": int, "origin": LongTensor (3,)}
 
+  With ``output="stored"`` the image keeps the stored dtype (int16 for CT), unnormalised,
+  and two entries more say how to normalise it: ``"normalization"``, float32
+  ``(shift, scale, low, high)``, and in patch mode ``"valid"``, LongTensor (3, 2), the
+  start/stop along z, y, x of the voxels read (the rest is padding).
+  :func:`voxlake.training.normalize_on_device` then gives the float32 images, bit for
+  bit, on the device.
+
   ``index`` is the row position in the selection, ``sample`` the sample number in the
   epoch (equal to ``index`` in volume mode); ``label`` is absent when ``label_column``
   is None and ``origin`` (the patch's first voxel) only in patch mode. ``C`` is 1, or
@@ -60,6 +67,7 @@ __all__ = ["VolumeStream"]
 logger = logging.getLogger(__name__)
 
 Normalize = Literal["zscore", "ct_window", "none"]
+Output = Literal["float32", "stored"]
 
 
 def _float_column(selection: pd.DataFrame, name: str) -> np.ndarray:
@@ -149,6 +157,16 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         identical samples.
     decode_threads
         Chunk-decoding threads per process on the lean path.
+    output
+        ``"float32"``: normalised float32 images. ``"stored"``: the stored dtype,
+        unnormalised, with each sample's ``normalization`` parameters (and ``valid`` box
+        in patch mode), for :func:`voxlake.training.normalize_on_device` to normalise on
+        the GPU: half the bytes (int16) to write, send between processes, pin and copy.
+        Flips work on stored values (they commute with the normalisation); the affine
+        augmentation needs float32 images and is refused (apply
+        :func:`voxlake.training.random_affine` after ``normalize_on_device``), and so is
+        resizing in volume mode (``shape`` must be the stored size). A ``transform`` sees
+        the stored-dtype image.
 
     Notes
     -----
@@ -183,6 +201,7 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         wrap_store: Callable[[Any], Any] | None = None,
         lean: bool = True,
         decode_threads: int = 2,
+        output: Output = "float32",
     ) -> None:
         super().__init__()
         # Epoch, seed and resume point live in shared memory: DataLoader workers (forked,
@@ -208,6 +227,15 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         if not 0.0 <= foreground_prob <= 1.0 or cache_bytes < 0 or window[1] <= 0:
             raise ValueError("need 0 <= foreground_prob <= 1, cache_bytes >= 0, window width > 0")
 
+        if output not in ("float32", "stored"):
+            raise ValueError(f"output must be float32 or stored, not {output!r}")
+        if output == "stored" and augment is not None and augment.affine_prob > 0:
+            raise ValueError(
+                "output='stored' delivers unnormalised integer images: the affine "
+                "augmentation needs float32 ones (use output='float32', or apply "
+                "random_affine after normalize_on_device)"
+            )
+        self.output: Output = output
         self.shape = _size3(shape, "shape")
         self.patch_size = _size3(patch_size, "patch_size")
         self.mode = mode

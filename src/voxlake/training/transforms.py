@@ -85,13 +85,27 @@ def random_flip(
     Returns
     -------
     dict
-        A shallow copy of ``sample`` with the (possibly) flipped volume.
+        A shallow copy of ``sample`` with the (possibly) flipped volume, and its
+        ``valid`` box (``VolumeStream(output="stored")`` patches) flipped along.
     """
     draws = torch.rand(len(axes), generator=generator)
     flip = [int(axis) for axis, draw in zip(axes, draws.tolist(), strict=True) if draw < p]
     out = dict(sample)
     if flip:
-        out[key] = torch.flip(sample[key], dims=flip)
+        image = sample[key]
+        out[key] = torch.flip(image, dims=flip)
+        valid = sample.get("valid")
+        if valid is not None:
+            # A stored-dtype patch's box of read voxels (its padding is zeroed after
+            # normalisation, by normalize_on_device) flips with the image.
+            valid = valid.clone()
+            for axis in flip:
+                spatial = axis % image.dim() - (image.dim() - 3)
+                if spatial >= 0:
+                    size = int(image.shape[axis])
+                    lo, hi = int(valid[spatial, 0]), int(valid[spatial, 1])
+                    valid[spatial, 0], valid[spatial, 1] = size - hi, size - lo
+            out["valid"] = valid
     return out
 
 
