@@ -285,11 +285,10 @@ def _flags_of(command_name: str) -> dict[str, str]:
 
 def render_config_markdown() -> str:
     """Render the configuration reference (``docs/configuration.md``)."""
-    from voxlake.config import _ENV_INGEST, _SECTIONS, IngestConfig, StreamConfig
+    from voxlake.config import _ENV_INGEST, _SECTIONS, IngestConfig
     from voxlake.training.train import TrainConfig
 
     env = {key: var for var, (key, _) in _ENV_INGEST.items()}
-    stream_keys = ", ".join(f.name for f in dataclasses.fields(StreamConfig))
     ingest_flags = _flags_of("ingest")
     ingest_flags.pop("config_file", None)
     train_flags = {
@@ -377,8 +376,8 @@ def render_config_markdown() -> str:
         "## Streaming",
         "",
         "`VolumeStream` takes its options as keyword arguments (`shape`, `seed`, `shuffle`,"
-        " `prefetch`, `normalize`, `label_column`, ...; see its docstring)."
-        f" `voxlake.config.StreamConfig` ({stream_keys}) is defined but nothing reads it yet.",
+        " `prefetch`, `normalize`, `output`, `label_column`, ...; see its docstring);"
+        " `voxlake train` sets them from `TrainConfig` above.",
         "",
     ]
     return "\n".join(lines).rstrip() + "\n"

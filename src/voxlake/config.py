@@ -21,7 +21,6 @@ __all__ = [
     "IngestConfig",
     "PreprocessConfig",
     "StoreConfig",
-    "StreamConfig",
     "load_config",
     "resolve_secret",
 ]
@@ -206,28 +205,6 @@ class IngestConfig:
     def require_secret(self) -> str:
         """Return the secret or raise :class:`SecretMissingError`."""
         return resolve_secret(self.secret)
-
-
-@dataclass(frozen=True, kw_only=True)
-class StreamConfig:
-    """Options for :class:`voxlake.training.VolumeStream`.
-
-    Attributes
-    ----------
-    shape
-        Output (D, H, W) every sample is resized to, so batches stack.
-    seed
-        Seed of the sample order (with epoch, world size, rank and worker).
-    shuffle
-        Shuffle the sample order each epoch.
-    prefetch
-        Volumes read ahead by background threads per DataLoader worker.
-    """
-
-    shape: tuple[int, int, int] = (64, 64, 64)
-    seed: int = 0
-    shuffle: bool = True
-    prefetch: int = 2
 
 
 def resolve_secret(secret: str | None) -> str:
