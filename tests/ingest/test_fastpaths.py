@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.config import IGNORE
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 
 from voxlake.catalog.schema import DICOM_COLUMNS
 from voxlake.config import DeidConfig
@@ -84,17 +84,58 @@ def _keyword_columns(ds) -> dict:
     return row
 
 
-@pytest.mark.parametrize("date_mode", ["shift", "year"])
-def test_header_rows_equal_the_pydicom_path(tiny_sample, monkeypatch, date_mode):
+def _pydicom_path(patch: pytest.MonkeyPatch) -> None:
+    """deidentify as it was: every element converted by ``Dataset.__getitem__`` (none
+    decided by its tag alone), every kept value deep-copied into a new element."""
+    patch.setattr(deid, "_new", _deepcopy_new)
+    patch.setattr(deid, "_keep", lambda elem: _deepcopy_new(elem, elem.value))
+    patch.setattr(deid, "_lean_conversion", lambda: False)
+    patch.setattr(deid, "_dropped_by_tag", lambda tag, ctx: False)
+
+
+def _raw_datasets(tiny_sample) -> list:
+    """Freshly parsed datasets (raw elements, as the header pass sees them), twice over."""
+    return [(name, ds, copy.deepcopy(ds)) for name, ds in _datasets(tiny_sample)]
+
+
+@pytest.mark.parametrize(
+    ("date_mode", "keep_private_tags", "keep_descriptions"),
+    [
+        ("shift", True, False),
+        ("year", True, True),
+        ("shift", False, False),
+        ("remove", False, True),
+    ],
+)
+def test_header_rows_equal_the_pydicom_path(
+    tiny_sample, monkeypatch, date_mode, keep_private_tags, keep_descriptions
+):
     pseudonymizer = Pseudonymizer(SECRET)
-    config = DeidConfig(date_mode=date_mode, keep_private_tags=True)
-    for name, ds in _datasets(tiny_sample):
+    config = DeidConfig(
+        date_mode=date_mode,
+        keep_private_tags=keep_private_tags,
+        keep_descriptions=keep_descriptions,
+    )
+    lean = 0
+    for name, ds, twin in _raw_datasets(tiny_sample):
+        lean += sum(isinstance(e, RawDataElement) for e in ds.values())
         fast = deidentify(ds, pseudonymizer=pseudonymizer, config=config)
         with monkeypatch.context() as patch:
-            patch.setattr(deid, "_new", _deepcopy_new)
-            slow = deidentify(ds, pseudonymizer=pseudonymizer, config=config)
+            _pydicom_path(patch)
+            slow = deidentify(twin, pseudonymizer=pseudonymizer, config=config)
         assert header_to_json(fast) == _probe_everything(slow), name
         assert typed_columns(fast) == _keyword_columns(slow), name
+    assert lean > 500  # the raw-element path was exercised, not only converted datasets
+
+
+def test_deidentify_leaves_the_input_as_it_was(tiny_sample):
+    pseudonymizer = Pseudonymizer(SECRET)
+    for name, ds, twin in _raw_datasets(tiny_sample)[:10]:
+        clean = deidentify(ds, pseudonymizer=pseudonymizer, config=DeidConfig())
+        clean.PatientName = "CHANGED"
+        for elem in clean:
+            if elem.VR != "SQ" and not deid._is_bulk(elem) and elem.tag in ds:
+                assert ds[elem.tag].value == twin[elem.tag].value, (name, elem.tag)
 
 
 def test_element_json_equals_pydicom_for_every_element(tiny_sample):
@@ -249,3 +290,53 @@ def test_native_frame_leaves_what_pydicom_would_refuse_to_pydicom():
         ds = dataset()
         change(ds)
         assert native_frame(ds, syntax) is None
+
+
+@pytest.mark.parametrize(
+    ("charset", "text"),
+    [("ISO_IR 192", "Größe Ωμέγα 日本"), ("ISO_IR 100", "Müller Ærø"), ("ISO_IR 144", "Иванов")],
+)
+@pytest.mark.parametrize("implicit", [False, True])
+def test_raw_text_in_other_character_sets_equals_the_pydicom_path(
+    tmp_path, monkeypatch, charset, text, implicit
+):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.SpecificCharacterSet = charset
+    ds.SOPInstanceUID, ds.SeriesInstanceUID = "1.2.3.4", "1.2.3.5"
+    ds.PatientID, ds.PatientName = "ID-" + text[:4], text.replace(" ", "^")
+    ds.StudyDescription = ds.SeriesDescription = text
+    ds.InstitutionName, ds.StationName = text, text[:16]
+    ds.ImageComments = text + " \\ " + text
+    ds.BodyPartExamined, ds.Modality, ds.StudyDate = "CHEST", "CT", "20200102"
+    ds.PixelSpacing, ds.SliceThickness, ds.Rows = ["0.5", "0.5"], "1.25", 4
+    item = Dataset()
+    item.CodeMeaning, item.CodeValue = text, "X1"
+    ds.ProcedureCodeSequence = Sequence([item])
+    ds.add_new(0x00090010, "LO", "VENDOR " + text[:6])
+    ds.add_new(0x00091001, "LO", text)
+    path = tmp_path / "text.dcm"
+    ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+    pseudonymizer = Pseudonymizer(SECRET)
+    for config in (
+        DeidConfig(keep_descriptions=True, keep_private_tags=True),
+        DeidConfig(date_mode="year"),
+    ):
+        raw, _ = parse_dicom_bytes(path.read_bytes(), max_bytes=1 << 20)
+        twin = copy.deepcopy(raw)
+        fast = deidentify(raw, pseudonymizer=pseudonymizer, config=config)
+        with monkeypatch.context() as patch:
+            _pydicom_path(patch)
+            slow = deidentify(twin, pseudonymizer=pseudonymizer, config=config)
+        got = header_to_json(fast)
+        assert got == _probe_everything(slow)
+        assert typed_columns(fast) == _keyword_columns(slow)
+        if config.keep_descriptions:
+            assert text in got  # decoded with the file's character set, not Latin-1

@@ -49,9 +49,12 @@ from pydicom.config import IGNORE
 from pydicom.datadict import get_entry, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.hooks import hooks as _hooks
+from pydicom.hooks import raw_element_value, raw_element_vr
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.valuerep import PersonName
+from pydicom.values import convert_value
 
 from voxlake.errors import ConfigError, SecretMissingError
 from voxlake.ingest import _deid_table as _table
@@ -101,6 +104,16 @@ _TM_RE: Final = re.compile(r"\d{2}(?::?\d{2}(?::?\d{2}(?:\.\d{1,6})?)?)?")
 _METHOD: Final = "voxlake Basic Profile (PS3.15 E.1.1)"
 _NEEDLE_KEYWORDS: Final = (
     "PatientID", "PatientName", "AccessionNumber", "OtherPatientIDs", "OtherPatientNames",
+)  # fmt: skip
+_OVERLAYS: Final = (0x3000, 0x4000)
+_PSEUDONYMIZED: Final = frozenset({_PATIENT_NAME, _PATIENT_ID, _ACCESSION})
+#: Set by _mark on the output: a copy, never the input's element, may be changed there.
+_MARKED: Final = frozenset(
+    tag_for_keyword(kw) or 0
+    for kw in (
+        "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+        "LongitudinalTemporalInformationModified",
+    )
 )  # fmt: skip
 _ID_KEYWORDS: Final = (
     "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber",
@@ -208,6 +221,9 @@ def deidentify(ds: Dataset, *, pseudonymizer: Pseudonymizer, config: DeidConfig)
     ----------
     ds
         The original header; it is not modified. Pixel data and bulk values are not copied.
+        Elements dropped by their tag alone (private ones, group lengths, curves,
+        overlays, "X" actions) are never converted from their raw bytes; kept elements
+        with immutable values are shared with `ds`, not copied.
     pseudonymizer
         Computes keys, replacement UIDs and the per-patient date offset.
     config
@@ -257,11 +273,14 @@ def _dumps(model: dict[str, Any]) -> str:
 
 def _clean_dataset(src: Dataset, ctx: _Context) -> Dataset:
     out = Dataset()
-    for tag in sorted(map(int, src.keys())):  # plain ints compare much faster than Tags
+    lean = _lean_conversion()
+    # The stored (raw or converted) elements in tag order (private creators before their
+    # blocks); plain ints compare much faster than Tags.
+    for tag, raw in sorted((int(key), stored) for key, stored in src.items()):
         try:
-            if _is_bulk(src.get_item(tag, keep_deferred=True)):
-                continue
-            new = _clean_element(src[tag], ctx)
+            if _is_bulk(raw) or _dropped_by_tag(tag, ctx):
+                continue  # decided by the tag alone: the value is never converted
+            new = _clean_element(_element(src, tag, raw) if lean else src[tag], ctx)
         except Exception:  # never raise on odd values: the element is dropped
             continue
         if new is not None:
@@ -269,6 +288,72 @@ def _clean_dataset(src: Dataset, ctx: _Context) -> Dataset:
     if _PATIENT_NAME in out and _PATIENT_ID in out:
         out[_PATIENT_NAME].value = out[_PATIENT_ID].value
     return out
+
+
+def _dropped_by_tag(tag: int, ctx: _Context) -> bool:
+    """True for elements :func:`_clean_element` drops whatever their VR and value."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if element == 0:
+        return True
+    if group & 1:  # private (odd 50xx and 60xx groups too): only the option decides
+        return not ctx.config.keep_private_tags
+    if group >> 8 == 0x50 or group == 0x7FE0 or (group >> 8 == 0x60 and element in _OVERLAYS):
+        return True
+    rule = _RULES.get(tag)
+    if rule is None or tag in _PSEUDONYMIZED:
+        return False
+    action, flags = rule  # "X" drops unless a flag or an option keeps or maps the value
+    kept = "p" in flags or "d" in flags or ("c" in flags and ctx.config.keep_descriptions)
+    return action == "X" and not kept
+
+
+#: VRs converted here as Dataset.__getitem__ converts them (no dictionary lookup, no
+#: ambiguity to resolve, no nested dataset): numbers, plain and character-set text.
+_LEAN_VRS: Final = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SS",
+     "ST", "SV", "TM", "UC", "UI", "UL", "UR", "US", "UT", "UV"}
+)  # fmt: skip
+#: Converted through Dataset.__getitem__ whatever their VR: SpecificCharacterSet (read
+#: with the default encoding) and the LUT descriptors (pydicom fixes their first value).
+_SPECIAL_TAGS: Final = frozenset({0x00080005, 0x00281101, 0x00281102, 0x00281103, 0x00283002})
+
+
+def _lean_conversion() -> bool:
+    """True when pydicom converts raw elements with its default hooks (nobody changed them)."""
+    from pydicom import config
+
+    return (
+        config.data_element_callback is None
+        and not _hooks.raw_element_kwargs
+        and _hooks.raw_element_vr is raw_element_vr
+        and _hooks.raw_element_value is raw_element_value
+    )
+
+
+def _element(src: Dataset, tag: int, raw: DataElement | RawDataElement) -> DataElement:
+    """``src[tag]``, converted without storing it back in ``src``, for the plain cases.
+
+    For an explicit-VR, public, non-sequence element of a VR that needs no dictionary
+    lookup or ambiguity resolution, this is what ``Dataset.__getitem__`` does (the same
+    ``convert_value`` and the same ``DataElement``) without its bookkeeping; anything
+    else goes through ``src[tag]``.
+    """
+    if (
+        not isinstance(raw, RawDataElement)
+        or raw.value is None  # deferred
+        or tag & 0x10000  # private: the creator is looked up
+        or tag in _SPECIAL_TAGS
+        or raw.VR not in _LEAN_VRS  # implicit VR (None), UN, SQ, binary, ambiguous
+    ):
+        return src[tag]
+    encoding = src.original_character_set  # what __getitem__ uses when it is set
+    if not encoding:
+        return src[tag]
+    vr = raw.VR
+    value = convert_value(vr, raw, encoding)
+    return DataElement(
+        raw.tag, vr, value, raw.value_tell, raw.length == 0xFFFFFFFF, already_converted=True
+    )
 
 
 def _clean_element(elem: DataElement, ctx: _Context) -> DataElement | None:
@@ -295,7 +380,7 @@ def _clean_element(elem: DataElement, ctx: _Context) -> DataElement | None:
         return _clean_generic(elem, ctx)
     action, flags = rule
     if action == "K" or "p" in flags:
-        return _clean_generic(elem, ctx) if elem.VR == "SQ" else _new(elem, elem.value)
+        return _clean_generic(elem, ctx) if elem.VR == "SQ" else _keep(elem)
     if "c" in flags and ctx.config.keep_descriptions:
         return _clean_generic(elem, ctx)
     if "d" in flags and elem.VR in _DATE_VRS:
@@ -330,7 +415,7 @@ def _clean_generic(elem: DataElement, ctx: _Context) -> DataElement | None:
         return _map(elem, lambda v: v if _well_known(elem.tag, v) else ctx.pseudonymizer.uid(v))
     if vr == "PN":  # names the table does not list
         return _new(elem, "")
-    return _new(elem, elem.value)
+    return _keep(elem)
 
 
 def _clean_date(elem: DataElement, ctx: _Context, action: str | None) -> DataElement | None:
@@ -425,11 +510,13 @@ def _code_item(code: str) -> Dataset:
 
 def _json_dataset(ds: Dataset, *, probe: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for tag in sorted(map(int, ds.keys())):
+    # In storage order: the keys are sorted when the model is dumped.
+    for stored in list(ds.values()):
+        tag = int(stored.tag)
         try:
-            if _is_bulk(ds.get_item(tag, keep_deferred=True)):
+            if _is_bulk(stored):
                 continue
-            elem = ds[tag]
+            elem = stored if isinstance(stored, DataElement) else ds[tag]
             if elem.VR == "SQ":
                 items = [_json_dataset(item, probe=probe) for item in elem.value]
                 entry: dict[str, Any] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
@@ -553,6 +640,14 @@ def _new(elem: DataElement, value: Any, vr: str | None = None) -> DataElement:
         else:
             value = copy.deepcopy(value)
     return DataElement(elem.tag, vr or elem.VR, value, validation_mode=IGNORE)
+
+
+def _keep(elem: DataElement) -> DataElement:
+    """``elem`` itself when its value is immutable (shared with the input, which is never
+    modified), else a copy; the elements :func:`_mark` sets are always copies."""
+    if isinstance(elem.value, _IMMUTABLE) and int(elem.tag) not in _MARKED:
+        return elem
+    return _new(elem, elem.value)
 
 
 def _dictionary(tag: int) -> tuple[str, str]:

@@ -96,6 +96,9 @@ def _private(ds: Dataset, group: int, creator: str, offset: int, *, vendor: bool
     vendor's usual block ``0x10`` is read, as dcm2niix does; a block reserved by another
     creator is never read.
     """
+    low = group << 16
+    if not any(low <= int(tag) <= low | 0xFFFF for tag in ds.keys()):  # noqa: SIM118
+        return None  # nothing in the group: skips private_block's sorted slice
     try:
         block = ds.private_block(group, creator)
         return block[offset].value

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import pydicom
 
     from voxlake.config import IngestConfig
+    from voxlake.ingest.readers.native import PixelSpan
     from voxlake.ingest.sources import FileRef
 
 __all__ = [
@@ -47,12 +48,15 @@ class HeaderBatch:
 
     ``key_map`` holds ``(kind, key, original identifier)`` triples, filled only when
     ``IngestConfig.key_map_url`` is set (the driver writes them there and nowhere else).
+    ``pixel_spans`` maps the URL of each local, native single-frame file to where its
+    pixel values lie (in memory only: the driver hands them to this run's volume tasks).
     """
 
     instances: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     bytes_read: int = 0
     key_map: list[tuple[str, str, str]] = field(default_factory=list)
+    pixel_spans: dict[str, PixelSpan] = field(default_factory=dict)
 
 
 def failure_row(
@@ -253,9 +257,11 @@ def _column_tags() -> tuple[tuple[Column, int | None], ...]:
 def typed_columns(ds: pydicom.Dataset) -> dict[str, Any]:
     """Typed catalog columns from a (de-identified) dataset; unusable values become null."""
     row: dict[str, Any] = {}
+    # int lookups, no Tag per column (iterating a Dataset would convert its elements)
+    present = {int(tag) for tag in ds.keys()}  # noqa: SIM118
     for column, tag in _column_tags():
         value = None
-        if tag is not None and tag in ds:
+        if tag is not None and tag in present:
             try:
                 value = _convert(column, ds[tag].value)
             except Exception:
@@ -272,10 +278,13 @@ def _instance_row(
     config: IngestConfig,
     run_id: str,
     key_map: list[tuple[str, str, str]] | None = None,
+    pixel_spans: dict[str, PixelSpan] | None = None,
 ) -> dict[str, Any]:
     from voxlake.ingest.deid import Pseudonymizer, deidentify, header_to_json, original_identifiers
     from voxlake.ingest.frames import frame_columns
+    from voxlake.ingest.readers.native import pixel_span
     from voxlake.ingest.readers.nifti import image_file_row, sniff_image_format
+    from voxlake.ingest.sources import local_path_of
 
     image_format = sniff_image_format(ref.url, data)
     if image_format is not None:  # NIfTI, MINC or Analyze: read through nibabel
@@ -287,7 +296,14 @@ def _instance_row(
             run_id=run_id,
             max_bytes=config.max_file_bytes,
         )
-    ds, _ = parse_dicom_bytes(data, max_bytes=config.max_file_bytes)
+    ds, gzipped = parse_dicom_bytes(data, max_bytes=config.max_file_bytes)
+    content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+    span = None
+    local = ref.fetch_url == ref.url and local_path_of(ref.url) is not None
+    if pixel_spans is not None and local and not gzipped:  # before PixelData is converted
+        span = pixel_span(
+            ds, file_bytes=len(data), size=ref.size, mtime=ref.mtime, content_hash=content_hash
+        )
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta or {}).get("MediaStorageSOPClassUID", ""))
     if sop_class == DICOMDIR_SOP_CLASS or (
@@ -315,7 +331,7 @@ def _instance_row(
         "url": ref.url,
         "size": ref.size,
         "mtime": ref.mtime,
-        "content_hash": hashlib.blake2b(data, digest_size=16).hexdigest(),
+        "content_hash": content_hash,
         "file_format": "dicom",
         "transfer_syntax_uid": transfer_syntax or None,
         "has_pixels": any(k in ds for k in _PIXEL_KEYWORDS),
@@ -337,6 +353,8 @@ def _instance_row(
         value = row[name]
         if value is not None and not math.isfinite(value):  # would be taken as 1 and 0
             raise HeaderError("RescaleSlope or RescaleIntercept is not finite", code="bad_rescale")
+    if span is not None and pixel_spans is not None:
+        pixel_spans[ref.url] = span
     return row
 
 
@@ -360,6 +378,7 @@ def read_headers(
                 config=config,
                 run_id=run_id,
                 key_map=batch.key_map if config.key_map_url else None,
+                pixel_spans=batch.pixel_spans,
             )
             batch.instances.append(row)
         except VoxlakeError as exc:
@@ -431,3 +450,5 @@ def _drop_rows_the_catalog_cannot_hold(
                 )
             )
     batch.instances = kept
+    urls = {row["url"] for row in kept}
+    batch.pixel_spans = {u: s for u, s in batch.pixel_spans.items() if u in urls}

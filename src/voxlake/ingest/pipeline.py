@@ -29,6 +29,7 @@ from voxlake.config import IngestConfig
 from voxlake.errors import SourceError, VoxlakeError
 from voxlake.ingest.headers import HeaderBatch, failure_row, read_headers
 from voxlake.ingest.readers.dicom import build_volume
+from voxlake.ingest.readers.native import with_pixel_spans
 from voxlake.ingest.series import plan_volumes
 from voxlake.ingest.sources import iter_file_batches
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
+    from voxlake.ingest.readers.native import PixelSpan
     from voxlake.ingest.series import VolumePlan
 
 __all__ = ["IngestReport", "ProgressEvent", "ProgressHandler", "ingest"]
@@ -155,6 +157,7 @@ def _merge_batches(batches: list[HeaderBatch]) -> HeaderBatch:
         merged.failures += batch.failures
         merged.bytes_read += batch.bytes_read
         merged.key_map += batch.key_map
+        merged.pixel_spans.update(batch.pixel_spans)
     return merged
 
 
@@ -205,6 +208,9 @@ class _Run:
             else None
         )
         self.writer = CatalogWriter(catalog, storage_options=catalog_storage_options)
+        # Catalog URL -> where its native pixel values lie, from this run's header pass:
+        # volume tasks read those slices with one ranged read instead of parsing the file.
+        self.pixel_spans: dict[str, PixelSpan] = {}
 
     # -- catalog helpers ---------------------------------------------------------------
     def run_row(self, status: str, message: str | None = None) -> dict[str, Any]:
@@ -338,6 +344,7 @@ class _Run:
             self.key_map.write(batch.key_map, run_id=self.run_id)  # before keys reach the catalog
         self.report.bytes_read += batch.bytes_read
         self.report.instances += len(batch.instances)
+        self.pixel_spans.update(batch.pixel_spans)
         self.count_failures(batch.failures)
         self._absorb(self.foreign.poll(), ok)
         fresh = [r for r in batch.instances if r["url"] not in ok]
@@ -430,7 +437,9 @@ class _Run:
         return todo, volumes
 
     def _locate(self, plan: VolumePlan) -> VolumePlan:
-        """The plan with in-memory locators in place of catalog URLs (DICOMweb)."""
+        """The plan with this run's pixel spans, and in-memory locators in place of
+        catalog URLs (DICOMweb)."""
+        plan = with_pixel_spans(plan, self.pixel_spans)
         if not self.locators or not any(s.url in self.locators for s in plan.slices):
             return plan
         slices = tuple(

@@ -40,6 +40,8 @@ from voxlake.keys import volume_id_for
 if TYPE_CHECKING:
     import pandas as pd
 
+    from voxlake.ingest.readers.native import PixelSpan
+
 __all__ = [
     "LAYOUT_VERSION",
     "PlanFailure",
@@ -74,7 +76,9 @@ class SliceRef:
     """One 2D frame of a volume: where its pixels are and how to rescale them.
 
     ``frame`` is the frame index in a multi-frame file, or the tile index of a mosaic
-    (``mosaic_grid`` > 0 tiles per mosaic row); 0 for a single-frame file.
+    (``mosaic_grid`` > 0 tiles per mosaic row); 0 for a single-frame file. ``pixels``,
+    when the header pass of this run recorded it, locates a native frame's pixel values
+    in the file (read with one ranged read instead of parsing the file again).
     """
 
     url: str
@@ -84,6 +88,7 @@ class SliceRef:
     content_hash: str
     instance_key: str
     mosaic_grid: int = 0
+    pixels: PixelSpan | None = None
 
 
 @dataclass(frozen=True)

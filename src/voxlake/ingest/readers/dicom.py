@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -19,8 +20,10 @@ import numpy as np
 
 from voxlake.errors import DecodeError, VoxlakeError
 from voxlake.ingest.headers import open_bytes, parse_dicom_bytes
+from voxlake.ingest.readers.native import native_frame, read_span
 from voxlake.ingest.readers.nifti import IMAGE_FORMATS, open_image, read_image_slab
 from voxlake.ingest.readers.rows import volume_row
+from voxlake.ingest.sources import local_path_of
 from voxlake.volumes.layout import is_local_url, strip_file_scheme, volume_path
 from voxlake.volumes.reader import volume_attributes
 from voxlake.volumes.writer import VolumeWriter, WriteResult
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     import pydicom
 
     from voxlake.config import PreprocessConfig, StoreConfig
+    from voxlake.ingest.readers.native import PixelSpan
     from voxlake.ingest.series import SliceRef, VolumePlan
 
 __all__ = ["FrameDecoder", "build_volume", "decode_frame", "native_frame", "volume_row"]
@@ -108,11 +112,13 @@ class FrameDecoder:
         self._files: OrderedDict[str, tuple[pydicom.Dataset, str]] = OrderedDict()
         self._mosaics: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    def _dataset(self, url: str) -> tuple[pydicom.Dataset, str]:
+    def _dataset(self, url: str, *, content_hash: str = "") -> tuple[pydicom.Dataset, str]:
         if url in self._files:
             self._files.move_to_end(url)
             return self._files[url]
         data = open_bytes(url, max_bytes=self.max_file_bytes, storage_options=self.storage_options)
+        if content_hash and hashlib.blake2b(data, digest_size=16).hexdigest() != content_hash:
+            raise DecodeError("the file changed after its header was read", code="source_changed")
         ds, _ = parse_dicom_bytes(data, max_bytes=self.max_file_bytes)
         syntax = _transfer_syntax(ds)
         self._files[url] = (ds, syntax)
@@ -129,7 +135,17 @@ class FrameDecoder:
         """
         from pydicom.pixels import pixel_array  # type: ignore[attr-defined]
 
-        ds, syntax = self._dataset(ref.url)
+        span = ref.pixels
+        if span is not None and not channels:
+            local = local_path_of(ref.url)
+            pixels = None if local is None else self._span(local, span)
+            if pixels is not None:
+                self.syntaxes.add(span.syntax)
+                return self._checked(pixels, rows=rows, columns=columns, channels=0)
+            # Size or mtime changed since the listing: only the recorded bytes may be used.
+            ds, syntax = self._dataset(ref.url, content_hash=span.content_hash)
+        else:
+            ds, syntax = self._dataset(ref.url)
         self.syntaxes.add(syntax)
         try:
             if ref.mosaic_grid:
@@ -155,6 +171,17 @@ class FrameDecoder:
             raise
         except BaseException as exc:  # a codec's Rust panic (pyo3 PanicException) is no Exception
             raise _decode_error(exc, syntax) from exc
+        return self._checked(pixels, rows=rows, columns=columns, channels=channels)
+
+    @staticmethod
+    def _span(path: str, span: PixelSpan) -> np.ndarray | None:
+        try:
+            return read_span(path, span)
+        except OSError:
+            return None  # gone or unreadable now: the whole-file path reports it
+
+    @staticmethod
+    def _checked(pixels: np.ndarray, *, rows: int, columns: int, channels: int) -> np.ndarray:
         expected = (rows, columns, channels) if channels else (rows, columns)
         if pixels.shape != expected:
             raise DecodeError(
@@ -162,58 +189,6 @@ class FrameDecoder:
                 code="pixel_shape_mismatch",
             )
         return pixels
-
-
-_NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
-_MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
-
-
-def native_frame(ds: pydicom.Dataset, syntax: str) -> np.ndarray | None:
-    """The single grey-level frame of a native little-endian file, without pydicom's decoder.
-
-    Gives what ``ds.pixel_array`` gives (stored values, unused high bits cleared or
-    sign-extended from BitsStored) for the common case: one frame, one sample,
-    MONOCHROME1/2, 8, 16 or 32 bits allocated, pixel data of exactly the declared length
-    (plus a padding byte). Returns None for anything else, which then goes through
-    pydicom unchanged (its checks and errors included). pydicom's decoder pipeline costs
-    about 1 ms per 512 x 512 slice; this is a ``frombuffer`` and a copy.
-    """
-    if syntax not in _NATIVE_LITTLE_ENDIAN:
-        return None
-    try:
-        values = ds.get("PixelData")  # by keyword: the value
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
-        signed = int(ds.PixelRepresentation)
-        samples = int(ds.SamplesPerPixel)  # pydicom requires it too
-        frames = ds.get("NumberOfFrames")
-        frames = 1 if frames is None or frames == "" else int(frames)
-        photometric = str(ds.PhotometricInterpretation)
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return None
-    if (
-        not isinstance(values, bytes)
-        or samples != 1
-        or frames != 1
-        or photometric not in _MONOCHROME
-        or allocated not in (8, 16, 32)
-        or not 1 <= stored <= allocated
-        or signed not in (0, 1)
-        or not 0 < rows < 2**16
-        or not 0 < columns < 2**16
-    ):
-        return None  # pydicom decodes it, or reports what is wrong as before
-    expected = rows * columns * allocated // 8
-    if len(values) != expected and not (expected % 2 and len(values) == expected + 1):
-        return None
-    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
-    pixels = np.frombuffer(values, dtype=dtype, count=rows * columns).reshape(rows, columns)
-    pixels = pixels.copy()  # writeable and independent of the file's bytes, as pydicom's
-    shift = allocated - stored
-    if shift:  # as pydicom's correct_unused_bits: arithmetic shift sign-extends
-        np.left_shift(pixels, shift, out=pixels)
-        np.right_shift(pixels, shift, out=pixels)
-    return pixels
 
 
 def decode_frame(
