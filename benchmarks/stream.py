@@ -10,8 +10,10 @@ On the same synthetic CT-like volumes (int16, HU), on this machine:
   (``num_workers=0``, thread prefetch), through zarr instead of the lean reader, and from
   S3 (moto's server on loopback, a subprocess);
 - the same with ``output="stored"``: int16 images plus each sample's normalisation
-  parameters, and, as its own row, ``normalize_on_device`` turning those batches into the
-  float32 images (here on the CPU, with torch's threads: on a GPU it is a few kernels);
+  parameters (in the main process also with ``reuse_buffers=5``: images written into
+  released buffers instead of fresh memory), and, as its own row, ``normalize_on_device``
+  turning those batches into the float32 images (here on the CPU, with torch's threads:
+  on a GPU it is a few kernels);
 - what users run today: MONAI ``LoadImaged`` over ``.nii.gz`` through a 2-worker
   DataLoader with persistent workers (float32 output, like the stream's);
 - random 96^3 patches (patch mode), local and S3, with bytes fetched per patch counted by
@@ -489,6 +491,14 @@ def run(args: argparse.Namespace, options: dict) -> dict[str, Any]:
             mb,
         )
         record(
+            "voxlake stored int16 (in-process, reuse)",
+            *timed_loader(
+                stream_loader(selection, workers=0, output="stored", reuse_buffers=5, **whole)
+            ),
+            "volumes",
+            mb,
+        )
+        record(
             "MONAI LoadImaged .nii.gz (2 workers)",
             *timed_loader(monai_loader(selection)),
             "volumes",
@@ -609,6 +619,7 @@ def run(args: argparse.Namespace, options: dict) -> dict[str, Any]:
     for key, name in (
         ("stored_local", "voxlake stored int16 (2 workers)"),
         ("stored_in_process", "voxlake stored int16 (in-process)"),
+        ("stored_reuse", "voxlake stored int16 (in-process, reuse)"),
     ):
         ratios[f"{key}_vs_monai"] = rows[name]["mb_per_s"] / monai
         ratios[f"{key}_vs_ceiling"] = rows[name]["mb_per_s"] / ceil
@@ -628,7 +639,9 @@ def run(args: argparse.Namespace, options: dict) -> dict[str, Any]:
     )
     print(
         f"stored int16: in-process/MONAI {ratios['stored_in_process_vs_monai']:.1f}x, "
-        f"in-process/ceiling {100 * ratios['stored_in_process_vs_ceiling']:.0f}%, 2 workers/"
+        f"in-process/ceiling {100 * ratios['stored_in_process_vs_ceiling']:.0f}% (reused "
+        f"buffers: {ratios['stored_reuse_vs_monai']:.1f}x, "
+        f"{100 * ratios['stored_reuse_vs_ceiling']:.0f}%), 2 workers/"
         f"MONAI {ratios['stored_local_vs_monai']:.1f}x, 2 workers/ceiling "
         f"{100 * ratios['stored_local_vs_ceiling']:.0f}%; patches/s in-process "
         f"{rows['patches stored int16 (in-process)']['patches_per_s']:.0f}, 2 workers "

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from voxlake.training._output import (
+    BufferPool,
     normalization_params,
     normalize_array,
     normalizer,
@@ -71,6 +72,9 @@ class ReadOptions:
         ShardedReader` (zarr reads other layouts, and everything when False).
     decode_threads
         Threads decoding chunks per process (lean path).
+    reuse_buffers
+        Private image buffers kept per process for reuse once released
+        (:class:`voxlake.training._output.BufferPool`; 0: a fresh image per sample).
     """
 
     storage_options: dict[str, Any] | None = None
@@ -79,6 +83,7 @@ class ReadOptions:
     wrap_store: Callable[[Any], Any] | None = None
     lean: bool = True
     decode_threads: int = 2
+    reuse_buffers: int = 0
 
 
 class _Lru:
@@ -126,6 +131,7 @@ class VolumeReader:
         self._axes = _Lru(4096)
         self._pool: ThreadPoolExecutor | None = None
         self._warned_foreground = False
+        self.buffers = BufferPool(options.reuse_buffers)
 
     def store(self, code: int) -> Any:
         """The (wrapped) store of URL number ``code``."""
@@ -323,7 +329,9 @@ def read_stream_sample(stream: VolumeStream, sample: int, reader: VolumeReader) 
                 f"{stream.shape}: output='stored' delivers volumes unresized; set shape to "
                 "the stored size or use output='float32'"
             )
-        image = output_tensor((channels, *spatial), shared=shared and final, dtype=dtype)
+        image = output_tensor(
+            (channels, *spatial), shared=shared and final, dtype=dtype, pool=reader.buffers
+        )
         box = (slice(0, spatial[0]), slice(0, spatial[1]), slice(0, spatial[2]))
         mean, std = _fill(reader, code, path, box, image.numpy(), method=method,
                           window=window, stats=volume_stats, stored=stored)  # fmt: skip
@@ -354,7 +362,11 @@ def read_stream_sample(stream: VolumeStream, sample: int, reader: VolumeReader) 
         slices, pad = patch_bounds(spatial, origin, stream.patch_size)
         padded = any(p for pair in pad for p in pair)
         image = output_tensor(
-            (channels, *stream.patch_size), zero=padded, shared=shared, dtype=dtype
+            (channels, *stream.patch_size),
+            zero=padded,
+            shared=shared,
+            dtype=dtype,
+            pool=reader.buffers,
         )
         inner = tuple(
             slice(lo, lo + s.stop - s.start) for (lo, _), s in zip(pad, slices, strict=True)

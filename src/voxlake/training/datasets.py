@@ -167,6 +167,17 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         :func:`voxlake.training.random_affine` after ``normalize_on_device``), and so is
         resizing in volume mode (``shape`` must be the stored size). A ``transform`` sees
         the stored-dtype image.
+    reuse_buffers
+        Image buffers each process keeps to reuse (0, the default: a fresh image per
+        sample). A kept buffer is written again only once nothing refers to its image any
+        more (no tensor, view, storage or numpy view of it is alive, checked by reference
+        count), so a sample's image is never overwritten while it can still be reached:
+        there is no validity window to respect. It saves faulting in and zeroing fresh
+        pages for every sample when images are released promptly, e.g. in the main
+        process (``num_workers=0``) or in workers batching several samples (whose
+        private images the collate copies). Images a worker writes into shared memory
+        are never pooled. Costs up to ``reuse_buffers`` images of memory per process;
+        ``prefetch + 3`` covers a loop holding one batch at a time in the main process.
 
     Notes
     -----
@@ -202,6 +213,7 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         lean: bool = True,
         decode_threads: int = 2,
         output: Output = "float32",
+        reuse_buffers: int = 0,
     ) -> None:
         super().__init__()
         # Epoch, seed and resume point live in shared memory: DataLoader workers (forked,
@@ -255,6 +267,8 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
         self.storage_options = dict(storage_options) if storage_options else None
         if decode_threads < 1:
             raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
+        if reuse_buffers < 0:
+            raise ValueError(f"reuse_buffers must be >= 0, got {reuse_buffers}")
         self._options = ReadOptions(
             self.storage_options,
             int(retries),
@@ -262,6 +276,7 @@ class VolumeStream(IterableDataset[dict[str, Any]]):
             wrap_store,
             lean=bool(lean),
             decode_threads=int(decode_threads),
+            reuse_buffers=int(reuse_buffers),
         )
         if catalog_version is None:
             # Catalog.training_selection() records the version it read in DataFrame.attrs.
