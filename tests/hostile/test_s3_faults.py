@@ -5,6 +5,7 @@ the outage finishes the job. (Streaming through an outage: tests/training/test_s
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -58,10 +59,7 @@ class _Link:
     def cut(self) -> None:
         self._listener.close()
         for conn in self._connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _hang_up(conn)
             conn.close()
         self._connections = []
 
@@ -84,11 +82,13 @@ class _Link:
         except OSError:
             pass
         finally:
-            for conn in (source, sink):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _hang_up(source)
+            _hang_up(sink)
+
+
+def _hang_up(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed by the other side or by cut()
+        conn.shutdown(socket.SHUT_RDWR)
 
 
 def test_an_unreachable_source_is_a_clear_error_and_a_failed_run(tmp_path, dask_client):

@@ -54,6 +54,20 @@ def test_every_reference_matches(dask_client, tmp_path):
     assert by_name["dcm_qa_enh/Ref/Siemens_REST1_w_SMS_PF7-8_6.nii"].shape == (64, 64, 6, 4)
 
 
+def _ingest_one_volume(source, tmp_path, client):
+    """Ingest a folder holding one series; return its catalog row, voxels and attributes."""
+    ingest(
+        [source],
+        catalog=tmp_path / "c",
+        store=tmp_path / "s",
+        config=IngestConfig(secret=SECRET),
+        client=client,
+    )
+    (row,) = open_catalog(tmp_path / "c").volumes.itertuples()
+    data, attrs = read_volume(row.store_url, row.store_path)
+    return row, data, attrs
+
+
 def test_philips_dti_reference_is_defective_and_ours_follows_the_frames(tmp_path, dask_client):
     """Our DTI volumes are the DICOM frames in Dimension Index order; the reference is not."""
     import nibabel as nib
@@ -61,15 +75,7 @@ def test_philips_dti_reference_is_defective_and_ours_follows_the_frames(tmp_path
     source = require_shared_data(_DTI)
     reference = nib.load(require_shared_data(f"{_DTI}_ground_truth.nii.gz"))
     bvals = require_shared_data(f"{_DTI}_ground_truth.bval").read_text().split()
-    ingest(
-        [source],
-        catalog=tmp_path / "c",
-        store=tmp_path / "s",
-        config=IngestConfig(secret=SECRET),
-        client=dask_client,
-    )
-    (row,) = open_catalog(tmp_path / "c").volumes.itertuples()
-    ours, _ = read_volume(row.store_url, row.store_path)
+    row, ours, _ = _ingest_one_volume(source, tmp_path, dask_client)
     assert ours.shape == (4, 8, 128, 128) and row.layout == "enhanced"
     assert list(row.b_values) == [float(v) for v in bvals] == [0, 1300, 1300, 1300]
     vectors = np.asarray(row.b_vectors_patient).reshape(4, 3)
@@ -122,15 +128,7 @@ def test_rgb_series_is_stored_as_channels_equal_to_pydicom_and_the_reference(tmp
 
     source = require_shared_data(_RGB)
     reference = nib.load(require_shared_data(f"{_RGB}_ground_truth.nii.gz"))
-    ingest(
-        [source],
-        catalog=tmp_path / "c",
-        store=tmp_path / "s",
-        config=IngestConfig(secret=SECRET),
-        client=dask_client,
-    )
-    (row,) = open_catalog(tmp_path / "c").volumes.itertuples()
-    ours, attrs = read_volume(row.store_url, row.store_path)
+    row, ours, attrs = _ingest_one_volume(source, tmp_path, dask_client)
     assert ours.shape == (3, 4, 77, 52) and ours.dtype == np.uint8
     assert row.axes == attrs["axes"] == "czyx" and row.n_timepoints == 1 and row.n_slices == 4
     datasets = [pydicom.dcmread(p) for p in sorted(source.iterdir())]

@@ -381,37 +381,29 @@ def read_headers(
                 pixel_spans=batch.pixel_spans,
             )
             batch.instances.append(row)
-        except VoxlakeError as exc:
+        except Exception as exc:  # a parser bug on hostile bytes must not stop the run either
             if config.on_error == "raise":
                 raise
-            batch.failures.append(
-                failure_row(
-                    subject=ref.url,
-                    subject_kind="file",
-                    error=exc,
-                    run_id=run_id,
-                    size=ref.size,
-                    mtime=ref.mtime,
-                    stage="file",
-                )
+            error = (
+                exc
+                if isinstance(exc, VoxlakeError)
+                else HeaderError(f"unexpected {type(exc).__name__} while reading header")
             )
-        except Exception as exc:  # a parser bug on hostile bytes must not stop the run
-            if config.on_error == "raise":
-                raise
-            error = HeaderError(f"unexpected {type(exc).__name__} while reading header")
-            batch.failures.append(
-                failure_row(
-                    subject=ref.url,
-                    subject_kind="file",
-                    error=error,
-                    run_id=run_id,
-                    size=ref.size,
-                    mtime=ref.mtime,
-                    stage="file",
-                )
-            )
+            batch.failures.append(_file_failure(ref, error, run_id))
     _drop_rows_the_catalog_cannot_hold(batch, refs, config=config, run_id=run_id)
     return batch
+
+
+def _file_failure(ref: FileRef, error: VoxlakeError, run_id: str) -> dict[str, Any]:
+    return failure_row(
+        subject=ref.url,
+        subject_kind="file",
+        error=error,
+        run_id=run_id,
+        size=ref.size,
+        mtime=ref.mtime,
+        stage="file",
+    )
 
 
 def _drop_rows_the_catalog_cannot_hold(
@@ -437,18 +429,7 @@ def _drop_rows_the_catalog_cannot_hold(
             error = HeaderError(f"a header value does not fit the catalog ({type(exc).__name__})")
             if config.on_error == "raise":
                 raise error from exc
-            ref = by_url[row["url"]]
-            batch.failures.append(
-                failure_row(
-                    subject=ref.url,
-                    subject_kind="file",
-                    error=error,
-                    run_id=run_id,
-                    size=ref.size,
-                    mtime=ref.mtime,
-                    stage="file",
-                )
-            )
+            batch.failures.append(_file_failure(by_url[row["url"]], error, run_id))
     batch.instances = kept
     urls = {row["url"] for row in kept}
     batch.pixel_spans = {u: s for u, s in batch.pixel_spans.items() if u in urls}
