@@ -92,7 +92,7 @@ def test_two_ingest_processes_on_one_catalog_lose_nothing_and_duplicate_nothing(
     for column in [c for c in history.columns if c.endswith("_version")]:
         versions = history[column].dropna().to_numpy()
         assert np.all(np.diff(versions) >= 0), column
-    for version in range(1, cat.version + 1, 5):
+    for version in range(1, cat.version + 1):
         pinned = open_catalog(catalog, version=version)
         assert pinned.instances.url.is_unique and pinned.volumes.volume_id.is_unique
 
@@ -131,30 +131,59 @@ def test_rows_another_run_committed_before_the_check_are_seen_and_merged(tmp_pat
     assert guard["run-a"].poll().empty  # its own commits are not foreign
 
 
-@pytest.mark.parametrize("b_first", [True, False])
-def test_an_append_race_keeps_exactly_the_earlier_row(tmp_path, b_first):
-    """Both runs checked before either appended; both append /x/1. The later one (by
-    Delta version) finds the earlier row when it settles and deletes its own copy."""
-    url, a, b, guard = _writers(tmp_path)
-    assert guard["run-a"].poll().empty and guard["run-b"].poll().empty
-    order = [("run-b", b), ("run-a", a)] if b_first else [("run-a", a), ("run-b", b)]
-    versions = {}
-    for run, writer in order:
-        versions[run] = writer.upsert(
-            "instances", _rows(["/x/1", f"/x/{run}"], run), run_id=run, assume_new=True
-        )
-    for run, writer in order:
-        _, lost = guard[run].settle(versions[run], {"/x/1", f"/x/{run}"})
-        if lost:
-            where = f"run_id = '{run}' AND url IN ({', '.join(repr(u) for u in lost)})"
-            writer.delete("instances", where, run_id=run)
-        assert lost == ([] if run == order[0][0] else ["/x/1"]), run
+def test_an_append_race_commits_the_file_exactly_once(tmp_path):
+    """Both runs looked at the same version and both believe /x/1 new. The first append
+    lands; the second is refused (nothing of it visible), and after looking again the
+    second run finds /x/1 foreign and appends only what is still new."""
     from deltalake import DeltaTable
 
+    url, a, b, guard = _writers(tmp_path)
+    assert guard["run-a"].poll().empty and guard["run-b"].poll().empty
+    start = guard["run-a"].version
+    assert guard["run-b"].version == start
+    first = a.append_if_current(
+        "instances", _rows(["/x/1", "/x/run-a"], "run-a"), run_id="run-a", version=start
+    )
+    assert first == start + 1
+    refused = b.append_if_current(
+        "instances", _rows(["/x/1", "/x/run-b"], "run-b"), run_id="run-b", version=start
+    )
+    assert refused is None
+    assert DeltaTable(table_url(url, "instances")).version() == start + 1  # nothing landed
+    seen = guard["run-b"].poll()
+    assert sorted(seen.url) == ["/x/1", "/x/run-a"]
+    still_new = [u for u in ("/x/1", "/x/run-b") if u not in set(seen.url)]
+    assert still_new == ["/x/run-b"]
+    second = b.append_if_current(
+        "instances", _rows(still_new, "run-b"), run_id="run-b", version=guard["run-b"].version
+    )
+    assert second == start + 2
+    for version in range(start, start + 3):  # every version holds each file at most once
+        urls = DeltaTable(table_url(url, "instances"), version=version).to_pandas().url
+        assert urls.is_unique, version
     rows = DeltaTable(table_url(url, "instances")).to_pyarrow_table().to_pylist()
-    survivors = [r["run_id"] for r in rows if r["url"] == "/x/1"]
-    assert survivors == [order[0][0]]
-    assert {r["url"] for r in rows} == {"/x/1", "/x/run-a", "/x/run-b"}
+    assert sorted((r["url"], r["run_id"]) for r in rows) == [
+        ("/x/1", "run-a"), ("/x/run-a", "run-a"), ("/x/run-b", "run-b")
+    ]  # fmt: skip
+
+
+def test_an_append_after_any_other_commit_is_refused(tmp_path):
+    """A stale version is refused even when the other commit added unrelated rows."""
+    _, a, b, guard = _writers(tmp_path)
+    guard["run-a"].poll()
+    start = guard["run-a"].version
+    b.upsert("instances", _rows(["/y/1"], "run-b"), run_id="run-b", assume_new=True)
+    assert (
+        a.append_if_current("instances", _rows(["/x/1"], "run-a"), run_id="run-a", version=start)
+        is None
+    )
+    assert guard["run-a"].poll().url.tolist() == ["/y/1"]
+    assert (
+        a.append_if_current(
+            "instances", _rows(["/x/1"], "run-a"), run_id="run-a", version=guard["run-a"].version
+        )
+        == start + 2
+    )
 
 
 def _hammer(url: str, name: str, rounds: int) -> None:
@@ -218,3 +247,22 @@ def test_conflicting_commit_retries_are_bounded(tmp_path, monkeypatch):
         writer.upsert("volumes", [{"volume_id": "v", "run_id": "r"}], run_id="r")
     assert len(calls) == tables.COMMIT_ATTEMPTS
     assert os.path.isdir(tmp_path / "cat")
+
+
+def test_an_append_that_loses_the_commit_race_itself_is_refused(tmp_path, monkeypatch):
+    """The other run commits after this writer saw the table current but before its
+    commit: delta-rs is told not to retry, so the commit fails instead of landing later."""
+    from deltalake import DeltaTable
+
+    url, a, b, _ = _writers(tmp_path)
+    uri = table_url(url, "instances")
+    start = DeltaTable(uri).version()
+    stale = DeltaTable(uri, version=start)
+    monkeypatch.setattr(b, "_table", lambda name: stale)  # b saw `start` as the latest
+    a.upsert("instances", _rows(["/x/1"], "run-a"), run_id="run-a", assume_new=True)
+    assert (
+        b.append_if_current("instances", _rows(["/x/1"], "run-b"), run_id="run-b", version=start)
+        is None
+    )
+    rows = DeltaTable(uri).to_pyarrow_table().to_pylist()
+    assert [(r["url"], r["run_id"]) for r in rows] == [("/x/1", "run-a")]

@@ -9,10 +9,11 @@ appends the instance rows it believes new and uses :class:`ForeignRows` to stay 
 
 - before deciding what is new, :meth:`ForeignRows.poll` returns the rows other runs
   committed since the last poll: those keys are merged, not appended, from then on;
-- after appending at table version ``v``, :meth:`ForeignRows.settle` finds the keys just
-  appended that another run had committed at a version before ``v`` (it raced in between
-  the poll and the append). The driver deletes its own copies and the earlier row stays.
-  The later writer always resolves the race, so exactly one row per key survives.
+- the append is then committed only if the table is still at the version just polled
+  (:meth:`~voxlake.catalog.tables.CatalogWriter.append_if_current`). When another run
+  committed in between, nothing becomes visible: the driver polls again, drops the keys
+  that run added and tries again. No table version (and so no catalog version that pins
+  one) ever holds a key twice.
 
 A poll reads only what the table log already lists: the files added since the last
 poll (when nobody else writes, this writer's own batch files: the key and ``run_id``
@@ -31,7 +32,7 @@ from voxlake.catalog.schema import SCHEMAS
 from voxlake.catalog.tables import _delta_options, table_url
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     import pandas as pd
 
@@ -50,7 +51,7 @@ class ForeignRows:
     run_id
         This writer's run id: commits and rows carrying it are not foreign.
     key
-        The key column compared by :meth:`settle` (``"url"``).
+        The key column (``"url"``).
     columns
         Columns returned for foreign rows (the key among them); ``run_id`` and ``_file``
         (the data file that holds the row) are added.
@@ -87,6 +88,11 @@ class ForeignRows:
             self._table = DeltaTable(self._uri, version=version, storage_options=self._options)
             self._version, self._files = version, set(self._table.file_uris())
 
+    @property
+    def version(self) -> int:
+        """The table version the last :meth:`poll` read up to (-1 before the first)."""
+        return self._version
+
     def _empty(self) -> pd.DataFrame:
         frame: pd.DataFrame = self._schema.empty_table().to_pandas()
         frame["_file"] = []
@@ -111,18 +117,3 @@ class ForeignRows:
             if len(frame):
                 frames.append(frame.assign(_file=uri))
         return pd.concat(frames, ignore_index=True) if frames else self._empty()
-
-    def settle(self, version: int, keys: Collection[str]) -> tuple[pd.DataFrame, list[str]]:
-        """After this writer appended ``keys`` at table ``version``: poll, and return the
-        foreign rows plus the keys this writer must delete because another writer's row
-        with the same key was committed before ``version`` and is still live."""
-        rows = self.poll()
-        clash = rows[rows[self.key].isin(set(keys))]
-        if clash.empty:
-            return rows, []
-        from deltalake import DeltaTable
-
-        before = DeltaTable(self._uri, version=version - 1, storage_options=self._options)
-        earlier = set(before.file_uris()) & self._files
-        lost = clash[clash["_file"].isin(earlier)]
-        return rows, sorted(set(lost[self.key]))

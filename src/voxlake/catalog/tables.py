@@ -346,6 +346,41 @@ class CatalogWriter:
         target.update_incremental()
         return int(target.version())
 
+    def append_if_current(
+        self, name: str, rows: pa.Table | Iterable[Mapping[str, Any]], *, run_id: str, version: int
+    ) -> int | None:
+        """Append ``rows`` to table ``name`` only if its latest version is still ``version``.
+
+        Returns the new table version, or None when another writer committed to the table
+        after ``version`` (nothing is then visible; the caller looks at what changed and
+        tries again). This makes "check which keys are new, then append them" one atomic
+        step across writers: two runs that both believe a key new cannot both commit it,
+        so no table version ever holds a key twice.
+        """
+        from deltalake import CommitProperties, write_deltalake
+        from deltalake.exceptions import CommitFailedError
+
+        table = rows if isinstance(rows, pa.Table) else rows_to_table(name, rows)
+        target = self._table(name)
+        if int(target.version()) != version:
+            return None
+        table = _dedupe_last(table, TABLE_KEYS[name])
+        options: dict[str, Any] = {}
+        if name in CLUSTER_BY:
+            table = table.sort_by([(c, "ascending") for c in CLUSTER_BY[name]])
+            options["writer_properties"] = writer_properties()
+        # No retry: the commit lands as version + 1 or not at all (its data file, never
+        # referenced, is left for vacuum).
+        props = CommitProperties(custom_metadata={"voxlake.run_id": run_id}, max_commit_retries=0)
+        try:
+            write_deltalake(target, table, mode="append", commit_properties=props, **options)
+        except CommitFailedError:
+            target.update_incremental()
+            return None
+        except Exception as exc:
+            raise CatalogError(f"commit to {name!r} failed: {exc}") from exc
+        return version + 1
+
     def delete(self, name: str, predicate: str, *, run_id: str) -> None:
         """Delete rows matching a SQL ``predicate`` from table ``name``.
 

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import logging
 import os
+import random
 import time
 import uuid
 from collections import Counter
@@ -26,7 +27,7 @@ from voxlake.catalog.query import open_catalog
 from voxlake.catalog.tables import CatalogWriter
 from voxlake.cluster import dask_client
 from voxlake.config import IngestConfig
-from voxlake.errors import SourceError, VoxlakeError
+from voxlake.errors import CatalogError, SourceError, VoxlakeError
 from voxlake.ingest.headers import HeaderBatch, failure_row, read_headers
 from voxlake.ingest.readers.dicom import build_volume
 from voxlake.ingest.readers.native import with_pixel_spans
@@ -66,6 +67,10 @@ RETRYABLE_CODES = frozenset(
     {"store", "unreadable", "permission_denied", "source_unreachable", "source_unavailable",
      "volume_error"}
 )  # fmt: skip
+
+#: Attempts to append a batch of new instance rows while other runs keep committing to
+#: ``instances`` between this run's check and its append (see ``_append_new``).
+APPEND_ATTEMPTS = 50
 
 _VERSIONED_PACKAGES = (
     "voxlake", "pydicom", "zarr", "deltalake", "dask", "numpy", "pylibjpeg",
@@ -347,8 +352,6 @@ class _Run:
         self.pixel_spans.update(batch.pixel_spans)
         self.count_failures(batch.failures)
         self._absorb(self.foreign.poll(), ok)
-        fresh = [r for r in batch.instances if r["url"] not in ok]
-        changed = [r for r in batch.instances if r["url"] in ok]
         # A file that now parses clears its old failure; one that now fails loses its row.
         healed = [r["url"] for r in batch.instances if r["url"] in bad]
         broken = [r["subject"] for r in batch.failures if r["subject"] in ok]
@@ -356,15 +359,42 @@ class _Run:
             self.writer.delete("failures", f"subject IN ({_sql_list(healed)})", run_id=self.run_id)
         if broken:
             self.writer.delete("instances", f"url IN ({_sql_list(broken)})", run_id=self.run_id)
-        appended = self.writer.upsert("instances", fresh, run_id=self.run_id, assume_new=True)
-        if appended is not None:
-            self._settle(appended, fresh, ok)
+        fresh = self._append_new(batch.instances, ok)
+        appended = {r["url"] for r in fresh}
+        changed = [r for r in batch.instances if r["url"] in ok and r["url"] not in appended]
         self.commit({"instances": changed, "failures": batch.failures}, "headers")
         if (fresh or healed or broken) and not (changed or batch.failures):
             self.report.catalog_version = self.writer.record_commit(
                 run_id=self.run_id, operation="headers"
             )
         return len(batch.instances) + len(batch.failures)
+
+    def _append_new(self, rows: list[dict[str, Any]], ok: dict[str, Any]) -> list[dict[str, Any]]:
+        """Append the rows of files no run has catalogued; return them.
+
+        The append lands only if nobody committed to ``instances`` since the poll that
+        decided what is new; otherwise the rows another run added meanwhile are absorbed
+        (merged as changed rows instead) and the rest tried again. Two concurrent runs can
+        therefore never both append one file, not even for one table version.
+        """
+        for attempt in range(1, APPEND_ATTEMPTS + 1):
+            self._absorb(self.foreign.poll(), ok)
+            fresh = [r for r in rows if r["url"] not in ok]
+            if not fresh:
+                return []
+            version = self.writer.append_if_current(
+                "instances", fresh, run_id=self.run_id, version=self.foreign.version
+            )
+            if version is not None:
+                ok.update((r["url"], (int(r["size"]), float(r["mtime"]))) for r in fresh)
+                return fresh
+            time.sleep(random.uniform(0.01, 0.05) * attempt)  # another run committed: look again
+        raise CatalogError(
+            f"could not append to 'instances' in {APPEND_ATTEMPTS} attempts: other writers"
+            " kept committing in between",
+            code="catalog_contended",
+            hint="run again; fewer concurrent ingests into one catalog commit sooner",
+        )
 
     @staticmethod
     def _absorb(rows: pd.DataFrame, ok: dict[str, Any]) -> None:
@@ -373,15 +403,6 @@ class _Run:
             (u, (int(s), float(m)))
             for u, s, m in zip(rows["url"], rows["size"], rows["mtime"], strict=True)
         )
-
-    def _settle(self, version: int, fresh: list[dict[str, Any]], ok: dict[str, Any]) -> None:
-        """Another run appended some of ``fresh`` just before this run did (a race between
-        the poll and the append): delete this run's copies, the earlier rows stay."""
-        rows, lost = self.foreign.settle(version, {r["url"] for r in fresh})
-        self._absorb(rows, ok)
-        if lost:
-            mine = f"run_id = {_sql_list([self.run_id])} AND url IN ({_sql_list(lost)})"
-            self.writer.delete("instances", mine, run_id=self.run_id)
 
     def check_sources(self) -> None:
         """Files the source stopped delivering could be slices of any series: building
