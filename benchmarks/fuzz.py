@@ -56,48 +56,15 @@ def generated_series(root: Path) -> dict[str, list[Path]]:
 
 
 def header_stage(path: Path, config) -> list[str]:
-    from voxlake.ingest.headers import read_headers
-    from voxlake.ingest.sources import FileRef
+    from voxlake.testing.mutate import run_stages
 
-    batch = read_headers(
-        [FileRef(str(path), path.stat().st_size, 0.0)],
-        secret=config.secret,
-        config=config,
-        run_id="fuzz",
-    )
-    if len(batch.instances) + len(batch.failures) != 1:
-        raise AssertionError("the file was neither an instance nor a failure")
-    return [row["code"] for row in batch.failures]
+    return run_stages([path], path.parent, config, build=False).codes
 
 
 def series_stage(files: list[Path], store: Path, config) -> list[str]:
-    from voxlake.catalog.tables import rows_to_table
-    from voxlake.errors import VoxlakeError
-    from voxlake.ingest.headers import read_headers
-    from voxlake.ingest.readers.dicom import build_volume
-    from voxlake.ingest.series import plan_volumes
-    from voxlake.ingest.sources import FileRef
+    from voxlake.testing.mutate import run_stages
 
-    refs = [FileRef(str(f), f.stat().st_size, 0.0) for f in files]
-    batch = read_headers(refs, secret=config.secret, config=config, run_id="fuzz")
-    codes = [row["code"] for row in batch.failures]
-    if not batch.instances:
-        return codes
-    frame = rows_to_table("instances", batch.instances).to_pandas()
-    plans, failures = plan_volumes(frame, max_voxels=config.max_voxels)
-    codes += [f.error.code for f in failures]
-    for plan in plans:
-        try:
-            build_volume(
-                plan,
-                store_url=str(store),
-                store_config=config.store,
-                run_id="fuzz",
-                max_file_bytes=config.max_file_bytes,
-            )
-        except VoxlakeError as exc:
-            codes.append(exc.code)
-    return codes
+    return run_stages(files, store, config).codes
 
 
 def main() -> int:

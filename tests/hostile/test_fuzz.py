@@ -26,15 +26,13 @@ from hypothesis import strategies as st
 
 from voxlake.catalog.tables import rows_to_table
 from voxlake.config import IngestConfig
-from voxlake.errors import VoxlakeError
-from voxlake.ingest.headers import read_headers
-from voxlake.ingest.sources import FileRef
 from voxlake.testing.mutate import (
     HOSTILE_VALUES,
     delete_element,
     flip_bits,
     mutate,
     replace_value,
+    run_stages,
     truncate,
 )
 
@@ -121,10 +119,9 @@ def scratch(tmp_path_factory) -> Path:
 
 def _header_rows(path: Path, data: bytes):
     path.write_bytes(data)
-    ref = FileRef(str(path), len(data), 0.0)
     start = time.monotonic()
-    batch = read_headers([ref], secret=SECRET, config=CONFIG, run_id="fuzz")
-    return batch, time.monotonic() - start
+    run = run_stages([path], path.parent, CONFIG, build=False)
+    return run.batch, time.monotonic() - start
 
 
 def _check_header_property(seeds, scratch, seed, operation) -> None:
@@ -169,40 +166,21 @@ def test_any_mutant_is_one_instance_or_one_coded_failure_long(seeds, scratch, da
 def _plan_and_build(files: list[Path], store: Path) -> tuple[int, list[str]]:
     """The stages of one ingest in process: headers, plan, build. Returns (volumes, codes);
     raises on anything a stage does not turn into a coded failure."""
-    from voxlake.ingest.readers.dicom import build_volume
-    from voxlake.ingest.series import plan_volumes
 
-    refs = [FileRef(str(f), f.stat().st_size, 0.0) for f in files]
-    batch = read_headers(refs, secret=SECRET, config=CONFIG, run_id="fuzz")
-    codes = [row["code"] for row in batch.failures]
-    assert len(batch.instances) + len(batch.failures) == len(files)
-    if not batch.instances:
-        return 0, codes
-    frame = rows_to_table("instances", batch.instances).to_pandas()
-    plans, failures = plan_volumes(frame, max_voxels=CONFIG.max_voxels)
-    codes += [f.error.code for f in failures]
+    def not_hung(seconds: float) -> None:
+        assert seconds < SLOW
+
+    run = run_stages(files, store, CONFIG, on_build=not_hung)
     built = 0
-    for plan in plans:
-        start = time.monotonic()
-        try:
-            row = build_volume(
-                plan,
-                store_url=str(store),
-                store_config=CONFIG.store,
-                run_id="fuzz",
-                max_file_bytes=CONFIG.max_file_bytes,
-            )
-        except VoxlakeError as exc:
-            codes.append(exc.code)
-        else:
+    for plan, row in run.built:
+        if row is not None:
             built += 1
             assert tuple(row["shape"]) == plan.shape
             assert np.isfinite(row["intensity_mean"])
-        assert time.monotonic() - start < SLOW
-    with_pixels = pd.Series([bool(r["has_pixels"]) for r in batch.instances])
+    with_pixels = pd.Series([bool(r["has_pixels"]) for r in run.batch.instances])
     if with_pixels.any():
-        assert built or failures or codes, "an image series vanished without a failure"
-    return built, codes
+        assert built or run.codes, "an image series vanished without a failure"
+    return built, run.codes
 
 
 @pytest.fixture(scope="module")

@@ -4,30 +4,34 @@ They work on raw bytes, so they can break what pydicom would refuse to write: le
 VRs, delimiters, the preamble. :func:`element_spans` finds where each top-level element
 lies; :func:`flip_bits`, :func:`truncate`, :func:`delete_element` and
 :func:`replace_value` are pure functions of their arguments (hypothesis draws those);
-:func:`mutate` picks one at random for long fuzz runs (``benchmarks/fuzz.py``).
+:func:`mutate` picks one at random for long fuzz runs (``benchmarks/fuzz.py``), and
+:func:`run_stages` takes files through the ingest stages in one process.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     import numpy as np
 
 __all__ = [
     "HOSTILE_VALUES",
     "ElementSpan",
+    "StageRun",
     "delete_element",
     "element_spans",
     "flip_bits",
     "mutate",
     "replace_value",
+    "run_stages",
     "truncate",
 ]
 
@@ -168,3 +172,68 @@ def mutate(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
         return delete_element(data, which), f"delete element {tag}"
     payload = HOSTILE_VALUES[int(rng.integers(0, len(HOSTILE_VALUES)))]
     return replace_value(data, which, payload), f"replace the value of {tag}"
+
+
+@dataclass
+class StageRun:
+    """What the in-process stages made of some files (:func:`run_stages`)."""
+
+    #: The header stage's output (instance and failure rows).
+    batch: Any
+    #: Volume plans and their built catalog rows, in plan order (None where it failed).
+    built: list[tuple[Any, dict[str, Any] | None]]
+    #: Failure codes of every stage, in order.
+    codes: list[str]
+
+
+def run_stages(
+    files: Sequence[str | os.PathLike[str]],
+    store: str | os.PathLike[str],
+    config: Any,
+    *,
+    build: bool = True,
+    on_build: Callable[[float], None] | None = None,
+) -> StageRun:
+    """Run one ingest's stages in this process: headers, plan and (``build``) volumes.
+
+    The fuzz tests and ``benchmarks/fuzz.py`` use it to reach every stage without a
+    cluster. ``config`` is an :class:`~voxlake.config.IngestConfig`; anything a stage does
+    not turn into a coded failure propagates. ``on_build`` gets each build's seconds.
+    """
+    import time
+
+    from voxlake.catalog.tables import rows_to_table
+    from voxlake.errors import VoxlakeError
+    from voxlake.ingest.headers import read_headers
+    from voxlake.ingest.readers.dicom import build_volume
+    from voxlake.ingest.series import plan_volumes
+    from voxlake.ingest.sources import FileRef
+
+    refs = [FileRef(os.fspath(f), os.path.getsize(f), 0.0) for f in files]
+    batch = read_headers(refs, secret=config.secret, config=config, run_id="fuzz")
+    if len(batch.instances) + len(batch.failures) != len(refs):
+        raise AssertionError("a file was neither an instance nor a failure")
+    run = StageRun(batch, [], [row["code"] for row in batch.failures])
+    if not build or not batch.instances:
+        return run
+    frame = rows_to_table("instances", batch.instances).to_pandas()
+    plans, failures = plan_volumes(frame, max_voxels=config.max_voxels)
+    run.codes += [f.error.code for f in failures]
+    for plan in plans:
+        start = time.monotonic()
+        try:
+            row = build_volume(
+                plan,
+                store_url=os.fspath(store),
+                store_config=config.store,
+                run_id="fuzz",
+                max_file_bytes=config.max_file_bytes,
+            )
+        except VoxlakeError as exc:
+            run.codes.append(exc.code)
+            run.built.append((plan, None))
+        else:
+            run.built.append((plan, row))
+        if on_build is not None:
+            on_build(time.monotonic() - start)
+    return run
