@@ -162,7 +162,12 @@ _FILE_COLUMNS: tuple[Column, ...] = (
     Column("url", "str", "Where the file was read (fsspec URL or path)."),
     Column("size", "int", "File size in bytes."),
     Column("mtime", "float", "File modification time (seconds since the epoch)."),
-    Column("content_hash", "str", "BLAKE2b-128 of the file bytes; a changed file re-ingests."),
+    Column(
+        "content_hash",
+        "str",
+        "Hash of the file bytes: 'b3:' and 32 hex digits (BLAKE3, 128 bits), or 32 bare hex "
+        "digits (BLAKE2b-128) in rows written by earlier versions; a changed file re-ingests.",
+    ),
     Column("file_format", "str", "dicom, nifti, minc or analyze."),
     Column("transfer_syntax_uid", "str", "Transfer syntax of the pixel data."),
     Column("has_pixels", "bool", "Whether the instance carries image pixels."),

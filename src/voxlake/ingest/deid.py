@@ -31,6 +31,9 @@ Values that cannot be handled (invalid dates or times, several values where the 
 one, a VR that contradicts the dictionary for a date, time, UID or name, public elements pydicom
 left as UN) drop their element, and :func:`header_to_json` drops what JSON cannot carry
 (unparsable numbers): nothing here raises on data.
+
+The header pass uses :class:`HeaderCleaner`: the same JSON and column values, without building
+the de-identified dataset, and once per distinct element of a batch rather than once per file.
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import functools
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableSequence
 from dataclasses import dataclass
+from operator import itemgetter
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -53,6 +58,7 @@ from pydicom.hooks import hooks as _hooks
 from pydicom.hooks import raw_element_value, raw_element_vr
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 from pydicom.values import convert_value
 
@@ -64,8 +70,8 @@ if TYPE_CHECKING:
     from voxlake.config import DeidConfig
 
 __all__ = [
-    "DESCRIPTION_KEYWORDS", "IDENTIFYING_KEYWORDS", "Pseudonymizer", "deidentify",
-    "header_to_json", "original_identifiers",
+    "DESCRIPTION_KEYWORDS", "IDENTIFYING_KEYWORDS", "HeaderCleaner", "Pseudonymizer",
+    "deidentify", "header_to_json", "original_identifiers",
 ]  # fmt: skip
 
 _COMBINED: Final = {"X/Z": "Z", "Z/D": "Z", "X/Z/D": "Z", "X/D": "D", "X/Z/U*": "U*"}.get
@@ -119,6 +125,7 @@ _ID_KEYWORDS: Final = (
     "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber",
     "FrameOfReferenceUID",
 )  # fmt: skip
+_ID_TAGS: Final = tuple((kw, tag_for_keyword(kw) or 0) for kw in _ID_KEYWORDS)
 
 
 class Pseudonymizer:
@@ -197,6 +204,7 @@ class _Context:
     config: DeidConfig
     offset: dt.timedelta
     needles: tuple[str, ...]  # the patient's own IDs and names, upper case
+    lean: bool  # raw elements may be converted here (pydicom's conversion hooks unchanged)
 
 
 def original_identifiers(ds: Dataset) -> dict[str, str]:
@@ -206,9 +214,14 @@ def original_identifiers(ds: Dataset) -> dict[str, str]:
     FrameOfReferenceUID. Use them in memory only; never store them.
     """
     out = {}
-    for kw in _ID_KEYWORDS:
+    encoding = ds.original_character_set if _lean_conversion() else ""
+    for kw, tag in _ID_TAGS:
         try:
-            out[kw] = _text(ds[kw]) if kw in ds else ""
+            if tag not in ds:
+                out[kw] = ""
+                continue
+            raw = _lean_raw(tag, ds.get_item(tag, keep_deferred=True)) if encoding else None
+            out[kw] = _text(ds[tag] if raw is None else _lean_element(raw, encoding))
         except Exception:  # odd value: treat as absent rather than fail the file
             out[kw] = ""
     return out
@@ -235,13 +248,7 @@ def deidentify(ds: Dataset, *, pseudonymizer: Pseudonymizer, config: DeidConfig)
         A new dataset with PatientIdentityRemoved, DeidentificationMethod,
         DeidentificationMethodCodeSequence and LongitudinalTemporalInformationModified set.
     """
-    ids = original_identifiers(ds)
-    days = 0
-    if config.date_mode == "shift":
-        # Without a PatientID the study is the unit whose intervals are preserved.
-        anchor = ids["PatientID"] or ids["StudyInstanceUID"]
-        days = pseudonymizer.date_offset_days(anchor, config.max_date_shift_days)
-    ctx = _Context(pseudonymizer, config, dt.timedelta(days=days), _needles(ds))
+    ctx = _context(ds, original_identifiers(ds), pseudonymizer, config)
     out = _clean_dataset(ds, ctx)
     meta = getattr(ds, "file_meta", None)
     if isinstance(meta, Dataset):
@@ -249,6 +256,19 @@ def deidentify(ds: Dataset, *, pseudonymizer: Pseudonymizer, config: DeidConfig)
             out.file_meta = FileMetaDataset(_clean_dataset(meta, ctx))
     _mark(out, config)
     return out
+
+
+def _context(
+    ds: Dataset, ids: Mapping[str, str], pseudonymizer: Pseudonymizer, config: DeidConfig
+) -> _Context:
+    days = 0
+    if config.date_mode == "shift":
+        # Without a PatientID the study is the unit whose intervals are preserved.
+        anchor = ids["PatientID"] or ids["StudyInstanceUID"]
+        days = pseudonymizer.date_offset_days(anchor, config.max_date_shift_days)
+    # Only kept private elements are searched for the patient's own identifiers.
+    needles = _needles(ds) if config.keep_private_tags else ()
+    return _Context(pseudonymizer, config, dt.timedelta(days=days), needles, _lean_conversion())
 
 
 def header_to_json(ds: Dataset) -> str:
@@ -265,29 +285,294 @@ def header_to_json(ds: Dataset) -> str:
         return _dumps(_json_dataset(ds, probe=True))
 
 
+class HeaderCleaner:
+    """De-identifies the headers of a batch of files into what the catalog keeps of them.
+
+    :meth:`clean` returns what :func:`header_to_json` writes of :func:`deidentify`'s
+    result and what `values` makes of each of its elements, without building that dataset
+    (nor its file meta group, which the JSON leaves out). Most of a header repeats from
+    file to file of a series: an element met before with the same bytes (and the same
+    character set and date shift) is not converted, de-identified or encoded again.
+
+    Use one per batch of files, in one process, and drop it with the batch: what it
+    remembers is keyed by original values (UIDs, dates) and never leaves it.
+
+    Parameters
+    ----------
+    secret
+        The keyed-hash secret; empty, :meth:`clean` raises :class:`SecretMissingError`.
+    config
+        De-identification options.
+    values
+        What the caller keeps of a de-identified element (``()`` for nothing); remembered
+        with the element, so a function of the element alone.
+    """
+
+    __slots__ = ("_config", "_late_memo", "_memo", "_secret", "_values")
+
+    def __init__(
+        self,
+        secret: str,
+        config: DeidConfig,
+        values: Callable[[DataElement], tuple[Any, ...]],
+    ) -> None:
+        self._secret = secret
+        self._config = config
+        self._values = values
+        self._memo: dict[tuple[Any, ...], tuple[str | None, tuple[Any, ...]]] = {}
+        self._late_memo: dict[tuple[Any, ...], list[_Encoded]] = {}
+
+    def __repr__(self) -> str:
+        return f"HeaderCleaner(secret=<hidden>, config={self._config!r})"
+
+    def clean(self, ds: Dataset, identifiers: Mapping[str, str]) -> tuple[str, list[Any]]:
+        """Return the header JSON of the de-identified `ds` and the non-empty `values`.
+
+        Parameters
+        ----------
+        ds
+            The original header, as :func:`deidentify` takes it.
+        identifiers
+            ``original_identifiers(ds)``.
+        """
+        ctx = _context(ds, identifiers, Pseudonymizer(self._secret), self._config)
+        encoding = _lean_encoding(ds, ctx)
+        charset = encoding if isinstance(encoding, str) else tuple(encoding)
+        days = ctx.offset.days
+        memo = self._memo
+        done: list[_Encoded] = []
+        late: list[tuple[int, DataElement | RawDataElement, tuple[Any, ...] | None]] = []
+        for tag, stored in sorted((int(key), stored) for key, stored in ds.items()):
+            raw = _lean_raw(tag, stored) if encoding else None
+            key = _memo_key(tag, stored, raw, charset, days)
+            if tag in _LATE:  # set by the dataset as a whole: see _finish
+                late.append((tag, stored, key))
+                continue
+            found = memo.get(key) if key is not None else None
+            if found is None:
+                found = self._encode(_clean_one(ds, tag, stored, raw, encoding, ctx))
+                if key is not None:
+                    _remember(memo, key, found)
+            done.append((tag, *found))
+        done.extend(self._finish(ds, late, encoding, ctx))
+        done.sort(key=itemgetter(0))
+        members = [member for _, member, _ in done if member is not None]
+        return "{" + ",".join(members) + "}", [kept for _, _, kept in done if kept]
+
+    def _finish(
+        self,
+        ds: Dataset,
+        late: list[tuple[int, DataElement | RawDataElement, tuple[Any, ...] | None]],
+        encoding: str | MutableSequence[str],
+        ctx: _Context,
+    ) -> list[_Encoded]:
+        """PatientName, PatientID and the elements :func:`_mark` sets, as
+        :func:`deidentify` sets them (remembered together when no mark is in the file)."""
+        keys = tuple(key for _, _, key in late)
+        marked = not _MARKED.isdisjoint(tag for tag, _, _ in late)
+        known = None if marked or None in keys else keys
+        if known is not None and known in self._late_memo:
+            return self._late_memo[known]
+        cleaned: dict[BaseTag, DataElement | RawDataElement] = {}
+        for tag, stored, _ in late:
+            raw = _lean_raw(tag, stored) if encoding else None
+            new = _clean_one(ds, tag, stored, raw, encoding, ctx)
+            if new is not None:
+                cleaned[new.tag] = new
+        out = Dataset(cleaned)
+        if _PATIENT_NAME in out and _PATIENT_ID in out:
+            out[_PATIENT_NAME].value = out[_PATIENT_ID].value
+        if marked:  # set on the file's own elements
+            _mark(out, self._config)
+        done = _encode_dataset(out, self._values)
+        if not marked:
+            done.extend(_marks(self._config, self._values))
+        if known is not None:
+            _remember(self._late_memo, known, done)
+        return done
+
+    def _encode(self, elem: DataElement | None) -> tuple[str | None, tuple[Any, ...]]:
+        if elem is None:
+            return None, ()
+        return _json_member(elem), self._values(elem)
+
+
+def _encode_dataset(
+    ds: Dataset, values: Callable[[DataElement], tuple[Any, ...]]
+) -> list[_Encoded]:
+    elements = [ds[tag] for tag in ds.keys()]  # noqa: SIM118
+    return [(int(elem.tag), _json_member(elem), values(elem)) for elem in elements]
+
+
+@functools.lru_cache(maxsize=8)
+def _marks(
+    config: DeidConfig, values: Callable[[DataElement], tuple[Any, ...]]
+) -> tuple[_Encoded, ...]:
+    """The elements :func:`_mark` adds to a dataset that has none of them, encoded."""
+    marks = Dataset()
+    _mark(marks, config)
+    return tuple(_encode_dataset(marks, values))
+
+
+#: (tag, JSON member or None, values): one element as the cleaner returns it.
+_Encoded = tuple[int, str | None, tuple[Any, ...]]
+
+
+def _remember(memo: dict[Any, Any], key: tuple[Any, ...], value: Any) -> None:
+    if len(memo) >= _MEMO_ENTRIES:
+        memo.clear()  # bounded: a batch of unrelated files gains nothing from it anyway
+    memo[key] = value
+
+
+#: Elements set by the dataset as a whole (PatientName takes PatientID's value).
+_LATE: Final = _MARKED | {_PATIENT_NAME, _PATIENT_ID}
+_MEMO_ENTRIES: Final = 1 << 15
+_MEMO_BYTES: Final = 256
+
+
+def _memo_key(
+    tag: int,
+    stored: DataElement | RawDataElement,
+    raw: RawDataElement | None,
+    charset: Any,
+    days: int,
+) -> tuple[Any, ...] | None:
+    """What the de-identified element depends on, or None: not remembered.
+
+    The tag, VR and stored value (bytes with their byte order and character set, or a
+    converted string), and the date shift. Private elements also depend on the patient's
+    own identifiers (searched for in them) and are left out, as are long values.
+    """
+    if raw is not None:  # lean
+        data = raw.value
+        if data is None or len(data) > _MEMO_BYTES:
+            return None
+        return (tag, raw.VR, data, raw.is_little_endian, charset, days)
+    if isinstance(stored, DataElement) and not tag & 0x10000:
+        value = stored.value
+        if isinstance(value, str) and len(value) <= _MEMO_BYTES:
+            return (tag, stored.VR, value, type(value), days)
+    return None
+
+
+#: What ``json.dumps(..., ensure_ascii=False, separators=(",", ":"), sort_keys=True,
+#: allow_nan=False)`` builds on every call (it holds no state between calls).
+_ENCODER: Final = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
+)
+
+
 def _dumps(model: dict[str, Any]) -> str:
-    return json.dumps(
-        model, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
-    )
+    return _ENCODER.encode(model)
 
 
 def _clean_dataset(src: Dataset, ctx: _Context) -> Dataset:
-    out = Dataset()
-    lean = _lean_conversion()
+    plain: dict[BaseTag, DataElement | RawDataElement] = {}  # the output's, as they are
+    linked: list[DataElement] = []  # private and SQ: added by Dataset.add (creators, items)
+    encoding = _lean_encoding(src, ctx)
     # The stored (raw or converted) elements in tag order (private creators before their
     # blocks); plain ints compare much faster than Tags.
-    for tag, raw in sorted((int(key), stored) for key, stored in src.items()):
-        try:
-            if _is_bulk(raw) or _dropped_by_tag(tag, ctx):
-                continue  # decided by the tag alone: the value is never converted
-            new = _clean_element(_element(src, tag, raw) if lean else src[tag], ctx)
-        except Exception:  # never raise on odd values: the element is dropped
+    for tag, stored in sorted((int(key), stored) for key, stored in src.items()):
+        raw = _lean_raw(tag, stored) if encoding else None
+        new = _clean_one(src, tag, stored, raw, encoding, ctx)
+        if new is None:
             continue
-        if new is not None:
-            out.add(new)
+        if new.VR == "SQ" or tag & 0x10000:
+            linked.append(new)
+        else:
+            plain[new.tag] = new
+    out = Dataset(plain)
+    for new in linked:
+        out.add(new)
     if _PATIENT_NAME in out and _PATIENT_ID in out:
         out[_PATIENT_NAME].value = out[_PATIENT_ID].value
     return out
+
+
+def _lean_encoding(src: Dataset, ctx: _Context) -> str | MutableSequence[str]:
+    """The encoding :func:`_clean_lean` decodes `src`'s text with; empty: no lean path.
+
+    The one ``Dataset.__getitem__`` uses once the dataset's character set is read.
+    """
+    return src.original_character_set if ctx.lean else ""
+
+
+def _lean_raw(tag: int, stored: DataElement | RawDataElement) -> RawDataElement | None:
+    """`stored` when :func:`_clean_lean` may convert it, else None.
+
+    An explicit-VR, public, non-sequence raw element of a VR that needs no dictionary
+    lookup or ambiguity resolution; anything else goes through ``Dataset.__getitem__``.
+    """
+    if (
+        isinstance(stored, RawDataElement)
+        and stored.VR in _LEAN_VRS  # not implicit VR (None), UN, SQ, binary, ambiguous
+        and not tag & 0x10000  # private: the creator is looked up
+        and stored.value is not None  # deferred
+        and tag not in _SPECIAL_TAGS
+    ):
+        return stored
+    return None
+
+
+def _clean_lean(
+    tag: int, raw: RawDataElement, encoding: str | MutableSequence[str], ctx: _Context
+) -> DataElement | None:
+    """:func:`_clean_element` of ``src[tag]`` for a raw element :func:`_lean_raw` accepts.
+
+    Converted as ``Dataset.__getitem__`` converts it (the same ``convert_value`` and the
+    same ``DataElement``), without storing it back in the source, and only when it is not
+    dropped; the element is fresh, shared with nothing, so a kept one is kept as it is.
+    """
+    try:
+        plan = _lean_plan(tag, raw.VR or "", ctx.config.keep_descriptions)
+        if plan == _DROP:
+            return None
+        elem = _lean_element(raw, encoding)
+        return elem if plan == _KEEP else _clean_element(elem, ctx)
+    except Exception:  # never raise on odd values: the element is dropped
+        return None
+
+
+def _lean_element(raw: RawDataElement, encoding: str | MutableSequence[str]) -> DataElement:
+    """``src[tag]`` of a raw element :func:`_lean_raw` accepts, not stored back in ``src``.
+
+    `encoding`: ``src.original_character_set`` (what ``Dataset.__getitem__`` decodes with).
+    """
+    vr = raw.VR or ""  # never implicit here
+    return DataElement(
+        raw.tag,
+        vr,
+        convert_value(vr, raw, encoding),
+        raw.value_tell,
+        raw.length == 0xFFFFFFFF,
+        already_converted=True,
+    )
+
+
+def _clean_one(
+    src: Dataset,
+    tag: int,
+    stored: DataElement | RawDataElement,
+    raw: RawDataElement | None,
+    encoding: str | MutableSequence[str],
+    ctx: _Context,
+) -> DataElement | None:
+    """The de-identified element of `stored` (``raw``: ``_lean_raw(tag, stored)``)."""
+    if raw is not None:
+        return _clean_lean(tag, raw, encoding, ctx)
+    return _clean_stored(src, tag, stored, ctx)
+
+
+def _clean_stored(
+    src: Dataset, tag: int, raw: DataElement | RawDataElement, ctx: _Context
+) -> DataElement | None:
+    """:func:`_clean_element` of ``src[tag]``, unless its tag alone drops it."""
+    try:
+        if _is_bulk(raw) or _dropped_by_tag(tag, ctx):
+            return None  # decided by the tag alone: the value is never converted
+        return _clean_element(src[tag], ctx)
+    except Exception:  # never raise on odd values: the element is dropped
+        return None
 
 
 def _dropped_by_tag(tag: int, ctx: _Context) -> bool:
@@ -305,6 +590,44 @@ def _dropped_by_tag(tag: int, ctx: _Context) -> bool:
     action, flags = rule  # "X" drops unless a flag or an option keeps or maps the value
     kept = "p" in flags or "d" in flags or ("c" in flags and ctx.config.keep_descriptions)
     return action == "X" and not kept
+
+
+_DROP: Final = 0
+_KEEP: Final = 1
+_CLEAN: Final = 2
+
+
+@functools.lru_cache(maxsize=16384)
+def _lean_plan(tag: int, vr: str, keep_descriptions: bool) -> int:
+    """What :func:`_clean_element` does with a public, non-sequence element of this tag and
+    VR (not UN): ``_DROP`` it or ``_KEEP`` it as it is, whatever its value, or ``_CLEAN``:
+    the value decides (dates, UIDs, names, pseudonyms, dummies), so ask it.
+
+    The same decisions in the same order, by tag and VR alone: decided once per tag and VR,
+    not once per element (tests/ingest/test_deid_plan.py checks every dictionary tag).
+    """
+    group, element = tag >> 16, tag & 0xFFFF
+    if element == 0 or group >> 8 == 0x50 or group == 0x7FE0:
+        return _DROP
+    if group >> 8 == 0x60 and element in _OVERLAYS:
+        return _DROP
+    if tag in _PSEUDONYMIZED:
+        return _CLEAN
+    rule = _RULES.get(tag)
+    if rule is not None:
+        action, flags = rule
+        if action == "K" or "p" in flags:
+            return _KEEP
+        if not ("c" in flags and keep_descriptions):
+            if "d" in flags and vr in _DATE_VRS:
+                return _CLEAN
+            return _DROP if action == "X" else _CLEAN
+    # _clean_generic of a public element
+    if _bad_vr(tag, vr):
+        return _DROP
+    if vr in _DATE_VRS or vr == "UI" or vr == "PN":
+        return _CLEAN
+    return _KEEP
 
 
 #: VRs converted here as Dataset.__getitem__ converts them (no dictionary lookup, no
@@ -327,32 +650,6 @@ def _lean_conversion() -> bool:
         and not _hooks.raw_element_kwargs
         and _hooks.raw_element_vr is raw_element_vr
         and _hooks.raw_element_value is raw_element_value
-    )
-
-
-def _element(src: Dataset, tag: int, raw: DataElement | RawDataElement) -> DataElement:
-    """``src[tag]``, converted without storing it back in ``src``, for the plain cases.
-
-    For an explicit-VR, public, non-sequence element of a VR that needs no dictionary
-    lookup or ambiguity resolution, this is what ``Dataset.__getitem__`` does (the same
-    ``convert_value`` and the same ``DataElement``) without its bookkeeping; anything
-    else goes through ``src[tag]``.
-    """
-    if (
-        not isinstance(raw, RawDataElement)
-        or raw.value is None  # deferred
-        or tag & 0x10000  # private: the creator is looked up
-        or tag in _SPECIAL_TAGS
-        or raw.VR not in _LEAN_VRS  # implicit VR (None), UN, SQ, binary, ambiguous
-    ):
-        return src[tag]
-    encoding = src.original_character_set  # what __getitem__ uses when it is set
-    if not encoding:
-        return src[tag]
-    vr = raw.VR
-    value = convert_value(vr, raw, encoding)
-    return DataElement(
-        raw.tag, vr, value, raw.value_tell, raw.length == 0xFFFFFFFF, already_converted=True
     )
 
 
@@ -407,7 +704,7 @@ def _clean_generic(elem: DataElement, ctx: _Context) -> DataElement | None:
     if vr == "SQ":
         items = Sequence([_clean_dataset(item, ctx) for item in elem.value])
         return DataElement(elem.tag, "SQ", items, validation_mode=IGNORE)
-    if _bad_vr(elem) or (vr == "UN" and not elem.tag.is_private):
+    if _bad_vr(int(elem.tag), vr) or (vr == "UN" and not elem.tag.is_private):
         return None
     if vr in _DATE_VRS:
         return _clean_date(elem, ctx, None)
@@ -517,17 +814,41 @@ def _json_dataset(ds: Dataset, *, probe: bool = True) -> dict[str, Any]:
             if _is_bulk(stored):
                 continue
             elem = stored if isinstance(stored, DataElement) else ds[tag]
-            if elem.VR == "SQ":
-                items = [_json_dataset(item, probe=probe) for item in elem.value]
-                entry: dict[str, Any] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
-            else:
-                entry = _json_element(elem)
-                if probe:
-                    json.dumps(entry, allow_nan=False)  # drop what JSON cannot carry
+            entry = _json_entry(elem, probe=probe)
+            if probe and elem.VR != "SQ":
+                json.dumps(entry, allow_nan=False)  # drop what JSON cannot carry
         except Exception:  # never raise on odd values: the element is left out
             continue
         out[f"{tag:08X}"] = entry
     return out
+
+
+def _json_entry(elem: DataElement, *, probe: bool) -> dict[str, Any]:
+    if elem.VR == "SQ":
+        items = [_json_dataset(item, probe=probe) for item in elem.value]
+        return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+    return _json_element(elem)
+
+
+def _json_member(elem: DataElement) -> str | None:
+    """``"GGGGEEEE":{...}``, `elem` as :func:`header_to_json` writes it in its dataset.
+
+    None when it is left out there. The model is a JSON object with sorted keys, so
+    joining the members of a dataset's elements in tag order writes what it writes.
+    """
+    try:
+        if _is_bulk(elem):
+            return None
+        entry = _json_entry(elem, probe=False)
+    except Exception:  # never raise on odd values: the element is left out
+        return None
+    key = f"{int(elem.tag):08X}"
+    try:
+        return _dumps({key: entry})[1:-1]
+    except (TypeError, ValueError):
+        if elem.VR != "SQ":
+            return None  # what the probe drops
+        return _dumps({key: _json_entry(elem, probe=True)})[1:-1]
 
 
 _JSON_TEXT_VRS: Final = frozenset(
@@ -593,12 +914,12 @@ def _is_bulk(elem: DataElement | RawDataElement | None) -> bool:
     return isinstance(value, bytes | bytearray) and len(value) > _BULK_BYTES
 
 
-def _bad_vr(elem: DataElement) -> bool:
+def _bad_vr(tag: int, vr: str) -> bool:
     """True when the VR contradicts the dictionary on an attribute whose VR drives a rule."""
-    expected = _dictionary(elem.tag)[0]
-    if expected == "UN" or elem.VR in expected.split(" or "):
+    expected = _dictionary(tag)[0]
+    if expected == "UN" or vr in expected.split(" or "):
         return False
-    return elem.VR in _SENSITIVE_VRS or bool(_SENSITIVE_VRS.intersection(expected.split(" or ")))
+    return vr in _SENSITIVE_VRS or bool(_SENSITIVE_VRS.intersection(expected.split(" or ")))
 
 
 def _well_known(tag: int, uid: str) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from voxlake.errors import DecodeError, VoxlakeError
+from voxlake.ingest.hashing import hash_matches
 from voxlake.ingest.headers import open_bytes, parse_dicom_bytes
 from voxlake.ingest.readers.native import native_frame, read_span
 from voxlake.ingest.readers.nifti import IMAGE_FORMATS, open_image, read_image_slab
@@ -117,7 +117,7 @@ class FrameDecoder:
             self._files.move_to_end(url)
             return self._files[url]
         data = open_bytes(url, max_bytes=self.max_file_bytes, storage_options=self.storage_options)
-        if content_hash and hashlib.blake2b(data, digest_size=16).hexdigest() != content_hash:
+        if content_hash and not hash_matches(data, content_hash):
             raise DecodeError("the file changed after its header was read", code="source_changed")
         ds, _ = parse_dicom_bytes(data, max_bytes=self.max_file_bytes)
         syntax = _transfer_syntax(ds)

@@ -15,7 +15,6 @@ field. A 4D MINC, which nibabel returns time first as (t, i, j, k) with an affin
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import tempfile
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from voxlake.errors import DecodeError, NotDicomError
+from voxlake.ingest.hashing import content_hash
 from voxlake.keys import keyed_hash, volume_id_for
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ def image_file_row(
         "url": ref.url,
         "size": ref.size,
         "mtime": ref.mtime,
-        "content_hash": hashlib.blake2b(data, digest_size=16).hexdigest(),
+        "content_hash": content_hash(data),
         "file_format": image_format,
         "layout": image_format,
         "has_pixels": image_format != "image_data",
