@@ -41,14 +41,12 @@ def _array(store: Any, shape: tuple[int, ...], dtype: type, config: StoreConfig)
     )
 
 
-def _write_lean(array: Any, data: np.ndarray) -> None:
-    """Shard layer by shard layer along z, as the volume writer streams a series."""
+def _write_lean(array: Any, data: np.ndarray, depth: int | None = None) -> None:
+    """Slab by slab along z (default: shard layers), as the volume writer streams."""
     writer = ShardWriter(array)
-    depth = writer.shards[-3]
+    depth = depth or writer.shards[-3]
     for z0 in range(0, data.shape[-3], depth):
-        start = [0] * data.ndim
-        start[-3] = z0
-        writer.write(tuple(start), data[..., z0 : z0 + depth, :, :])
+        writer.add(z0, data[..., z0 : z0 + depth, :, :])
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -92,21 +90,17 @@ def test_rewriting_a_layer_with_fill_removes_its_shard(tmp_path: Path) -> None:
     data = make(shape, dtype)
     _write_lean(array, data)
     writer = ShardWriter(array)
+    depth = writer.shards[0]
     before = _files(tmp_path)
-    writer.write((writer.shards[0], 0, 0), np.zeros((writer.shards[0], *shape[1:]), dtype))
-    after = _files(tmp_path)
-    assert len(after) == len(before) - 1
-    data[writer.shards[0] : 2 * writer.shards[0]] = 0
+    writer.add(depth, np.zeros((depth, *shape[1:]), dtype))
+    assert len(_files(tmp_path)) == len(before) - 1
+    data[depth : 2 * depth] = 0
     assert np.array_equal(array[...], data)
 
 
-def test_regions_that_are_not_whole_shards_are_refused(tmp_path: Path) -> None:
-    shape, dtype, config = LAYOUTS["default-3d-odd"]
-    array = _array(zarr.storage.LocalStore(tmp_path), shape, dtype, config)
-    writer = ShardWriter(array)
-    with pytest.raises(ValueError, match="whole shards"):
-        writer.write((1, 0, 0), np.zeros((writer.shards[0], *shape[1:]), dtype))
-    with pytest.raises(ValueError, match="whole shards"):
-        writer.write((0, 0, 0), np.zeros((writer.shards[0] - 1, *shape[1:]), dtype))
-    with pytest.raises(ValueError, match="dtype"):
-        writer.write((0, 0, 0), np.zeros((writer.shards[0], *shape[1:]), np.float64))
+def test_unsharded_arrays_are_refused(tmp_path: Path) -> None:
+    array = zarr.create_array(
+        zarr.storage.LocalStore(tmp_path), name="0", shape=(8, 8, 8), dtype=np.int16
+    )
+    with pytest.raises(ValueError, match="lean writer"):
+        ShardWriter(array)

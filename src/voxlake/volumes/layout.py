@@ -79,8 +79,12 @@ class ArrayLayout:
 
     @property
     def slab_depth(self) -> int:
-        """Slices written per call when streaming a volume slab by slab (one shard layer)."""
-        return self.shards[-3]
+        """Slices written per call when streaming a volume slab by slab (one chunk layer).
+
+        A chunk layer is the least a writer can encode at a time; a shard layer's chunks
+        are stored together once its last chunk layer is in.
+        """
+        return self.chunks[-3]
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -417,29 +417,34 @@ def _morton_order(per_shard: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 class ShardWriter:
-    """Write whole shards of a sharded zarr v3 array, bit for bit as zarr 3.1 would.
+    """Write a sharded array chunk layer by chunk layer, bit for bit as zarr 3.1 would.
 
     zarr encodes a shard through an asyncio pipeline of per-chunk codec objects, which
-    costs about as much CPU as the compression itself (``docs/performance.md``). This
-    writer encodes the chunks of one shard with numcodecs directly, lays them out in
-    zarr's order (Morton order of the chunk grid inside the shard, chunks equal to the
-    fill value left out) and appends the index zarr writes (little-endian offsets and
-    lengths, then their CRC32C). The tests compare the objects byte for byte with zarr's.
+    costs about as much CPU as the compression itself. This writer encodes chunks with
+    numcodecs directly, in zarr's layout: a shard's chunks in Morton order of its chunk
+    grid, chunks equal to the fill value left out, then the index (little-endian offsets
+    and lengths) and its CRC32C. The Morton order interleaves the chunk layers, so a
+    shard cannot be written before its last layer is in. Zarr itself would want the
+    shard's voxels at once, plus every encoded chunk and their concatenation: three
+    copies at the peak. Here each chunk layer is encoded as soon as it is complete and
+    dropped; only the encoded chunks wait, and a local shard is written piece by piece.
+    The tests compare the stored objects byte for byte with zarr's. Only arrays
+    :meth:`ShardedReader.supports` (the layout the store writes) are handled; the volume
+    writer leaves others to zarr.
 
-    Only arrays :meth:`ShardedReader.supports` (the layout the store writes) are handled;
-    :meth:`write` accepts a region of whole shard layers along the first spatial axis
-    (the last shard may run past the array's end, as zarr pads it with the fill value).
+    Slices must arrive in order; a chunk layer cut across two slabs is gathered first.
     """
 
     def __init__(self, array: Any) -> None:
         if not ShardedReader.supports(array):
             raise ValueError("array layout not handled by the lean writer; write it with zarr")
         sharding = _sharding(array)
-        meta = array.metadata
         encode = _encoder(sharding.codecs[1])
         if encode is None:
             raise ValueError("chunk codec not handled by the lean writer")
         self._encode = encode
+        meta = array.metadata
+        self._meta = meta
         self.shape = tuple(int(n) for n in array.shape)
         self.dtype = np.dtype(array.dtype)
         self.chunks = tuple(int(n) for n in sharding.chunk_shape)
@@ -447,93 +452,99 @@ class ShardWriter:
         self.per_shard = tuple(s // c for s, c in zip(self.shards, self.chunks, strict=True))
         self.fill_value = self.dtype.type(meta.fill_value)
         self._order = _morton_order(self.per_shard)
-        self._meta = meta
         store_path = array.store_path
         self._store = store_path.store
         self._root = _local_root(self._store)
         self._prefix = store_path.path.rstrip("/")
+        self._pending: dict[tuple[int, ...], bytes] = {}  # chunk coordinates -> payload
+        self._gathered: np.ndarray | None = None  # a chunk layer cut across slabs
 
-    def encode_shard(self, block: np.ndarray) -> bytes | None:
-        """The stored bytes of one shard holding ``block`` (at most the shard's shape,
-        anchored at its origin; the rest is fill), or None when every chunk is fill."""
-        import google_crc32c
+    def add(self, z0: int, data: np.ndarray) -> None:
+        """Take slices ``z0`` to ``z0 + depth`` of the array (the next ones in order)."""
+        layer, depth, done = self.chunks[-3], data.shape[-3], 0
+        while done < depth:
+            z = z0 + done
+            first = z - z % layer
+            stop = min(first + layer, self.shape[-3])
+            take = min(stop - z, depth - done)
+            piece = data[..., done : done + take, :, :]
+            done += take
+            if self._gathered is None and z == first and take == stop - first:
+                self._encode_layer(first, piece)  # a whole chunk layer: no copy
+                continue
+            if self._gathered is None:
+                shape = (*self.shape[:-3], stop - first, *self.shape[-2:])
+                self._gathered = np.empty(shape, self.dtype)
+            self._gathered[..., z - first : z - first + take, :, :] = piece
+            if z + take == stop:
+                whole, self._gathered = self._gathered, None
+                self._encode_layer(first, whole)
 
-        index = np.full((*self.per_shard, 2), _EMPTY, dtype="<u8")
-        parts: list[bytes] = []
-        offset = 0
+    def _encode_layer(self, first: int, block: np.ndarray) -> None:
+        """Encode the chunks of one chunk layer (slices ``first`` on); flush finished shards."""
+        counts = [-(-n // c) for n, c in zip(block.shape, self.chunks, strict=True)]
+        counts[-3] = 1
+        z_chunk = first // self.chunks[-3]
         chunk = np.empty(self.chunks, self.dtype)
-        for coords in self._order:
+        for coords in itertools.product(*(range(n) for n in counts)):
             region = tuple(
-                slice(c * n, (c + 1) * n) for c, n in zip(coords, self.chunks, strict=True)
+                slice(i * n, (i + 1) * n) for i, n in zip(coords, self.chunks, strict=True)
             )
             part = block[region]
-            if part.size == 0:
-                continue  # wholly past the array's end: fill
             if part.shape == self.chunks:
                 source = np.ascontiguousarray(part)
-            else:
+            else:  # at the array's edge zarr pads the chunk with the fill value
                 chunk.fill(self.fill_value)
                 chunk[tuple(slice(0, n) for n in part.shape)] = part
                 source = chunk
             if not source.any() if self.fill_value == 0 else (source == self.fill_value).all():
                 continue  # zarr does not write chunks equal to the fill value
-            payload = self._encode(source)
-            parts.append(payload)
-            index[coords] = (offset, len(payload))
-            offset += len(payload)
-        if not parts:
-            return None
-        body = index.tobytes()
-        parts.append(body)
-        parts.append(google_crc32c.value(body).to_bytes(4, "little"))
-        return b"".join(parts)
+            self._pending[(*coords[:-3], z_chunk, *coords[-2:])] = self._encode(source)
+        stop = first + block.shape[-3]
+        if stop % self.shards[-3] == 0 or stop == self.shape[-3]:
+            self._flush(first // self.shards[-3])
 
-    def write(self, start: Sequence[int], data: np.ndarray) -> None:
-        """Write ``data`` at ``start`` (shard-aligned on every axis; along the others the
-        region covers the whole array), one whole shard object at a time."""
-        if data.dtype != self.dtype:
-            raise ValueError(f"dtype {data.dtype} is not the array's {self.dtype}")
-        for axis, (s, n, size) in enumerate(zip(start, data.shape, self.shape, strict=True)):
-            shard = self.shards[axis]
-            if s % shard or (n % shard and s + n != size):
-                raise ValueError(f"region not made of whole shards along axis {axis}")
-        first = tuple(s // n for s, n in zip(start, self.shards, strict=True))
-        counts = tuple(-(-n // s) for n, s in zip(data.shape, self.shards, strict=True))
-        writes: list[tuple[str, bytes | None]] = []
-        for offsets in itertools.product(*(range(n) for n in counts)):
-            region = tuple(
-                slice(o * s, (o + 1) * s) for o, s in zip(offsets, self.shards, strict=True)
-            )
-            coords = tuple(f + o for f, o in zip(first, offsets, strict=True))
-            key = f"{self._prefix}/{self._meta.encode_chunk_key(coords)}".lstrip("/")
-            writes.append((key, self.encode_shard(data[region])))
-        self._put(writes)
-
-    def _put(self, writes: list[tuple[str, bytes | None]]) -> None:
-        if self._root is not None:
-            for key, payload in writes:
-                path = os.path.join(self._root, key)
+    def _flush(self, z_shard: int) -> None:
+        counts = [-(-n // s) for n, s in zip(self.shape, self.shards, strict=True)]
+        counts[-3] = 1
+        for coords in itertools.product(*(range(n) for n in counts)):
+            shard = (*coords[:-3], z_shard, *coords[-2:])
+            index = np.full((*self.per_shard, 2), _EMPTY, dtype="<u8")
+            parts: list[bytes] = []
+            offset = 0
+            for local in self._order:
+                at = zip(shard, self.per_shard, local, strict=True)
+                payload = self._pending.pop(tuple(s * n + i for s, n, i in at), None)
                 if payload is None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
                     continue
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as handle:
-                    handle.write(payload)
+                parts.append(payload)
+                index[local] = (offset, len(payload))
+                offset += len(payload)
+            if parts:
+                import google_crc32c
+
+                body = index.tobytes()
+                parts += [body, google_crc32c.value(body).to_bytes(4, "little")]
+            self._put(f"{self._prefix}/{self._meta.encode_chunk_key(shard)}".lstrip("/"), parts)
+
+    def _put(self, key: str, parts: list[bytes]) -> None:
+        """Store one shard object (no parts: every chunk is fill, so there is none)."""
+        if self._root is not None:
+            path = os.path.join(self._root, key)
+            if not parts:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                return
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as handle:
+                for part in parts:  # no joined copy of the shard
+                    handle.write(part)
             return
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
-        buffer = default_buffer_prototype().buffer
-
-        async def put_all() -> None:
-            await asyncio.gather(
-                *(
-                    self._store.set(key, buffer.from_bytes(payload))
-                    if payload is not None
-                    else self._store.delete(key)
-                    for key, payload in writes
-                )
-            )
-
-        sync(put_all())
+        if parts:
+            buffer = default_buffer_prototype().buffer.from_bytes(b"".join(parts))
+            sync(self._store.set(key, buffer))
+        else:
+            sync(self._store.delete(key))

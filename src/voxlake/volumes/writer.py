@@ -1,8 +1,11 @@
 """Write one volume to the OME-Zarr store, whole or not at all.
 
-:class:`VolumeWriter` receives a volume slab by slab (one shard layer at a time), so a
-worker never needs the whole volume in memory, accumulates intensity statistics on the
-way, and makes the volume visible only at :meth:`VolumeWriter.commit`:
+:class:`VolumeWriter` receives a volume slab by slab, in order, so a worker never needs
+the whole volume in memory, accumulates intensity statistics on the way, and makes the
+volume visible only at :meth:`VolumeWriter.commit`. A shard spans ``shard_depth`` slices
+but its voxels are never held at once: each chunk layer (the chunks' depth of slices) is
+encoded as soon as it is complete, and only the encoded chunks wait for the rest of their
+shard (:class:`~voxlake.volumes.sharded.ShardWriter`). The volume is made visible at commit:
 
 - local stores: the group is written under ``<store>/.staging/<uuid>`` and renamed into
   place (atomic on POSIX); if the final path already exists it holds the identical
@@ -33,6 +36,7 @@ from voxlake.volumes.layout import (
 )
 from voxlake.volumes.pyramid import downsample2
 from voxlake.volumes.reader import open_store
+from voxlake.volumes.sharded import ShardedReader, ShardWriter
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -71,40 +75,61 @@ class WriteResult:
 
 
 class _StatsAccumulator:
-    def __init__(self) -> None:
-        self.count = 0
-        self.total = 0.0
-        self.total_sq = 0.0
-        self.low = np.inf
-        self.high = -np.inf
-        self.samples: list[np.ndarray] = []
-        self._offset = 0
+    """Statistics of the planes of a volume, in a fixed visiting order.
 
-    def add(self, data: np.ndarray) -> None:
-        # Slice by slice: converting a whole slab to float64 would cost 4x its int16 size.
-        planes = data.reshape(-1, *data.shape[-2:]) if data.ndim >= 2 else data.reshape(1, -1)
-        for plane in planes:
-            values = plane.reshape(-1).astype(np.float64)
-            if values.size == 0:
-                continue
-            self.count += values.size
-            self.total += float(values.sum())
-            self.total_sq += float(np.dot(values, values))
-            self.low = min(self.low, float(values.min()))
-            self.high = max(self.high, float(values.max()))
-            start = (-self._offset) % _PERCENTILE_STRIDE
-            self.samples.append(values[start::_PERCENTILE_STRIDE].astype(np.float32))
-            self._offset += values.size
+    Planes are visited shard layer by shard layer, each layer in (t or c, z) order: the
+    order in which a writer fed whole shard layers saw them. The sums and the strided
+    percentile sample depend on that order (floating-point addition, every 31st voxel),
+    so the figures do not depend on how a caller cuts the volume into slabs.
+    """
+
+    def __init__(self, shape: tuple[int, ...], shard_depth: int) -> None:
+        self._lead = int(np.prod(shape[:-3], dtype=np.int64))
+        self._depth = shape[-3]
+        self._shard_depth = shard_depth
+        self._plane = shape[-2] * shape[-1]
+        # visiting index -> (sum, sum of squares, min, max, percentile sample)
+        self._planes: dict[int, tuple[float, float, float, float, np.ndarray]] = {}
+
+    def _visit(self, lead: int, z: int) -> int:
+        first = z - z % self._shard_depth
+        depth = min(self._shard_depth, self._depth - first)
+        return self._lead * first + lead * depth + z - first
+
+    def add(self, z0: int, data: np.ndarray) -> None:
+        """Add the planes of ``data`` ((dz, y, x) or (t, dz, y, x) from slice ``z0``)."""
+        # Plane by plane: converting a whole slab to float64 would cost 4x its int16 size.
+        leads = data.shape[:-3]
+        for index in np.ndindex(*leads, data.shape[-3]):
+            values = data[index].reshape(-1).astype(np.float64)
+            lead = int(np.ravel_multi_index(index[:-1], leads)) if leads else 0
+            visit = self._visit(lead, z0 + index[-1])
+            start = (-visit * self._plane) % _PERCENTILE_STRIDE
+            self._planes[visit] = (
+                float(values.sum()),
+                float(np.dot(values, values)),
+                float(values.min()),
+                float(values.max()),
+                values[start::_PERCENTILE_STRIDE].astype(np.float32),
+            )
 
     def result(self) -> IntensityStats:
-        if self.count == 0:
+        if not self._planes or self._plane == 0:
             nan = float("nan")
             return IntensityStats(nan, nan, nan, nan, nan, nan, nan)
-        mean = self.total / self.count
-        var = max(self.total_sq / self.count - mean * mean, 0.0)
-        sample = np.concatenate(self.samples)
-        p01, p50, p99 = (float(v) for v in np.percentile(sample, [1, 50, 99]))
-        return IntensityStats(self.low, self.high, mean, var**0.5, p01, p50, p99)
+        count, total, total_sq, low, high = 0, 0.0, 0.0, np.inf, -np.inf
+        samples = []
+        for visit in sorted(self._planes):
+            plane_sum, plane_sq, plane_low, plane_high, sample = self._planes[visit]
+            count += self._plane
+            total += plane_sum
+            total_sq += plane_sq
+            low, high = min(low, plane_low), max(high, plane_high)
+            samples.append(sample)
+        mean = total / count
+        var = max(total_sq / count - mean * mean, 0.0)
+        p01, p50, p99 = (float(v) for v in np.percentile(np.concatenate(samples), [1, 50, 99]))
+        return IntensityStats(low, high, mean, var**0.5, p01, p50, p99)
 
 
 def _compressors(config: StoreConfig) -> Any:
@@ -161,8 +186,9 @@ class VolumeWriter:
         self.layout: ArrayLayout = choose_layout(tuple(shape), self.config, axes=self.axes)
         self.dtype = np.dtype(dtype)
         self._local = is_local_url(self.store_url)
-        self._stats = _StatsAccumulator()
+        self._stats = _StatsAccumulator(self.layout.shape, self.layout.shards[-3])
         self._written_rows = 0
+        self._carry: np.ndarray | None = None  # a slice waiting for its pyramid pair
         if self._local:
             root = strip_file_scheme(self.store_url)
             self._staging = os.path.join(root, ".staging", uuid.uuid4().hex)
@@ -193,27 +219,61 @@ class VolumeWriter:
         except Exception as exc:
             self.abort()
             raise StoreError(f"cannot create volume array: {exc}") from exc
+        self._shards = ShardWriter(self._array) if ShardedReader.supports(self._array) else None
 
     @property
     def slab_depth(self) -> int:
-        """Slices per :meth:`write_slab` call that fill whole shards."""
+        """Slices per :meth:`write_slab` call that fill whole chunk layers."""
         return self.layout.slab_depth
 
     def write_slab(self, z0: int, data: np.ndarray) -> None:
-        """Write ``data`` (dz, y, x) or (t, dz, y, x) starting at slice ``z0``."""
+        """Write ``data`` (dz, y, x) or (t, dz, y, x) starting at slice ``z0``.
+
+        Slabs come in order (``z0`` is the number of slices written so far); any depth
+        works, :attr:`slab_depth` (one chunk layer) keeps the least in memory.
+        """
         if data.dtype != self.dtype:
             raise StoreError(f"slab dtype {data.dtype} differs from volume dtype {self.dtype}")
-        depth = data.shape[-3]
-        if len(self.layout.shape) == 4:
+        shape, depth = self.layout.shape, data.shape[-3]
+        if data.ndim != len(shape) or data.shape[:-3] + data.shape[-2:] != shape[:-3] + shape[-2:]:
+            raise StoreError(f"slab shape {data.shape} does not fit volume shape {shape}")
+        if z0 != self._written_rows or z0 + depth > shape[-3]:
+            raise StoreError(
+                f"slab of slices {z0} to {z0 + depth} out of order: "
+                f"{self._written_rows} of {shape[-3]} slices written"
+            )
+        if self._shards is not None:
+            self._shards.add(z0, data)
+        elif len(shape) == 4:
             self._array[:, z0 : z0 + depth] = data
         else:
             self._array[z0 : z0 + depth] = data
-        self._stats.add(data)
+        self._stats.add(z0, data)
         self._written_rows += depth
         if self.levels:
-            # Level 1 is pooled slab by slab (slabs hold whole pairs of slices), so the
-            # pyramid costs 1/8 of the volume in memory, never the whole volume.
-            self._level1.append(downsample2(data))
+            self._pool(z0, data)
+
+    def _pool(self, z0: int, data: np.ndarray) -> None:
+        """Pool level 1 as it comes, exactly as pooling each shard layer whole would.
+
+        Pairs of slices are pooled from the start of each shard layer (a layer of odd
+        depth ends with its last slice padded), so a slice of an odd-sized slab waits for
+        its pair. The pyramid costs 1/8 of the volume in memory, never the whole volume.
+        """
+        if self._carry is not None:
+            data = np.concatenate([self._carry, data], axis=-3)
+            z0, self._carry = z0 - 1, None
+        layer, n_z, done = self.layout.shards[-3], self.layout.shape[-3], 0
+        while done < data.shape[-3]:
+            z = z0 + done
+            stop = min(z - z % layer + layer, n_z)
+            piece = data[..., done : min(stop - z0, data.shape[-3]), :, :]
+            done += piece.shape[-3]
+            if z + piece.shape[-3] < stop and piece.shape[-3] % 2:
+                self._carry = piece[..., -1:, :, :].copy()
+                piece = piece[..., :-1, :, :]
+            if piece.shape[-3]:
+                self._level1.append(downsample2(piece))
 
     def commit(self, attributes: Mapping[str, Any]) -> WriteResult:
         """Write the group metadata last and make the volume visible at its final path."""
@@ -375,8 +435,6 @@ def write_volume(
         axes=axes,
     )
     depth = writer.slab_depth
-    nz = data.shape[-3]
-    for z0 in range(0, nz, depth):
-        slab = data[..., z0 : z0 + depth, :, :]
-        writer.write_slab(z0, np.ascontiguousarray(slab))
+    for z0 in range(0, data.shape[-3], depth):
+        writer.write_slab(z0, data[..., z0 : z0 + depth, :, :])
     return writer.commit(attributes)

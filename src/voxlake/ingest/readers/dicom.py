@@ -430,8 +430,7 @@ def _write(
             syntaxes = decoder.syntaxes
         if whole:
             assert preprocess is not None
-            n_z = plan.shape[-3]
-            full = np.concatenate([slabs(z0, min(128, n_z - z0)) for z0 in range(0, n_z, 128)], 1)
+            full = _assemble(plan.shape[-3], slabs)
             volume = full if len(plan.shape) == 4 else full[0]
             affine = np.array(plan.affine).reshape(4, 4)
             volume, affine, steps = apply_preprocessing(
@@ -485,12 +484,25 @@ def _write(
             raise
 
 
+def _assemble(n_z: int, slabs: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    """The whole volume (t or c, z, y, x), filled slab by slab: one copy of the volume
+    (concatenating a list of slabs would hold two)."""
+    first = slabs(0, min(128, n_z))
+    full = np.empty((first.shape[0], n_z, *first.shape[2:]), first.dtype)
+    full[:, : first.shape[1]] = first
+    del first
+    for z0 in range(128, n_z, 128):
+        full[:, z0 : z0 + 128] = slabs(z0, min(128, n_z - z0))
+    return full
+
+
 def _fill(writer: VolumeWriter, plan: VolumePlan, slab: Callable[[int, int], np.ndarray]) -> None:
     n_z = plan.shape[-3]
     for z0 in range(0, n_z, writer.slab_depth):
         depth = min(writer.slab_depth, n_z - z0)
         data = slab(z0, depth)
         writer.write_slab(z0, data if len(plan.shape) == 4 else data[0])
+        del data  # before the next slab is decoded: one slab in memory at a time
 
 
 def _version(name: str) -> str:
