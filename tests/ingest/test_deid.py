@@ -26,9 +26,9 @@ from voxlake.ingest.deid import (
     IDENTIFYING_KEYWORDS,
     Pseudonymizer,
     deidentify,
-    header_to_json,
     original_identifiers,
 )
+from voxlake.ingest.header_json import header_to_json
 from voxlake.keys import keyed_hash
 
 SECRET = "unit-test-secret-4f1c"

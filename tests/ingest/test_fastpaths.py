@@ -18,8 +18,9 @@ from pydicom.dataelem import DataElement, RawDataElement
 
 from voxlake.catalog.schema import DICOM_COLUMNS
 from voxlake.config import DeidConfig
-from voxlake.ingest import deid
-from voxlake.ingest.deid import Pseudonymizer, deidentify, header_to_json
+from voxlake.ingest import deid, header_json
+from voxlake.ingest.deid import Pseudonymizer, deidentify
+from voxlake.ingest.header_json import header_to_json
 from voxlake.ingest.headers import _convert, parse_dicom_bytes, typed_columns
 from voxlake.ingest.readers.dicom import _Overflow, _rescale
 
@@ -59,7 +60,7 @@ def _probe_everything(ds) -> str:
                     items = [model(item) for item in elem.value]
                     entry = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
                 else:
-                    entry = deid._resolve_ambiguous(elem).to_json_dict(None, 0)
+                    entry = header_json._resolve_ambiguous(elem).to_json_dict(None, 0)
                     json.dumps(entry, allow_nan=False)
             except Exception:
                 continue
@@ -147,12 +148,12 @@ def test_element_json_equals_pydicom_for_every_element(tiny_sample):
             if elem.VR == "SQ" or deid._is_bulk(elem):
                 continue
             try:
-                expected = deid._resolve_ambiguous(elem).to_json_dict(None, 0)
+                expected = header_json._resolve_ambiguous(elem).to_json_dict(None, 0)
             except Exception:
                 with pytest.raises(Exception):  # whatever pydicom raised
-                    deid._json_element(elem)
+                    header_json._json_element(elem)
                 continue
-            assert deid._json_element(elem) == expected, (name, elem.tag)
+            assert header_json._json_element(elem) == expected, (name, elem.tag)
             seen.add(elem.VR)
     assert {"CS", "DS", "IS", "UI", "US", "DA", "TM", "LO"} <= seen
 

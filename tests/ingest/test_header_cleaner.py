@@ -16,13 +16,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from voxlake.config import DeidConfig, IngestConfig
-from voxlake.ingest.deid import (
-    HeaderCleaner,
-    Pseudonymizer,
-    deidentify,
-    header_to_json,
-    original_identifiers,
-)
+from voxlake.ingest.deid import Pseudonymizer, deidentify, original_identifiers
+from voxlake.ingest.header_json import HeaderCleaner, header_to_json
 from voxlake.ingest.headers import _element_columns, parse_dicom_bytes, read_headers, typed_columns
 from voxlake.ingest.sources import FileRef, list_source
 

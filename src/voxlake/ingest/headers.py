@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import pydicom
 
     from voxlake.config import IngestConfig
-    from voxlake.ingest.deid import HeaderCleaner
+    from voxlake.ingest.header_json import HeaderCleaner
     from voxlake.ingest.readers.native import PixelSpan
     from voxlake.ingest.sources import FileRef
 
@@ -414,7 +414,7 @@ def read_headers(
     refs: list[FileRef], *, secret: str, config: IngestConfig, run_id: str
 ) -> HeaderBatch:
     """Parse a batch of files into instance rows and failure rows (runs on a worker)."""
-    from voxlake.ingest.deid import HeaderCleaner
+    from voxlake.ingest.header_json import HeaderCleaner
 
     batch = HeaderBatch()
     # One per batch: series repeat most of their header from file to file.
