@@ -30,20 +30,14 @@ def secret() -> str:
 
 @pytest.fixture(scope="session")
 def dask_client():
-    """One real LocalCluster (2 worker processes) shared by the integration tests."""
-    from distributed import Client, LocalCluster
+    """One real LocalCluster (2 worker processes) shared by the integration tests, started
+    the way ``voxlake ingest`` starts its own (``voxlake.cluster.dask_client``)."""
+    from voxlake.cluster import dask_client
+    from voxlake.config import IngestConfig
 
-    cluster = LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-        memory_limit="3GiB",
-    )
-    client = Client(cluster)
-    yield client
-    client.close()
-    cluster.close()
+    config = IngestConfig(workers=2, memory_limit="3GiB", dashboard_address=":0")
+    with dask_client(config) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -98,3 +98,15 @@ def test_readme_configuration_example_loads(tmp_path):
     assert config.preprocess.target_spacing == (1.0, 1.0, 1.0)
     assert config.deid.date_mode == "shift"
     assert config.store.codec == "blosc-zstd"
+
+
+def test_readme_worker_malloc_settings_match_the_local_clusters():
+    """The YAML shown for self-started clusters is what the local cluster sets."""
+    import yaml
+
+    from voxlake.cluster import WORKER_MALLOC_ENV
+
+    readme = (REPO / "README.md").read_text()
+    (block,) = code_blocks(readme.split("## Run on a cluster", 1)[1].split("\n## ", 1)[0], "yaml")
+    shown = yaml.safe_load(block)["distributed"]["nanny"]["pre-spawn-environ"]
+    assert shown == WORKER_MALLOC_ENV
