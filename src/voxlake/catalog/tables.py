@@ -165,6 +165,20 @@ def _dedupe_last(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
 COMMIT_ATTEMPTS = 10
 
 
+def _prepare(
+    name: str, rows: pa.Table | Iterable[Mapping[str, Any]]
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Rows to write to ``name``: one per key (the last), sorted by the table's clustering
+    columns, with the writer options they need."""
+    table = rows if isinstance(rows, pa.Table) else rows_to_table(name, rows)
+    table = _dedupe_last(table, TABLE_KEYS[name])
+    options: dict[str, Any] = {}
+    if name in CLUSTER_BY:
+        table = table.sort_by([(c, "ascending") for c in CLUSTER_BY[name]])
+        options["writer_properties"] = writer_properties()
+    return table, options
+
+
 def _retry_conflicts(target: Any, write: Callable[[], None]) -> None:
     """Run ``write``; after a Delta commit conflict, refresh ``target`` and run it again."""
     from deltalake.exceptions import CommitFailedError
@@ -315,17 +329,12 @@ class CatalogWriter:
         """
         from deltalake import CommitProperties, write_deltalake
 
-        table = rows if isinstance(rows, pa.Table) else rows_to_table(name, rows)
+        table, options = _prepare(name, rows)
         if table.num_rows == 0:
             return None
         keys = TABLE_KEYS[name]
-        table = _dedupe_last(table, keys)
-        props = CommitProperties(custom_metadata={"voxlake.run_id": run_id})
+        options["commit_properties"] = CommitProperties(custom_metadata={"voxlake.run_id": run_id})
         target = self._table(name)
-        options: dict[str, Any] = {"commit_properties": props}
-        if name in CLUSTER_BY:
-            table = table.sort_by([(c, "ascending") for c in CLUSTER_BY[name]])
-            options["writer_properties"] = writer_properties()
 
         def write() -> None:
             if assume_new:
@@ -360,15 +369,10 @@ class CatalogWriter:
         from deltalake import CommitProperties, write_deltalake
         from deltalake.exceptions import CommitFailedError
 
-        table = rows if isinstance(rows, pa.Table) else rows_to_table(name, rows)
         target = self._table(name)
         if int(target.version()) != version:
             return None
-        table = _dedupe_last(table, TABLE_KEYS[name])
-        options: dict[str, Any] = {}
-        if name in CLUSTER_BY:
-            table = table.sort_by([(c, "ascending") for c in CLUSTER_BY[name]])
-            options["writer_properties"] = writer_properties()
+        table, options = _prepare(name, rows)
         # No retry: the commit lands as version + 1 or not at all (its data file, never
         # referenced, is left for vacuum).
         props = CommitProperties(custom_metadata={"voxlake.run_id": run_id}, max_commit_retries=0)

@@ -359,7 +359,8 @@ class _Run:
             self.writer.delete("failures", f"subject IN ({_sql_list(healed)})", run_id=self.run_id)
         if broken:
             self.writer.delete("instances", f"url IN ({_sql_list(broken)})", run_id=self.run_id)
-        fresh = self._append_new(batch.instances, ok)
+        # The poll above is current unless this run just changed `instances` itself.
+        fresh = self._append_new(batch.instances, ok, polled=not broken)
         appended = {r["url"] for r in fresh}
         changed = [r for r in batch.instances if r["url"] in ok and r["url"] not in appended]
         self.commit({"instances": changed, "failures": batch.failures}, "headers")
@@ -369,7 +370,9 @@ class _Run:
             )
         return len(batch.instances) + len(batch.failures)
 
-    def _append_new(self, rows: list[dict[str, Any]], ok: dict[str, Any]) -> list[dict[str, Any]]:
+    def _append_new(
+        self, rows: list[dict[str, Any]], ok: dict[str, Any], *, polled: bool
+    ) -> list[dict[str, Any]]:
         """Append the rows of files no run has catalogued; return them.
 
         The append lands only if nobody committed to ``instances`` since the poll that
@@ -378,7 +381,8 @@ class _Run:
         therefore never both append one file, not even for one table version.
         """
         for attempt in range(1, APPEND_ATTEMPTS + 1):
-            self._absorb(self.foreign.poll(), ok)
+            if attempt > 1 or not polled:
+                self._absorb(self.foreign.poll(), ok)
             fresh = [r for r in rows if r["url"] not in ok]
             if not fresh:
                 return []

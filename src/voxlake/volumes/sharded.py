@@ -83,7 +83,31 @@ def _sharding(array: Any) -> Any:
     return codecs[0]
 
 
-class ShardedReader:
+class _ShardedArray:
+    """The geometry and storage location of one sharded array (reader and writer)."""
+
+    def __init__(self, array: Any) -> None:
+        sharding = _sharding(array)
+        meta = array.metadata
+        self.shape = tuple(int(n) for n in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.chunks = tuple(int(n) for n in sharding.chunk_shape)
+        self.shards = tuple(int(n) for n in meta.chunk_grid.chunk_shape)
+        self.per_shard = tuple(s // c for s, c in zip(self.shards, self.chunks, strict=True))
+        self.fill_value = self.dtype.type(meta.fill_value)
+        self._codec = sharding.codecs[1]
+        self._meta = meta
+        store_path = array.store_path
+        self._store = store_path.store
+        self._root = _local_root(self._store)
+        self._prefix = store_path.path.rstrip("/")
+
+    def _key(self, shard: tuple[int, ...]) -> str:
+        """The store key of the shard at grid coordinates ``shard``."""
+        return f"{self._prefix}/{self._meta.encode_chunk_key(shard)}".lstrip("/")
+
+
+class ShardedReader(_ShardedArray):
     """Read regions of one sharded zarr v3 array without zarr's per-chunk machinery.
 
     Parameters
@@ -109,21 +133,9 @@ class ShardedReader:
     ) -> None:
         if not self.supports(array):
             raise ValueError("array layout not handled by the lean reader; read it with zarr")
-        sharding = _sharding(array)
-        meta = array.metadata
-        self.shape = tuple(int(n) for n in array.shape)
-        self.dtype = np.dtype(array.dtype)
-        self.chunks = tuple(int(n) for n in sharding.chunk_shape)
-        self.shards = tuple(int(n) for n in meta.chunk_grid.chunk_shape)
-        self.per_shard = tuple(s // c for s, c in zip(self.shards, self.chunks, strict=True))
-        self.fill_value = meta.fill_value
+        super().__init__(array)
         self.coalesce = coalesce
-        self._decode = _decoder(sharding.codecs[1])
-        store_path = array.store_path
-        self._store = store_path.store
-        self._root = _local_root(self._store)
-        self._prefix = store_path.path.rstrip("/")
-        self._meta = meta
+        self._decode = _decoder(self._codec)
         self._count = int(np.prod(self.per_shard))
         self._index_bytes = 16 * self._count + 4
         self._indexes: dict[tuple[int, ...], np.ndarray | None] = {}
@@ -159,9 +171,6 @@ class ShardedReader:
         return all(s % c == 0 for s, c in zip(grid.chunk_shape, sharding.chunk_shape, strict=True))
 
     # -- fetching --------------------------------------------------------------------------
-
-    def _key(self, shard: tuple[int, ...]) -> str:
-        return f"{self._prefix}/{self._meta.encode_chunk_key(shard)}"
 
     def _parse_index(self, tail: memoryview) -> np.ndarray:
         if len(tail) != self._index_bytes:
@@ -416,7 +425,7 @@ def _morton_order(per_shard: tuple[int, ...]) -> list[tuple[int, ...]]:
     return list(morton_order_iter(per_shard))
 
 
-class ShardWriter:
+class ShardWriter(_ShardedArray):
     """Write a sharded array chunk layer by chunk layer, bit for bit as zarr 3.1 would.
 
     zarr encodes a shard through an asyncio pipeline of per-chunk codec objects, which
@@ -438,24 +447,12 @@ class ShardWriter:
     def __init__(self, array: Any) -> None:
         if not ShardedReader.supports(array):
             raise ValueError("array layout not handled by the lean writer; write it with zarr")
-        sharding = _sharding(array)
-        encode = _encoder(sharding.codecs[1])
+        super().__init__(array)
+        encode = _encoder(self._codec)
         if encode is None:
             raise ValueError("chunk codec not handled by the lean writer")
         self._encode = encode
-        meta = array.metadata
-        self._meta = meta
-        self.shape = tuple(int(n) for n in array.shape)
-        self.dtype = np.dtype(array.dtype)
-        self.chunks = tuple(int(n) for n in sharding.chunk_shape)
-        self.shards = tuple(int(n) for n in meta.chunk_grid.chunk_shape)
-        self.per_shard = tuple(s // c for s, c in zip(self.shards, self.chunks, strict=True))
-        self.fill_value = self.dtype.type(meta.fill_value)
         self._order = _morton_order(self.per_shard)
-        store_path = array.store_path
-        self._store = store_path.store
-        self._root = _local_root(self._store)
-        self._prefix = store_path.path.rstrip("/")
         self._pending: dict[tuple[int, ...], bytes] = {}  # chunk coordinates -> payload
         self._gathered: np.ndarray | None = None  # a chunk layer cut across slabs
 
@@ -497,7 +494,8 @@ class ShardWriter:
                 chunk.fill(self.fill_value)
                 chunk[tuple(slice(0, n) for n in part.shape)] = part
                 source = chunk
-            if not source.any() if self.fill_value == 0 else (source == self.fill_value).all():
+            all_fill = (source == self.fill_value).all() if self.fill_value else not source.any()
+            if all_fill:
                 continue  # zarr does not write chunks equal to the fill value
             self._pending[(*coords[:-3], z_chunk, *coords[-2:])] = self._encode(source)
         stop = first + block.shape[-3]
@@ -525,7 +523,7 @@ class ShardWriter:
 
                 body = index.tobytes()
                 parts += [body, google_crc32c.value(body).to_bytes(4, "little")]
-            self._put(f"{self._prefix}/{self._meta.encode_chunk_key(shard)}".lstrip("/"), parts)
+            self._put(self._key(shard), parts)
 
     def _put(self, key: str, parts: list[bytes]) -> None:
         """Store one shard object (no parts: every chunk is fill, so there is none)."""
