@@ -231,3 +231,21 @@ def test_slabs_out_of_order_or_of_the_wrong_shape_are_refused(tmp_path: Path) ->
     with pytest.raises(StoreError, match="does not fit"):
         writer.write_slab(4, np.zeros((2, 8, 9), np.int16))
     writer.abort()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.float32])
+def test_plane_sums_equal_float64_sums(dtype: Any) -> None:
+    """Small integers are summed in int64 (no float64 copy): the figures must be the
+    float64 ones, extremes included (a plane of the type's minimum or maximum)."""
+    from voxlake.volumes.writer import _plane_sums
+
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.finfo(dtype)
+    rng = np.random.default_rng(5)
+    planes = [
+        np.full(512 * 512, info.min, dtype),
+        np.full(512 * 512, info.max, dtype),
+        rng.integers(-3000, 3000, 700 * 700).clip(info.min, info.max).astype(dtype),
+    ]
+    for plane in planes:
+        values = plane.astype(np.float64)
+        assert _plane_sums(plane) == (float(values.sum()), float(np.dot(values, values)))

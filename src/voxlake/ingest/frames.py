@@ -20,7 +20,7 @@ import datetime as dt
 import json
 import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -229,8 +229,15 @@ def _enhanced(ds: Dataset) -> dict[str, Any]:
 
 # -- Siemens mosaic ------------------------------------------------------------------------
 
+#: Private creator elements of group 0029, where Siemens keeps its CSA headers.
+_CSA_CREATORS: Final = (0x00290010, 0x002900FF)
+
 
 def _csa(ds: Dataset) -> dict[str, Any] | None:
+    # No private creator in group 0029, no CSA header: do not import nibabel (and scipy)
+    # for the many Siemens files without one (CT).
+    if not any(_CSA_CREATORS[0] <= int(key) <= _CSA_CREATORS[1] for key in ds.keys()):  # noqa: SIM118
+        return None
     with warnings.catch_warnings():
         # nibabel.nicom warns on import that its (unused here) DICOM readers are experimental.
         warnings.simplefilter("ignore", UserWarning)

@@ -19,6 +19,7 @@ __all__ = [
     "SliceStack",
     "StackCheck",
     "affine_from_stack",
+    "axis_codes",
     "check_stack",
     "image_components",
     "orientation_is_valid",
@@ -129,3 +130,31 @@ def image_components(vector: np.ndarray, iop: tuple[float, ...]) -> np.ndarray:
     basis = np.stack([np.asarray(iop[:3]), np.asarray(iop[3:6]), slice_normal(iop)])
     out: np.ndarray = basis @ np.asarray(vector, dtype=float)
     return out
+
+
+_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def axis_codes(affine: np.ndarray) -> tuple[str | None, ...]:
+    """The RAS axis codes of a 4x4 affine's voxel axes: ``nibabel``'s ``aff2axcodes``.
+
+    The same algorithm as ``nibabel.orientations.io_orientation``: the closest rotation
+    to the affine's direction matrix (polar decomposition), then each voxel axis, the
+    strongest first, takes the world axis it moves along most that no stronger axis took.
+    Here so that the ingest workers need not import nibabel (and scipy) for one string.
+    """
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    zooms = np.sqrt(np.sum(matrix * matrix, axis=0))
+    zooms[zooms == 0] = 1
+    u, s, vt = np.linalg.svd(matrix / zooms, full_matrices=False)
+    keep = s > s.max() * 3 * np.finfo(s.dtype).eps
+    rotation = u[:, keep] @ vt[keep]
+    codes: list[str | None] = [None, None, None]
+    for axis in np.argsort(np.min(-(rotation**2), axis=0), kind="stable"):
+        column = rotation[:, axis]
+        if np.allclose(column, 0):
+            continue
+        world = int(np.argmax(np.abs(column)))
+        codes[axis] = _AXIS_LABELS[world][int(column[world] > 0)]
+        rotation[world, :] = 0
+    return tuple(codes)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from voxlake.ingest.geometry import axis_codes
 from voxlake.volumes.layout import volume_path
 
 if TYPE_CHECKING:
@@ -34,8 +35,6 @@ def volume_row(
     ``plan.metadata`` supplies the descriptive columns (modality, descriptions...) and the
     assembly columns (layout, value_scaling, echo_times, b_values, ...).
     """
-    import nibabel as nib
-
     stats = result.stats.__dict__ if result is not None else attrs["stats"]
     affine = np.array(plan.affine).reshape(4, 4)
     slopes = {s.slope for s in plan.slices}
@@ -60,7 +59,7 @@ def volume_row(
         "shape": list(plan.shape),
         "spacing": list(plan.spacing),
         "affine": list(plan.affine),
-        "orientation": "".join(nib.orientations.aff2axcodes(affine)),
+        "orientation": "".join(code or "" for code in axis_codes(affine)),
         "dtype": plan.dtype,
         "units": plan.units,
         "rescale_slope": slopes.pop() if len(slopes) == 1 else float("nan"),
