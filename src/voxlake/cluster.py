@@ -27,6 +27,39 @@ logger = logging.getLogger(__name__)
 WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 8 << 20, "MALLOC_MMAP_THRESHOLD_": 4 << 20}
 
 
+#: What the local cluster's workers import before they start: once, in the forkserver
+#: process they are forked from, instead of once per worker (each spawned worker spent
+#: about 1 CPU second importing these; docs/performance.md).
+WORKER_PRELOAD = (
+    "distributed",
+    "voxlake.ingest.headers",
+    "voxlake.ingest.header_json",
+    "voxlake.ingest.readers.dicom",
+    "voxlake.volumes.writer",
+    "pydicom",
+    "zarr",
+    "numcodecs.blosc",
+    "pyarrow",
+)
+
+
+def _forkserver_available() -> bool:
+    import multiprocessing
+
+    return "forkserver" in multiprocessing.get_all_start_methods()
+
+
+def _preload_forkserver() -> None:
+    """Give the forkserver voxlake's worker modules before it starts (a forkserver
+    already running keeps what it has). Dask sets its own list on first use: after it."""
+    import dask
+    from distributed.utils import get_mp_context
+
+    if dask.config.get("distributed.worker.multiprocessing-method") != "forkserver":
+        return
+    get_mp_context().set_forkserver_preload(list(WORKER_PRELOAD))
+
+
 @contextlib.contextmanager
 def dask_client(config: IngestConfig, *, client: Any = None) -> Iterator[Any]:
     """Yield a ``distributed.Client``; close what this function started.
@@ -61,7 +94,11 @@ def dask_client(config: IngestConfig, *, client: Any = None) -> Iterator[Any]:
     import dask
 
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC_ENV}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):  # read by nannies
+    settings = {"distributed.nanny.pre-spawn-environ": environ}  # read by the nannies
+    if config.workers > 1 and _forkserver_available():
+        settings["distributed.worker.multiprocessing-method"] = "forkserver"
+    with dask.config.set(settings):
+        _preload_forkserver()
         cluster = LocalCluster(
             n_workers=config.workers,
             threads_per_worker=config.threads_per_worker,

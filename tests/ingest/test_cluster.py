@@ -1,4 +1,5 @@
-"""The local cluster voxlake starts: its workers' memory allocator settings."""
+"""The local cluster voxlake starts: its workers' memory allocator settings and how
+they start."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import resource
 
 import pytest
 
-from voxlake.cluster import WORKER_MALLOC_ENV, dask_client
+from voxlake.cluster import WORKER_MALLOC_ENV, WORKER_PRELOAD, dask_client
 from voxlake.config import IngestConfig
 
 from ..conftest import SECRET
@@ -30,7 +31,8 @@ def _header_faults(refs: list) -> tuple[dict[str, str | None], float]:
     return {k: os.environ.get(k) for k in WORKER_MALLOC_ENV}, faults / len(refs)
 
 
-def test_workers_reuse_file_buffers_instead_of_faulting_in_fresh_pages(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])  # spawned; forked from the forkserver
+def test_workers_reuse_file_buffers_instead_of_faulting_in_fresh_pages(tmp_path, workers):
     """Dask's default MALLOC_TRIM_THRESHOLD_ switches off glibc's adaptive mmap threshold,
     so every 512 KiB file read became a fresh mapping (128 page faults per file, 1.4x the
     header pass's CPU). The local cluster's workers keep reusing heap buffers."""
@@ -45,8 +47,30 @@ def test_workers_reuse_file_buffers_instead_of_faulting_in_fresh_pages(tmp_path)
     refs = list(list_source(tmp_path / "ct"))
     assert min(r.size for r in refs) > 512 * 512 * 2  # well over glibc's 128 KiB default
     default = dask.config.get("distributed.nanny.pre-spawn-environ")
-    with dask_client(IngestConfig(secret=SECRET, workers=1, dashboard_address=":0")) as client:
-        environ, faults = client.submit(_header_faults, refs, pure=False).result()
-    assert environ == {k: str(v) for k, v in WORKER_MALLOC_ENV.items()}
-    assert faults < 16, f"{faults:.0f} minor page faults per file"  # 128 with Dask's default
+    config = IngestConfig(secret=SECRET, workers=workers, dashboard_address=":0")
+    with dask_client(config) as client:
+        for environ, faults in client.run(_header_faults, refs).values():
+            assert environ == {k: str(v) for k, v in WORKER_MALLOC_ENV.items()}
+            assert faults < 16, f"{faults:.0f} minor page faults per file"  # 128 with Dask's
     assert dask.config.get("distributed.nanny.pre-spawn-environ") == default  # restored
+
+
+def _started_with() -> tuple[int, list[str]]:
+    import sys
+
+    return os.getppid(), [name for name in WORKER_PRELOAD if name in sys.modules]
+
+
+def test_workers_start_from_a_forkserver_with_the_ingest_modules_imported():
+    """Two or more local workers are forked from one forkserver that imported the ingest
+    modules once, instead of each spawned worker importing them again."""
+    import dask
+
+    method = dask.config.get("distributed.worker.multiprocessing-method")
+    with dask_client(IngestConfig(secret=SECRET, workers=2, dashboard_address=":0")) as client:
+        started = list(client.run(_started_with).values())
+    parents = {parent for parent, _ in started}
+    assert len(started) == 2
+    assert len(parents) == 1 and os.getpid() not in parents  # one forkserver, not this process
+    assert all(modules == list(WORKER_PRELOAD) for _, modules in started)
+    assert dask.config.get("distributed.worker.multiprocessing-method") == method  # restored
