@@ -94,7 +94,7 @@ def dask_client(config: IngestConfig, *, client: Any = None) -> Iterator[Any]:
     import dask
 
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC_ENV}
-    settings = {"distributed.nanny.pre-spawn-environ": environ}  # read by the nannies
+    settings: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": environ}  # nannies read it
     if config.workers > 1 and _forkserver_available():
         settings["distributed.worker.multiprocessing-method"] = "forkserver"
     with dask.config.set(settings):
