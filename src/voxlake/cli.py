@@ -204,7 +204,10 @@ def ingest(
     memory_limit: Annotated[
         Optional[str], typer.Option(help="Memory per local worker, e.g. 4GiB.")  # noqa: UP045
     ] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Files per header task.")] = None,  # noqa: UP045
+    batch_size: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Files per catalog commit of header rows."),
+    ] = None,
     secret: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="De-identification secret (default: $VOXLAKE_SECRET)."),

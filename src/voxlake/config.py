@@ -141,8 +141,9 @@ class IngestConfig:
     dashboard_address
         Where a local cluster serves its dashboard (``":0"`` picks a free port).
     batch_size
-        Files per catalog commit of header rows; each header-parsing task takes a quarter
-        of it (at least 16 files), so the workers share the listing evenly.
+        Files per catalog commit of header rows. Each header-parsing task takes a quarter
+        of it, at least 16 and at most 64 files, so the workers share the listing evenly;
+        each commit costs the driver about 80 ms and writes one small Parquet file.
     on_error
         ``"quarantine"`` records a failure row and goes on; ``"raise"`` stops the run.
     max_voxels
@@ -181,7 +182,7 @@ class IngestConfig:
     memory_limit: str = "4GiB"
     scheduler: str | None = None
     dashboard_address: str = ":8787"
-    batch_size: int = 256
+    batch_size: int = 1024
     on_error: Literal["quarantine", "raise"] = "quarantine"
     max_voxels: int = 2_000_000_000
     max_file_bytes: int = 4 * 1024**3

@@ -285,10 +285,10 @@ class _Run:
         pending = as_completed()
         submitted = 0
         done = 0
-        # Tasks are a quarter of a commit batch: with few, large tasks one worker would
-        # still parse while the other idles (4 tasks of 256 on 2 workers). Results are
-        # committed a batch at a time, so the number of Delta commits does not grow.
-        task_size = max(16, self.config.batch_size // 4)
+        # Tasks are a quarter of a commit batch, at most 64 files: with few, large tasks
+        # one worker would still parse while the other idles. Results are committed a
+        # batch at a time, so the number of Delta commits does not grow.
+        task_size = min(64, max(16, self.config.batch_size // 4))
         results: list[HeaderBatch] = []
 
         def collect(batch: HeaderBatch, *, flush: bool = False) -> None:
