@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from voxlake.errors import AssemblyError
 
 if TYPE_CHECKING:
-    from collections.abc import Hashable, Mapping
+    from collections.abc import Mapping
 
     import pandas as pd
 
@@ -109,7 +109,7 @@ def image_kind(image_type: Any) -> str:
     return ""
 
 
-def _base(row: Mapping[Hashable, Any]) -> Frame:
+def _base(row: Mapping[str, Any]) -> Frame:
     slope = _num(row.get("rescale_slope"))
     return Frame(
         url=str(row["url"]),
