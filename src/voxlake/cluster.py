@@ -40,6 +40,9 @@ WORKER_PRELOAD = (
     "zarr",
     "numcodecs.blosc",
     "pyarrow",
+    # Not pandas (pyarrow imports it at a worker's first conversion of rows): imported
+    # here, it left the forked workers faulting in fresh pages for every file read
+    # (tests/ingest/test_cluster.py).
 )
 
 

@@ -8,6 +8,7 @@ and failure messages name the kind of problem, never a value from the file.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import functools
 import hashlib
@@ -15,8 +16,9 @@ import io
 import math
 import os
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from voxlake.catalog.schema import DICOM_COLUMNS, Column
 from voxlake.catalog.tables import rows_to_table
@@ -25,6 +27,8 @@ from voxlake.ingest.hashing import content_hash
 from voxlake.keys import keyed_hash
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
     import pydicom
 
     from voxlake.config import IngestConfig
@@ -411,21 +415,18 @@ def _instance_row(
 
 
 def read_headers(
-    refs: list[FileRef], *, secret: str, config: IngestConfig, run_id: str
+    refs: Iterable[FileRef], *, secret: str, config: IngestConfig, run_id: str
 ) -> HeaderBatch:
     """Parse a batch of files into instance rows and failure rows (runs on a worker)."""
     from voxlake.ingest.header_json import HeaderCleaner
 
+    refs = list(refs)  # a generator is welcome too: the files are gone over twice
     batch = HeaderBatch()
     # One per batch: series repeat most of their header from file to file.
     cleaner = HeaderCleaner(secret, config.deid, _element_columns)
-    for ref in refs:
+    for ref, read in _read_ahead(refs, config):
         try:
-            data = open_bytes(
-                ref.fetch_url,
-                max_bytes=config.max_file_bytes,
-                storage_options=config.storage_options,
-            )
+            data = read.result()
             batch.bytes_read += len(data)
             row = _instance_row(
                 ref,
@@ -449,6 +450,52 @@ def read_headers(
             batch.failures.append(_file_failure(ref, error, run_id))
     _drop_rows_the_catalog_cannot_hold(batch, refs, config=config, run_id=run_id)
     return batch
+
+
+#: Bytes of files read ahead of the one being parsed, at most (the file being parsed
+#: and one file of any size are always allowed).
+READ_AHEAD_BYTES: Final = 64 << 20
+#: Files read ahead of the one being parsed: local reads wait on the disk, object store
+#: and PACS reads on a round trip each, while the parser keeps the core busy.
+READ_AHEAD_FILES: Final = {"local": 2, "remote": 8}
+
+
+def _read_ahead(
+    refs: list[FileRef], config: IngestConfig
+) -> Iterator[tuple[FileRef, Future[bytes]]]:
+    """``(ref, future of its bytes)`` in order, the next files being read meanwhile.
+
+    Reads run in threads (file and socket reads release the GIL); a failed read raises
+    from its future, in its file's turn. Beyond the file being parsed, at most
+    ``READ_AHEAD_FILES`` files and about ``READ_AHEAD_BYTES`` (by listed size) are read.
+    """
+    from voxlake.ingest.sources import local_path_of
+
+    def read(ref: FileRef) -> bytes:
+        return open_bytes(
+            ref.fetch_url, max_bytes=config.max_file_bytes, storage_options=config.storage_options
+        )
+
+    local = all(local_path_of(ref.fetch_url) is not None for ref in refs)
+    depth = READ_AHEAD_FILES["local" if local else "remote"]
+    upcoming = iter(refs)
+    pending: collections.deque[tuple[FileRef, Future[bytes]]] = collections.deque()
+    with ThreadPoolExecutor(depth, thread_name_prefix="voxlake-read-ahead") as pool:
+
+        def fill(target: int) -> None:
+            queued = sum(max(ref.size, 0) for ref, _ in pending)
+            while len(pending) < target and queued < READ_AHEAD_BYTES:
+                ref = next(upcoming, None)
+                if ref is None:
+                    return
+                pending.append((ref, pool.submit(read, ref)))
+                queued += max(ref.size, 0)
+
+        fill(depth + 1)
+        while pending:
+            ref, future = pending.popleft()
+            fill(depth)  # read ahead while the caller parses this one
+            yield ref, future
 
 
 def _file_failure(ref: FileRef, error: VoxlakeError, run_id: str) -> dict[str, Any]:

@@ -1,0 +1,108 @@
+"""The header pass reads the next files while it parses one: in order, bounded, and a
+failed read fails its own file only."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from voxlake.config import IngestConfig
+from voxlake.ingest import headers
+from voxlake.ingest.headers import READ_AHEAD_FILES, _read_ahead, read_headers
+from voxlake.ingest.sources import FileRef, list_source
+
+from ..conftest import SECRET
+
+
+class _Watch:
+    """Wraps ``open_bytes``: counts reads in flight and keeps the most seen at once."""
+
+    def __init__(self, real, delay: float = 0.0) -> None:
+        self.real, self.delay = real, delay
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+        self.started: list[str] = []
+
+    def __call__(self, url: str, **kwargs):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            self.started.append(url)
+        try:
+            time.sleep(self.delay)
+            return self.real(url, **kwargs)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def _files(root: Path, n: int, size: int = 1000) -> list[FileRef]:
+    root.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for i in range(n):
+        path = root / f"f{i:03d}.bin"
+        path.write_bytes(bytes([i % 251]) * size)
+        refs.append(FileRef(url=str(path), size=size, mtime=path.stat().st_mtime))
+    return refs
+
+
+def test_files_come_in_order_with_their_own_bytes(tmp_path: Path) -> None:
+    refs = _files(tmp_path, 23)
+    got = [(ref.url, future.result()) for ref, future in _read_ahead(refs, IngestConfig())]
+    assert [url for url, _ in got] == [ref.url for ref in refs]
+    assert all(data == Path(url).read_bytes() for url, data in got)
+
+
+def test_reads_ahead_but_never_more_than_the_bound(tmp_path: Path, monkeypatch) -> None:
+    refs = _files(tmp_path, 30)
+    watch = _Watch(headers.open_bytes, delay=0.01)
+    monkeypatch.setattr(headers, "open_bytes", watch)
+    depth = READ_AHEAD_FILES["local"]
+    for i, (_, future) in enumerate(_read_ahead(refs, IngestConfig())):
+        future.result()
+        time.sleep(0.02)  # "parsing": the reads ahead run meanwhile
+        # Started so far: this file, and at most `depth` files after it.
+        assert len(watch.started) <= i + 1 + depth
+    assert 1 < watch.most <= depth  # read ahead, in at most `depth` threads
+
+
+def test_bytes_in_flight_are_capped(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(headers, "READ_AHEAD_BYTES", 2500)
+    refs = _files(tmp_path, 12, size=1000)
+    watch = _Watch(headers.open_bytes, delay=0.01)
+    monkeypatch.setattr(headers, "open_bytes", watch)
+    for i, (_, future) in enumerate(_read_ahead(refs, IngestConfig())):
+        future.result()
+        time.sleep(0.02)
+        # 2,500 listed bytes: this file and at most 3 more (the cap is checked before each)
+        assert len(watch.started) <= i + 1 + 3
+
+
+def test_a_failed_read_fails_its_own_file_only(tmp_path: Path, tiny_sample) -> None:
+    refs = list(list_source(tiny_sample.root / "dicom"))[:12]
+    gone = FileRef(url=str(tmp_path / "vanished.dcm"), size=1000, mtime=0.0)
+    refs.insert(5, gone)
+    batch = read_headers(refs, secret=SECRET, config=IngestConfig(secret=SECRET), run_id="r")
+    assert [f["subject"] for f in batch.failures] == [gone.url]
+    assert [row["url"] for row in batch.instances] == [r.url for r in refs if r is not gone]
+
+
+def test_on_error_raise_stops_at_the_failed_file(tmp_path: Path, tiny_sample) -> None:
+    refs = list(list_source(tiny_sample.root / "dicom"))[:6]
+    refs.insert(2, FileRef(url=str(tmp_path / "vanished.dcm"), size=1000, mtime=0.0))
+    config = IngestConfig(secret=SECRET, on_error="raise")
+    with pytest.raises(Exception, match="cannot read file"):
+        read_headers(refs, secret=SECRET, config=config, run_id="r")
+
+
+def test_a_generator_of_files_reads_like_a_list(tiny_sample) -> None:
+    config = IngestConfig(secret=SECRET)
+    listed = list(list_source(tiny_sample.root / "dicom"))[:9]
+    from_list = read_headers(listed, secret=SECRET, config=config, run_id="r")
+    from_generator = read_headers(iter(listed), secret=SECRET, config=config, run_id="r")
+    assert len(from_list.instances) == 9
+    urls = [[row["url"] for row in b.instances] for b in (from_list, from_generator)]
+    assert urls[0] == urls[1]
