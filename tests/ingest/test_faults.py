@@ -31,24 +31,38 @@ def _assert_exactly_once(catalog, manifest):
     assert catalog.volumes.series_key.is_unique
 
 
-def test_killing_a_worker_mid_run_loses_nothing(tmp_path, tiny_sample):
+@pytest.mark.parametrize("cluster_kind", ["spawned", "forked"])
+def test_killing_a_worker_mid_run_loses_nothing(tmp_path, tiny_sample, cluster_kind):
+    """A plain LocalCluster (spawned workers) and voxlake's own (workers forked from its
+    forkserver; the nanny starts the replacement)."""
+    import contextlib
+
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    )
-    client = Client(cluster)
+    from voxlake.cluster import dask_client
+
     killed = []
+    with contextlib.ExitStack() as stack:
+        if cluster_kind == "spawned":
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+                )
+            )
+            client = stack.enter_context(Client(cluster))
+        else:
+            config = IngestConfig(secret=SECRET, workers=2, dashboard_address=":0")
+            client = stack.enter_context(dask_client(config))
+            assert os.getpid() not in set(client.run(os.getppid).values())  # forked
 
-    def kill_one_worker(event: ProgressEvent) -> None:
-        # First volume event: tasks were just submitted to both workers.
-        if event.stage == "volumes" and not killed:
-            pids = client.run(os.getpid)
-            address, pid = sorted(pids.items())[0]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(address)
+        def kill_one_worker(event: ProgressEvent) -> None:
+            # First volume event: tasks were just submitted to both workers.
+            if event.stage == "volumes" and not killed:
+                pids = client.run(os.getpid)
+                address, pid = sorted(pids.items())[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(address)
 
-    try:
         report = ingest(
             [tiny_sample.root / "dicom"],
             catalog=tmp_path / "cat",
@@ -57,9 +71,6 @@ def test_killing_a_worker_mid_run_loses_nothing(tmp_path, tiny_sample):
             client=client,
             progress=kill_one_worker,
         )
-    finally:
-        client.close()
-        cluster.close()
     assert killed, "the worker was never killed"
     assert report.status == "completed"
     assert report.failures == 0, report.failures_by_code
