@@ -106,3 +106,30 @@ def test_a_generator_of_files_reads_like_a_list(tiny_sample) -> None:
     assert len(from_list.instances) == 9
     urls = [[row["url"] for row in b.instances] for b in (from_list, from_generator)]
     assert urls[0] == urls[1]
+
+
+@pytest.mark.parametrize("suffix", ["zip", "tar.gz"])
+def test_archive_members_are_read_one_at_a_time(tmp_path: Path, tiny_sample, monkeypatch, suffix):
+    """Members share one open archive whose reads seek a shared file object: they are
+    never read concurrently, and every member's bytes are its own."""
+    import tarfile
+    import zipfile
+
+    files = sorted(p for p in (tiny_sample.root / "dicom").rglob("*") if p.is_file())[:10]
+    archive = tmp_path / f"a.{suffix}"
+    if suffix == "zip":
+        with zipfile.ZipFile(archive, "w") as z:
+            for i, path in enumerate(files):
+                z.write(path, f"m{i:02d}.dcm")
+    else:
+        with tarfile.open(archive, "w:gz") as t:
+            for i, path in enumerate(files):
+                t.add(path, f"m{i:02d}.dcm")
+    refs = list(list_source(archive))
+    assert len(refs) == len(files) and all("::" in ref.url for ref in refs)
+    watch = _Watch(headers.open_bytes, delay=0.005)
+    monkeypatch.setattr(headers, "open_bytes", watch)
+    got = [future.result() for _, future in _read_ahead(refs, IngestConfig())]
+    assert watch.most == 1
+    by_name = {f"m{i:02d}.dcm": path.read_bytes() for i, path in enumerate(files)}
+    assert got == [by_name[ref.url.split("::")[0].rsplit("/", 1)[-1]] for ref in refs]

@@ -468,6 +468,7 @@ def _read_ahead(
     Reads run in threads (file and socket reads release the GIL); a failed read raises
     from its future, in its file's turn. Beyond the file being parsed, at most
     ``READ_AHEAD_FILES`` files and about ``READ_AHEAD_BYTES`` (by listed size) are read.
+    Members of archives are read one at a time, when their turn comes.
     """
     from voxlake.ingest.sources import local_path_of
 
@@ -476,7 +477,19 @@ def _read_ahead(
             ref.fetch_url, max_bytes=config.max_file_bytes, storage_options=config.storage_options
         )
 
-    local = all(local_path_of(ref.fetch_url) is not None for ref in refs)
+    urls = [ref.fetch_url for ref in refs]
+    if any("::" in url for url in urls):
+        # Archive members (zip://M::A, tar://M::A) are read through one shared open
+        # archive, whose reads seek a shared file object: one at a time.
+        for ref in refs:
+            future: Future[bytes] = Future()
+            try:
+                future.set_result(read(ref))
+            except Exception as exc:
+                future.set_exception(exc)
+            yield ref, future
+        return
+    local = all(local_path_of(url) is not None for url in urls)
     depth = READ_AHEAD_FILES["local" if local else "remote"]
     upcoming = iter(refs)
     pending: collections.deque[tuple[FileRef, Future[bytes]]] = collections.deque()
