@@ -11,7 +11,7 @@ then measures on the same files and the same machine:
 Every file is read once before the first timed run, so that no tool pays the disk reads
 for the others. Prints files/s, MB/s, CPU seconds and ratios against each peer. Usage::
 
-    python benchmarks/ingest.py --gb 2.0 --work /tmp/vxl-bench
+    python benchmarks/ingest.py --gb 2.0 --work /tmp/vxl-bench [--rounds 3]
 
 Figures and method are recorded in docs/performance.md.
 """
@@ -304,6 +304,9 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="archive size in GB")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vxl-bench"))
     parser.add_argument("--codec", default=None, help="store codec (default: the config's)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds of every timed run (medians reported)"
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"archive of ~{args.gb} GB of 512x512 CT in {args.work}")
@@ -314,17 +317,31 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     print(f"store codec: {args.codec or 'default'}")
     warm_page_cache(folders)
-    with PeakWorkerRSS() as memory:
-        one, cpu1 = run_voxlake(args.work / "dicom", args.work, 1, args.codec)
-        two, cpu2 = run_voxlake(args.work / "dicom", args.work, 2, args.codec)
-    peak = memory.peak
-    times = {
-        "voxlake 1 worker": one,
-        "voxlake 2 workers": two,
-        "dcm2niix -z n": run_dcm2niix(folders, args.work, "n"),
-        "dcm2niix -z y": run_dcm2niix(folders, args.work, "y"),
-        "naive pydicom loop": run_naive(folders, args.work),
-    }
+    # Every tool once per round, in the same order: a machine that slows down mid-run
+    # slows every tool of that round, and the medians keep one bad minute out.
+    rounds: list[dict[str, float]] = []
+    cpu: dict[int, list[float]] = {1: [], 2: []}
+    peak = 0
+    for number in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"round {number} of {args.rounds}")
+        with PeakWorkerRSS() as memory:  # the Dask workers only, not the peers' processes
+            one, cpu1 = run_voxlake(args.work / "dicom", args.work, 1, args.codec)
+            two, cpu2 = run_voxlake(args.work / "dicom", args.work, 2, args.codec)
+        peak = max(peak, memory.peak)
+        cpu[1].append(cpu1)
+        cpu[2].append(cpu2)
+        rounds.append(
+            {
+                "voxlake 1 worker": one,
+                "voxlake 2 workers": two,
+                "dcm2niix -z n": run_dcm2niix(folders, args.work, "n"),
+                "dcm2niix -z y": run_dcm2niix(folders, args.work, "y"),
+                "naive pydicom loop": run_naive(folders, args.work),
+            }
+        )
+    times = {name: float(np.median([r[name] for r in rounds])) for name in rounds[0]}
+    cpu1, cpu2 = float(np.median(cpu[1])), float(np.median(cpu[2]))
     header_s, header_files, batch = run_header_pass(folders)
     volume_s, volume_slices = run_volume_stage(batch, args.work, args.codec)
     baseline = worker_baseline_rss()
@@ -336,16 +353,23 @@ def main() -> None:
     print(f"header-only pass (1 process, CPU time): {header_files / header_s:.0f} files/s per core")
     print(f"volume stage (1 process, CPU time): {volume_slices / volume_s:.0f} slices/s per core")
     print(f"CPU seconds (driver + workers): 1 worker {cpu1:.1f}, 2 workers {cpu2:.1f}")
+    if args.rounds > 1:
+        print(f"timed runs: medians of {args.rounds} rounds")
     print(
         f"peak worker RSS {peak / 1e6:.0f} MB; idle worker {baseline / 1e6:.0f} MB;"
         f" growth {(peak - baseline) / largest:.2f}x the largest volume ({largest / 1e6:.0f} MB)"
     )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     best = times["voxlake 2 workers"]
+    medians = "medians of the rounds; in brackets: lowest and highest within one round"
     print("\nratios (voxlake 2 workers as numerator, higher is better for voxlake):")
-    for peer in ("dcm2niix -z n", "dcm2niix -z y", "naive pydicom loop"):
-        print(f"  vs {peer:<20} {times[peer] / best:5.2f}x")
-    print(f"  scaling 1 -> 2 workers   {times['voxlake 1 worker'] / best:5.2f}x")
+    if args.rounds > 1:
+        print(f"  ({medians})")
+    for peer in (*("dcm2niix -z n", "dcm2niix -z y", "naive pydicom loop"), "voxlake 1 worker"):
+        label = "scaling 1 -> 2 workers" if peer == "voxlake 1 worker" else f"vs {peer}"
+        within = [r[peer] / r["voxlake 2 workers"] for r in rounds]
+        spread = f"  [{min(within):.2f}x to {max(within):.2f}x]" if args.rounds > 1 else ""
+        print(f"  {label:<23} {times[peer] / best:5.2f}x{spread}")
 
 
 if __name__ == "__main__":
