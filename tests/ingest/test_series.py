@@ -209,3 +209,39 @@ def test_dtype_rules():
         bits_stored=16,
     )
     assert plan_volumes(mr)[0][0].dtype == "uint16"
+
+
+def test_plans_stream_series_by_series_in_plan_volumes_order(monkeypatch):
+    """The ingest driver submits each volume as soon as its series is planned: the
+    iterator gives what plan_volumes gives, in order, planning one series per step."""
+    from voxlake.ingest import series as series_module
+    from voxlake.ingest.series import iter_volume_plans
+
+    frame = pd.concat(
+        [
+            rows([(0, 0, z) for z in range(4)], series="a"),
+            rows([(0, 0, 0), (0, 0, 0), (0, 0, 3)], series="b"),  # duplicate_position
+            rows([(0, 0, 2 * z) for z in range(5)], series="c"),
+        ]
+    )
+    plans, failures = plan_volumes(frame, max_voxels=10**6)
+    streamed = list(iter_volume_plans(frame, max_voxels=10**6))
+
+    def ident(result):  # plans hold NaN metadata: compare what identifies them
+        if hasattr(result, "revision"):
+            return (result.volume_id, result.revision)
+        return (result.subject, result.error.code)
+
+    assert codes(failures) == ["duplicate_position"] and len(plans) == 2
+    # Series in key order (a, b, c): plan, failure, plan.
+    assert [ident(r) for r in streamed] == [ident(plans[0]), ident(failures[0]), ident(plans[1])]
+    planned: list[str] = []
+    real = series_module._plan_series
+
+    def counted(key, *args, **kwargs):
+        planned.append(key)
+        return real(key, *args, **kwargs)
+
+    monkeypatch.setattr(series_module, "_plan_series", counted)
+    first = next(iter_volume_plans(frame))
+    assert planned == ["a"] and first.series_key == "a"  # one series planned, not three

@@ -31,7 +31,7 @@ from voxlake.errors import CatalogError, SourceError, VoxlakeError
 from voxlake.ingest.headers import HeaderBatch, failure_row, read_headers
 from voxlake.ingest.readers.dicom import build_volume
 from voxlake.ingest.readers.native import with_pixel_spans
-from voxlake.ingest.series import plan_volumes
+from voxlake.ingest.series import VolumePlan, iter_volume_plans
 from voxlake.ingest.sources import iter_file_batches
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from voxlake.ingest.readers.native import PixelSpan
-    from voxlake.ingest.series import VolumePlan
 
 __all__ = ["IngestReport", "ProgressEvent", "ProgressHandler", "ingest"]
 
@@ -421,36 +420,42 @@ class _Run:
             )
 
     # -- stage 2: volumes --------------------------------------------------------------
-    def plan(self) -> tuple[list[VolumePlan], pd.DataFrame]:
+    def plan(self, client: Any) -> dict[Any, VolumePlan]:
+        """Plan the catalogued series; submit each volume to build as soon as it is planned
+        (the workers start while later series are planned). Returns future -> plan."""
         catalog = open_catalog(self.catalog_url, storage_options=self.catalog_options)
         instances = catalog.read("instances", columns=_PLAN_COLUMNS)
-        plans, plan_failures = plan_volumes(
+        volumes = catalog.read("volumes", columns=["volume_id", "revision"])
+        failures = catalog.read("failures", columns=["failure_id", "code"])
+        known_failures = set(failures.failure_id)
+        final = set(failures.failure_id[~failures.code.isin(RETRYABLE_CODES)])
+        committed = dict(zip(volumes.volume_id, volumes.revision, strict=True))
+        # Preprocessing changes what is stored: it is part of the revision.
+        steps = (
+            json.dumps(dataclasses.asdict(self.config.preprocess), sort_keys=True)
+            if self.config.preprocess.enabled
+            else None
+        )
+        rows: list[dict[str, Any]] = []
+        futures: dict[Any, VolumePlan] = {}
+        for result in iter_volume_plans(
             instances,
             spacing_tolerance=self.config.spacing_tolerance,
             philips_scaling=self.config.philips_scaling,
             resample_irregular=self.config.resample_irregular,
             max_voxels=self.config.max_voxels,
-        )
-        volumes = catalog.read("volumes", columns=["volume_id", "revision"])
-        failures = catalog.read("failures", columns=["failure_id", "code"])
-        known_failures = set(failures.failure_id)
-        final = set(failures.failure_id[~failures.code.isin(RETRYABLE_CODES)])
-        rows = [
-            failure_row(subject=f.subject, subject_kind="series", error=f.error, run_id=self.run_id)
-            for f in plan_failures
-        ]
-        rows = [r for r in rows if r["failure_id"] not in known_failures]
-        self.count_failures(rows)
-        self.commit({"failures": rows}, "assemble")
-        committed = dict(zip(volumes.volume_id, volumes.revision, strict=True))
-        todo = []
-        if self.config.preprocess.enabled:
-            # Preprocessing changes what is stored: it is part of the revision.
-            steps = json.dumps(dataclasses.asdict(self.config.preprocess), sort_keys=True)
-            plans = [
-                dataclasses.replace(plan, revision=_digest(plan.revision, steps)) for plan in plans
-            ]
-        for plan in plans:
+        ):
+            if not isinstance(result, VolumePlan):
+                row = failure_row(
+                    subject=result.subject, subject_kind="series", error=result.error,
+                    run_id=self.run_id,
+                )  # fmt: skip
+                if row["failure_id"] not in known_failures:
+                    rows.append(row)
+                continue
+            plan = result
+            if steps is not None:
+                plan = dataclasses.replace(plan, revision=_digest(plan.revision, steps))
             fid = failure_row(
                 subject=plan.volume_id, subject_kind="volume", error=VoxlakeError(""),
                 run_id="", stage="volume", discriminator=plan.revision,
@@ -458,8 +463,25 @@ class _Run:
             if committed.get(plan.volume_id) == plan.revision or fid in final:
                 self.report.volumes_skipped += 1
             else:
-                todo.append(plan)
-        return todo, volumes
+                futures[self._submit(client, plan)] = plan
+        self.count_failures(rows)
+        self.commit({"failures": rows}, "assemble")
+        return futures
+
+    def _submit(self, client: Any, plan: VolumePlan) -> Any:
+        return client.submit(
+            build_volume,
+            self._locate(plan),
+            store_url=self.store_url,
+            store_config=self.config.store,
+            run_id=self.run_id,
+            max_file_bytes=self.config.max_file_bytes,
+            storage_options=self.config.storage_options,
+            store_storage_options=self.store_options,
+            preprocess=self.config.preprocess if self.config.preprocess.enabled else None,
+            key=f"volume-{plan.volume_id}-{plan.revision}-{self.run_id}",
+            pure=False,
+        )
 
     def _locate(self, plan: VolumePlan) -> VolumePlan:
         """The plan with this run's pixel spans, and in-memory locators in place of
@@ -472,25 +494,11 @@ class _Run:
         )
         return dataclasses.replace(plan, slices=slices)
 
-    def volumes(self, client: Any, plans: list[VolumePlan]) -> None:
+    def volumes(self, futures: dict[Any, VolumePlan]) -> None:
+        """Commit the volumes of ``futures`` (from :meth:`plan`) as they complete."""
         from distributed import as_completed
 
-        futures = {
-            client.submit(
-                build_volume,
-                self._locate(plan),
-                store_url=self.store_url,
-                store_config=self.config.store,
-                run_id=self.run_id,
-                max_file_bytes=self.config.max_file_bytes,
-                storage_options=self.config.storage_options,
-                store_storage_options=self.store_options,
-                preprocess=self.config.preprocess if self.config.preprocess.enabled else None,
-                key=f"volume-{plan.volume_id}-{plan.revision}-{self.run_id}",
-                pure=False,
-            ): plan
-            for plan in plans
-        }
+        plans = list(futures.values())
         rows: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         last_commit = time.perf_counter()
@@ -609,8 +617,7 @@ def ingest(
             run.progress(ProgressEvent("cluster", 0, None, message=run.report.dashboard_link))
             run.headers(dask)
             run.check_sources()
-            plans, _ = run.plan()
-            run.volumes(dask, plans)
+            run.volumes(run.plan(dask))
     except KeyboardInterrupt:
         run.finish("interrupted", "interrupted by the user")
         raise

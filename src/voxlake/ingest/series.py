@@ -38,6 +38,8 @@ from voxlake.ingest.stacking import plan_stack
 from voxlake.keys import volume_id_for
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import pandas as pd
 
     from voxlake.ingest.readers.native import PixelSpan
@@ -47,6 +49,7 @@ __all__ = [
     "PlanFailure",
     "SliceRef",
     "VolumePlan",
+    "iter_volume_plans",
     "plan_volumes",
     "with_revision",
 ]
@@ -388,30 +391,53 @@ def plan_volumes(
         Write an equidistant, linearly resampled copy (``resampled``) of a stack whose
         slice spacing varies, instead of only refusing it (``irregular_spacing``).
     """
-    from voxlake.ingest.readers.nifti import plan_image_file
-
     plans: list[VolumePlan] = []
     failures: list[PlanFailure] = []
-    if instances.empty:
-        return plans, failures
-    usable = instances["has_pixels"].fillna(False).astype(bool) & instances["series_key"].notna()
-    files = instances[usable & instances["file_format"].isin(_IMAGE_FILE_FORMATS)]
-    dicom = instances[usable & (instances["file_format"] == "dicom")]
-    results: list[VolumePlan | PlanFailure] = [
-        plan_image_file(row) for _, row in files.sort_values("url").iterrows()
-    ]
-    options = {
-        "tolerance": spacing_tolerance,
-        "philips_scaling": philips_scaling,
-        "resample_irregular": resample_irregular,
-    }
-    for series_key, group in dicom.groupby("series_key", sort=True):
-        results.extend(_plan_series(str(series_key), group, **options))
-    for result in results:
-        if isinstance(result, VolumePlan) and max_voxels and result.nvoxels > max_voxels:
-            result = _fail(result.volume_id, "too_large", f"{result.nvoxels} voxels exceed the cap")
+    for result in iter_volume_plans(
+        instances,
+        spacing_tolerance=spacing_tolerance,
+        max_voxels=max_voxels,
+        philips_scaling=philips_scaling,
+        resample_irregular=resample_irregular,
+    ):
         if isinstance(result, VolumePlan):
             plans.append(result)
         else:
             failures.append(result)
     return plans, failures
+
+
+def iter_volume_plans(
+    instances: pd.DataFrame,
+    *,
+    spacing_tolerance: float = 0.05,
+    max_voxels: int | None = None,
+    philips_scaling: Literal["display", "precise"] = "display",
+    resample_irregular: bool = False,
+) -> Iterator[VolumePlan | PlanFailure]:
+    """What :func:`plan_volumes` returns, one plan or failure at a time, series by series
+    (image files first), so that a caller can start building the first volumes while the
+    rest is planned. Same parameters."""
+    from voxlake.ingest.readers.nifti import plan_image_file
+
+    if instances.empty:
+        return
+    usable = instances["has_pixels"].fillna(False).astype(bool) & instances["series_key"].notna()
+    files = instances[usable & instances["file_format"].isin(_IMAGE_FILE_FORMATS)]
+    dicom = instances[usable & (instances["file_format"] == "dicom")]
+    options = {
+        "tolerance": spacing_tolerance,
+        "philips_scaling": philips_scaling,
+        "resample_irregular": resample_irregular,
+    }
+
+    def capped(result: VolumePlan | PlanFailure) -> VolumePlan | PlanFailure:
+        if isinstance(result, VolumePlan) and max_voxels and result.nvoxels > max_voxels:
+            return _fail(result.volume_id, "too_large", f"{result.nvoxels} voxels exceed the cap")
+        return result
+
+    for _, row in files.sort_values("url").iterrows():
+        yield capped(plan_image_file(row))
+    for series_key, group in dicom.groupby("series_key", sort=True):
+        for result in _plan_series(str(series_key), group, **options):
+            yield capped(result)
