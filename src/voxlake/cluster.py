@@ -54,12 +54,10 @@ def _forkserver_available() -> bool:
 
 def _preload_forkserver() -> None:
     """Give the forkserver voxlake's worker modules before it starts (a forkserver
-    already running keeps what it has). Dask sets its own list on first use: after it."""
-    import dask
+    already running keeps what it has). Call with the forkserver method configured: Dask
+    sets its own list on first use, so this comes after it."""
     from distributed.utils import get_mp_context
 
-    if dask.config.get("distributed.worker.multiprocessing-method") != "forkserver":
-        return
     get_mp_context().set_forkserver_preload(list(WORKER_PRELOAD))
 
 
@@ -98,10 +96,12 @@ def dask_client(config: IngestConfig, *, client: Any = None) -> Iterator[Any]:
 
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC_ENV}
     settings: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": environ}  # nannies read it
-    if config.workers > 1 and _forkserver_available():
+    forked = config.workers > 1 and _forkserver_available()
+    if forked:
         settings["distributed.worker.multiprocessing-method"] = "forkserver"
     with dask.config.set(settings):
-        _preload_forkserver()
+        if forked:
+            _preload_forkserver()
         cluster = LocalCluster(
             n_workers=config.workers,
             threads_per_worker=config.threads_per_worker,

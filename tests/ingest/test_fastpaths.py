@@ -10,6 +10,7 @@ import copy
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,17 +28,29 @@ from voxlake.ingest.readers.dicom import _Overflow, _rescale
 from ..conftest import SECRET, require_shared_data
 
 
-def _datasets(tiny_sample: Path) -> list:
-    root = require_shared_data("dcm_qa_ts")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() != ".md")
-    paths += sorted(Path(tiny_sample.root).rglob("*.dcm"))[:40]
+def parsed_files(
+    tiny_sample: Path, shared: dict[str, int], sample_files: int
+) -> list[tuple[Path, Any]]:
+    """``(path, dataset)`` of every `step`-th file of each ``shared`` data set (name: step)
+    and of the first `sample_files` files of the tiny sample, where pydicom parses them."""
+    paths: list[Path] = []
+    for name, step in shared.items():
+        root = require_shared_data(name)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() != ".md")
+        paths += files[::step]
+    paths += sorted(Path(tiny_sample.root).rglob("*.dcm"))[:sample_files]
     out = []
     for path in paths:
         try:
             ds, _ = parse_dicom_bytes(path.read_bytes(), max_bytes=1 << 30)
         except Exception:
-            continue  # READMEs, NIfTI references, hostile files: not this test's subject
-        out.append((path.name, ds))
+            continue  # READMEs, NIfTI references, hostile files: not the tests' subject
+        out.append((path, ds))
+    return out
+
+
+def _datasets(tiny_sample: Path) -> list:
+    out = [(path.name, ds) for path, ds in parsed_files(tiny_sample, {"dcm_qa_ts": 1}, 40)]
     assert len(out) >= 20
     return out
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import io
-from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -21,24 +20,14 @@ from voxlake.ingest.header_json import HeaderCleaner, header_to_json
 from voxlake.ingest.headers import _element_columns, parse_dicom_bytes, read_headers, typed_columns
 from voxlake.ingest.sources import FileRef, list_source
 
-from ..conftest import SECRET, require_shared_data
+from ..conftest import SECRET
 from .test_deid import make_dataset
+from .test_fastpaths import parsed_files
 
 
 def _datasets(tiny_sample) -> list[tuple[str, Dataset]]:
-    paths: list[Path] = []
-    for name, step in (("dcm_qa_ts", 1), ("dcm_qa_enh", 1), ("dcm_qa_ct", 1), ("dcm_qa_nih", 6)):
-        root = require_shared_data(name)
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() != ".md")
-        paths += files[::step]
-    paths += sorted(Path(tiny_sample.root).rglob("*.dcm"))[:60]
-    out = []
-    for path in paths:
-        try:
-            ds, _ = parse_dicom_bytes(path.read_bytes(), max_bytes=1 << 30)
-        except Exception:
-            continue  # READMEs, NIfTI references: not this test's subject
-        out.append((str(path), ds))
+    shared = {"dcm_qa_ts": 1, "dcm_qa_enh": 1, "dcm_qa_ct": 1, "dcm_qa_nih": 6}
+    out = [(str(path), ds) for path, ds in parsed_files(tiny_sample, shared, 60)]
     marked = make_dataset()  # already de-identified once: the marks are the file's own
     marked.PatientIdentityRemoved = "NO"
     marked.DeidentificationMethod = "someone else's"

@@ -20,7 +20,7 @@ import datetime as dt
 import json
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -88,6 +88,12 @@ def _first(item: Dataset | None, keyword: str) -> Dataset | None:
         return None
 
 
+def _in_group(ds: Dataset, group: int) -> bool:
+    """Whether `ds` has any element of `group` (int keys: no element is converted)."""
+    low = group << 16
+    return any(low <= int(tag) <= low | 0xFFFF for tag in ds.keys())  # noqa: SIM118
+
+
 def _private(ds: Dataset, group: int, creator: str, offset: int, *, vendor: bool = False) -> Any:
     """Value of a private element located through its creator (None when absent).
 
@@ -96,8 +102,7 @@ def _private(ds: Dataset, group: int, creator: str, offset: int, *, vendor: bool
     vendor's usual block ``0x10`` is read, as dcm2niix does; a block reserved by another
     creator is never read.
     """
-    low = group << 16
-    if not any(low <= int(tag) <= low | 0xFFFF for tag in ds.keys()):  # noqa: SIM118
+    if not _in_group(ds, group):
         return None  # nothing in the group: skips private_block's sorted slice
     try:
         block = ds.private_block(group, creator)
@@ -229,14 +234,11 @@ def _enhanced(ds: Dataset) -> dict[str, Any]:
 
 # -- Siemens mosaic ------------------------------------------------------------------------
 
-#: Private creator elements of group 0029, where Siemens keeps its CSA headers.
-_CSA_CREATORS: Final = (0x00290010, 0x002900FF)
-
 
 def _csa(ds: Dataset) -> dict[str, Any] | None:
-    # No private creator in group 0029, no CSA header: do not import nibabel (and scipy)
-    # for the many Siemens files without one (CT).
-    if not any(_CSA_CREATORS[0] <= int(key) <= _CSA_CREATORS[1] for key in ds.keys()):  # noqa: SIM118
+    # Nothing in group 0029, no CSA header: do not import nibabel (and scipy) for the
+    # many Siemens files without one (CT).
+    if not _in_group(ds, 0x0029):
         return None
     with warnings.catch_warnings():
         # nibabel.nicom warns on import that its (unused here) DICOM readers are experimental.

@@ -455,9 +455,11 @@ def read_headers(
 #: Bytes of files read ahead of the one being parsed, at most (the file being parsed
 #: and one file of any size are always allowed).
 READ_AHEAD_BYTES: Final = 64 << 20
-#: Files read ahead of the one being parsed: local reads wait on the disk, object store
-#: and PACS reads on a round trip each, while the parser keeps the core busy.
-READ_AHEAD_FILES: Final = {"local": 2, "remote": 8}
+#: Files read ahead of the one being parsed (and threads reading them): local reads wait
+#: on the disk, object store and PACS reads on a round trip each, while the parser keeps
+#: the core busy. Archive members (zip://M::A, tar://M::A) share one open archive whose
+#: reads seek a shared file object: one thread reads them, one at a time.
+READ_AHEAD_FILES: Final = {"local": 2, "remote": 8, "archive": 1}
 
 
 def _read_ahead(
@@ -468,7 +470,6 @@ def _read_ahead(
     Reads run in threads (file and socket reads release the GIL); a failed read raises
     from its future, in its file's turn. Beyond the file being parsed, at most
     ``READ_AHEAD_FILES`` files and about ``READ_AHEAD_BYTES`` (by listed size) are read.
-    Members of archives are read one at a time, when their turn comes.
     """
     from voxlake.ingest.sources import local_path_of
 
@@ -479,18 +480,12 @@ def _read_ahead(
 
     urls = [ref.fetch_url for ref in refs]
     if any("::" in url for url in urls):
-        # Archive members (zip://M::A, tar://M::A) are read through one shared open
-        # archive, whose reads seek a shared file object: one at a time.
-        for ref in refs:
-            future: Future[bytes] = Future()
-            try:
-                future.set_result(read(ref))
-            except Exception as exc:
-                future.set_exception(exc)
-            yield ref, future
-        return
-    local = all(local_path_of(url) is not None for url in urls)
-    depth = READ_AHEAD_FILES["local" if local else "remote"]
+        kind = "archive"
+    elif all(local_path_of(url) is not None for url in urls):
+        kind = "local"
+    else:
+        kind = "remote"
+    depth = READ_AHEAD_FILES[kind]
     upcoming = iter(refs)
     pending: collections.deque[tuple[FileRef, Future[bytes]]] = collections.deque()
     with ThreadPoolExecutor(depth, thread_name_prefix="voxlake-read-ahead") as pool:

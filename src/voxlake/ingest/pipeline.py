@@ -420,7 +420,7 @@ class _Run:
             )
 
     # -- stage 2: volumes --------------------------------------------------------------
-    def plan(self, client: Any) -> dict[Any, VolumePlan]:
+    def plan_and_submit(self, client: Any) -> dict[Any, VolumePlan]:
         """Plan the catalogued series; submit each volume to build as soon as it is planned
         (the workers start while later series are planned). Returns future -> plan."""
         catalog = open_catalog(self.catalog_url, storage_options=self.catalog_options)
@@ -495,15 +495,14 @@ class _Run:
         return dataclasses.replace(plan, slices=slices)
 
     def volumes(self, futures: dict[Any, VolumePlan]) -> None:
-        """Commit the volumes of ``futures`` (from :meth:`plan`) as they complete."""
+        """Commit the volumes of ``futures`` (from :meth:`plan_and_submit`) as they complete."""
         from distributed import as_completed
 
-        plans = list(futures.values())
         rows: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         last_commit = time.perf_counter()
-        every = max(1, min(32, len(plans) // 10))
-        self.progress(ProgressEvent("volumes", 0, len(plans)))
+        every = max(1, min(32, len(futures) // 10))
+        self.progress(ProgressEvent("volumes", 0, len(futures)))
         for done, future in enumerate(as_completed(futures), start=1):
             plan = futures[future]
             try:
@@ -519,7 +518,7 @@ class _Run:
                     f"{type(exc).__name__} while building the volume", code="volume_error"
                 )
                 failures.append(self._volume_failure(plan, error))
-            self.progress(ProgressEvent("volumes", done, len(plans)))
+            self.progress(ProgressEvent("volumes", done, len(futures)))
             if len(rows) + len(failures) >= every or time.perf_counter() - last_commit > 10:
                 self._commit_volumes(rows, failures)
                 rows, failures, last_commit = [], [], time.perf_counter()
@@ -617,7 +616,7 @@ def ingest(
             run.progress(ProgressEvent("cluster", 0, None, message=run.report.dashboard_link))
             run.headers(dask)
             run.check_sources()
-            run.volumes(run.plan(dask))
+            run.volumes(run.plan_and_submit(dask))
     except KeyboardInterrupt:
         run.finish("interrupted", "interrupted by the user")
         raise
