@@ -243,3 +243,69 @@ def test_header_tasks_are_split_but_committed_a_batch_at_a_time(tmp_path, tiny_s
     history = open_catalog(tmp_path / "catalog").history()
     header_commits = int((history["operation"] == "headers").sum())
     assert 1 <= header_commits <= -(-listed // 64)
+
+
+def _failure_deletes(catalog: str, run_id: str) -> list[str]:
+    """Predicates of the deletes of series and volume failures a run wrote (Delta log)."""
+    from deltalake import DeltaTable
+
+    return [
+        entry["operationParameters"]["predicate"]
+        for entry in DeltaTable(os.path.join(catalog, "failures")).history()
+        if entry.get("voxlake.run_id") == run_id
+        and "subject_kind" in entry.get("operationParameters", {}).get("predicate", "")
+    ]
+
+
+def test_a_healed_series_loses_its_failure_and_nothing_else_is_deleted(
+    tmp_path, tiny_sample, dask_client
+):
+    src = _copy_sample(tiny_sample, tmp_path / "dicom")
+    victim_series = tiny_sample.series[0]
+    rel = victim_series.files[len(victim_series.files) // 2].relative_to(tiny_sample.root / "dicom")
+    kept = (src / rel).read_bytes()
+    (src / rel).unlink()  # a middle slice missing: the series cannot be assembled
+    catalog, store = str(tmp_path / "cat"), str(tmp_path / "vol.zarr")
+    config = IngestConfig(secret=SECRET)
+    first = ingest([src], catalog=catalog, store=store, config=config, client=dask_client)
+    victim_key = keyed_hash(SECRET, "series", victim_series.spec.series_instance_uid)
+    failures = open_catalog(catalog).failures
+    assert list(failures[failures.subject == victim_key].code) == ["missing_slice"]
+    assert first.volumes_written == len(tiny_sample.series) - 1
+    # No volume built in the first run had an old failure: no delete was written for it.
+    assert _failure_deletes(catalog, first.run_id) == []
+
+    (src / rel).write_bytes(kept)  # the slice is back: the series assembles now
+    second = ingest([src], catalog=catalog, store=store, config=config, client=dask_client)
+    assert second.volumes_written == 1
+    cat = open_catalog(catalog)
+    assert victim_key not in set(cat.failures.subject)
+    assert np.array_equal(
+        read_volume(
+            *_volume_for(cat, victim_series.spec.series_instance_uid)[["store_url", "store_path"]]
+        )[0],
+        victim_series.expected_volume(),
+    )
+    deletes = _failure_deletes(catalog, second.run_id)
+    assert len(deletes) == 1 and victim_key in deletes[0]
+
+
+@pytest.mark.parametrize("seconds", [(0.0, 0.0), (3600.0, 3600.0)])
+def test_volume_commits_follow_the_commit_interval(
+    tmp_path, tiny_sample, dask_client, monkeypatch, seconds
+):
+    from voxlake.ingest import pipeline
+
+    monkeypatch.setattr(pipeline, "VOLUME_COMMIT_SECONDS", seconds)
+    catalog = str(tmp_path / "cat")
+    report = ingest(
+        [tiny_sample.root / "dicom"], catalog=catalog, store=str(tmp_path / "vol.zarr"),
+        config=IngestConfig(secret=SECRET), client=dask_client,
+    )  # fmt: skip
+    history = open_catalog(catalog).history()
+    volume_commits = history[(history.run_id == report.run_id) & (history.operation == "volumes")]
+    n = len(tiny_sample.series)
+    assert report.volumes_written == n
+    every = max(1, min(32, n // 10))  # volumes per commit once the floor has passed
+    expected = -(-n // every) if seconds[0] == 0 else 1  # an hour's floor: one, at the end
+    assert len(volume_commits) == expected

@@ -67,6 +67,12 @@ RETRYABLE_CODES = frozenset(
      "volume_error"}
 )  # fmt: skip
 
+#: Built volumes are committed at most every first, at least every second many seconds
+#: (and every tenth of the run's volumes, at most 32, once the first has passed): each
+#: commit is a few Delta versions and some driver time, yet a driver killed between two
+#: commits loses the volumes built since (the re-run builds them again).
+VOLUME_COMMIT_SECONDS = (2.0, 10.0)
+
 #: Attempts to append a batch of new instance rows while other runs keep committing to
 #: ``instances`` between this run's check and its append (see ``_append_new``).
 APPEND_ATTEMPTS = 50
@@ -215,6 +221,9 @@ class _Run:
         # Catalog URL -> where its native pixel values lie, from this run's header pass:
         # volume tasks read those slices with one ranged read instead of parsing the file.
         self.pixel_spans: dict[str, PixelSpan] = {}
+        # (subject_kind, subject) of series and volumes with failure rows: see _note_failed.
+        self.failed: set[tuple[str, str]] = set()
+        self.foreign_failures: ForeignRows | None = None  # set by plan_and_submit
 
     # -- catalog helpers ---------------------------------------------------------------
     def run_row(self, status: str, message: str | None = None) -> dict[str, Any]:
@@ -426,8 +435,16 @@ class _Run:
         catalog = open_catalog(self.catalog_url, storage_options=self.catalog_options)
         instances = catalog.read("instances", columns=_PLAN_COLUMNS)
         volumes = catalog.read("volumes", columns=["volume_id", "revision"])
-        failures = catalog.read("failures", columns=["failure_id", "code"])
+        failures = catalog.read(
+            "failures", columns=["failure_id", "code", "subject_kind", "subject"]
+        )
         known_failures = set(failures.failure_id)
+        self._note_failed(failures)
+        self.foreign_failures = ForeignRows(
+            self.catalog_url, "failures", run_id=self.run_id, key="failure_id",
+            columns=("subject_kind", "subject"), version=catalog.table_versions.get("failures"),
+            storage_options=self.catalog_options,
+        )  # fmt: skip
         final = set(failures.failure_id[~failures.code.isin(RETRYABLE_CODES)])
         committed = dict(zip(volumes.volume_id, volumes.revision, strict=True))
         # Preprocessing changes what is stored: it is part of the revision.
@@ -466,6 +483,7 @@ class _Run:
                 futures[self._submit(client, plan)] = plan
         self.count_failures(rows)
         self.commit({"failures": rows}, "assemble")
+        self._note_failed(rows)
         return futures
 
     def _submit(self, client: Any, plan: VolumePlan) -> Any:
@@ -519,7 +537,10 @@ class _Run:
                 )
                 failures.append(self._volume_failure(plan, error))
             self.progress(ProgressEvent("volumes", done, len(futures)))
-            if len(rows) + len(failures) >= every or time.perf_counter() - last_commit > 10:
+            waited = time.perf_counter() - last_commit
+            if waited >= VOLUME_COMMIT_SECONDS[1] or (
+                waited >= VOLUME_COMMIT_SECONDS[0] and len(rows) + len(failures) >= every
+            ):
                 self._commit_volumes(rows, failures)
                 rows, failures, last_commit = [], [], time.perf_counter()
         self._commit_volumes(rows, failures)
@@ -533,17 +554,32 @@ class _Run:
     def _commit_volumes(self, rows: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
         self.report.volumes_written += len(rows)
         self.count_failures(failures)
-        if rows:
-            # The series now assembles: clear its old assembly (and volume) failures.
-            subjects = sorted({r["series_key"] for r in rows})
-            built = sorted({r["volume_id"] for r in rows})
-            self.writer.delete(
-                "failures",
-                f"(subject_kind = 'series' AND subject IN ({_sql_list(subjects)}))"
-                f" OR (subject_kind = 'volume' AND subject IN ({_sql_list(built)}))",
-                run_id=self.run_id,
+        # The series now assembles: clear its old assembly (and volume) failures, if it
+        # has any (a delete that matches nothing is still a Delta commit).
+        if self.foreign_failures is not None:
+            self._note_failed(self.foreign_failures.poll())
+        stale = {
+            kind: sorted({r[column] for r in rows if (kind, r[column]) in self.failed})
+            for kind, column in (("series", "series_key"), ("volume", "volume_id"))
+        }
+        if any(stale.values()):
+            predicate = " OR ".join(
+                f"(subject_kind = '{kind}' AND subject IN ({_sql_list(subjects)}))"
+                for kind, subjects in stale.items()
+                if subjects
             )
+            self.writer.delete("failures", predicate, run_id=self.run_id)
         self.commit({"volumes": rows, "failures": failures}, "volumes")
+        self._note_failed(failures)
+
+    def _note_failed(self, rows: pd.DataFrame | list[dict[str, Any]]) -> None:
+        """Remember which series and volumes have failure rows (a superset of the table's:
+        the snapshot at planning, this run's own rows and other runs' polled since)."""
+        if isinstance(rows, list):
+            pairs = [(r["subject_kind"], r["subject"]) for r in rows]
+        else:
+            pairs = list(zip(rows["subject_kind"], rows["subject"], strict=True))
+        self.failed.update(p for p in pairs if p[0] in ("series", "volume"))
 
     def finish(self, status: str, message: str | None = None) -> IngestReport:
         self.report.status = status
