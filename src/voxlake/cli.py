@@ -208,6 +208,13 @@ def ingest(
         Optional[int],  # noqa: UP045
         typer.Option(help="Files per catalog commit of header rows."),
     ] = None,
+    read_ahead: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="Files each header task reads ahead (default: 2 local, 8 remote or PACS,"
+            " 1 in archives; 0: none). Lower it to spare a PACS."
+        ),
+    ] = None,
     secret: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="De-identification secret (default: $VOXLAKE_SECRET)."),
@@ -246,6 +253,7 @@ def ingest(
         ("scheduler", scheduler),
         ("memory_limit", memory_limit),
         ("batch_size", batch_size),
+        ("read_ahead", read_ahead),
         ("secret", secret),
         ("storage_options", _parse_storage_options(storage_options)),
     ):

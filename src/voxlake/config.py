@@ -144,6 +144,12 @@ class IngestConfig:
         Files per catalog commit of header rows. Each header-parsing task takes a quarter
         of it, at least 16 and at most 64 files, so the workers share the listing evenly;
         each commit costs the driver about 80 ms and writes one small Parquet file.
+    read_ahead
+        Files a header task reads ahead of the one it parses, in threads. None (default):
+        2 on local disks, 8 from object storage or a PACS (a round trip each), 1 inside
+        zip and tar archives (always one reading thread there). 0 reads one file at a
+        time. With a PACS, each worker keeps up to this many WADO-RS requests in flight:
+        lower it to spare a busy server.
     on_error
         ``"quarantine"`` records a failure row and goes on; ``"raise"`` stops the run.
     max_voxels
@@ -183,6 +189,7 @@ class IngestConfig:
     scheduler: str | None = None
     dashboard_address: str = ":8787"
     batch_size: int = 1024
+    read_ahead: int | None = None
     on_error: Literal["quarantine", "raise"] = "quarantine"
     max_voxels: int = 2_000_000_000
     max_file_bytes: int = 4 * 1024**3
@@ -200,6 +207,8 @@ class IngestConfig:
             raise ConfigError("workers must be at least 1", workers=self.workers)
         if self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1", batch_size=self.batch_size)
+        if self.read_ahead is not None and self.read_ahead < 0:
+            raise ConfigError("read_ahead must be 0 or more", read_ahead=self.read_ahead)
         if self.on_error not in ("quarantine", "raise"):
             raise ConfigError(f"on_error must be 'quarantine' or 'raise', not {self.on_error!r}")
 
@@ -253,6 +262,7 @@ _ENV_INGEST = {
     "VOXLAKE_WORKERS": ("workers", int),
     "VOXLAKE_SCHEDULER": ("scheduler", str),
     "VOXLAKE_BATCH_SIZE": ("batch_size", int),
+    "VOXLAKE_READ_AHEAD": ("read_ahead", int),
     "VOXLAKE_MEMORY_LIMIT": ("memory_limit", str),
 }
 

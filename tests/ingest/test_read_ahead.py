@@ -56,17 +56,35 @@ def test_files_come_in_order_with_their_own_bytes(tmp_path: Path) -> None:
     assert all(data == Path(url).read_bytes() for url, data in got)
 
 
-def test_reads_ahead_but_never_more_than_the_bound(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("read_ahead", [None, 0, 1, 5])
+def test_reads_ahead_but_never_more_than_the_bound(
+    tmp_path: Path, monkeypatch, read_ahead: int | None
+) -> None:
     refs = _files(tmp_path, 30)
     watch = _Watch(headers.open_bytes, delay=0.01)
     monkeypatch.setattr(headers, "open_bytes", watch)
-    depth = READ_AHEAD_FILES["local"]
-    for i, (_, future) in enumerate(_read_ahead(refs, IngestConfig())):
+    depth = READ_AHEAD_FILES["local"] if read_ahead is None else read_ahead
+    config = IngestConfig(read_ahead=read_ahead)
+    lead = 0
+    for i, (_, future) in enumerate(_read_ahead(refs, config)):
         future.result()
         time.sleep(0.02)  # "parsing": the reads ahead run meanwhile
         # Started so far: this file, and at most `depth` files after it.
         assert len(watch.started) <= i + 1 + depth
-    assert 1 < watch.most <= depth  # read ahead, in at most `depth` threads
+        lead = max(lead, len(watch.started) - (i + 1))
+    assert lead == depth  # it did read ahead, as far as allowed
+    assert watch.most <= max(1, depth)  # in at most `depth` threads
+    assert (watch.most > 1) == (depth > 1)  # concurrently, when more than one thread
+
+
+def test_read_ahead_is_validated_and_read_from_the_environment(monkeypatch) -> None:
+    from voxlake.config import load_config
+    from voxlake.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="read_ahead"):
+        IngestConfig(read_ahead=-1)
+    monkeypatch.setenv("VOXLAKE_READ_AHEAD", "3")
+    assert load_config(None).read_ahead == 3
 
 
 def test_bytes_in_flight_are_capped(tmp_path: Path, monkeypatch) -> None:
@@ -129,7 +147,27 @@ def test_archive_members_are_read_one_at_a_time(tmp_path: Path, tiny_sample, mon
     assert len(refs) == len(files) and all("::" in ref.url for ref in refs)
     watch = _Watch(headers.open_bytes, delay=0.005)
     monkeypatch.setattr(headers, "open_bytes", watch)
-    got = [future.result() for _, future in _read_ahead(refs, IngestConfig())]
+    # A deeper read-ahead queues more members, still for one reading thread.
+    got = [future.result() for _, future in _read_ahead(refs, IngestConfig(read_ahead=4))]
     assert watch.most == 1
     by_name = {f"m{i:02d}.dcm": path.read_bytes() for i, path in enumerate(files)}
     assert got == [by_name[ref.url.split("::")[0].rsplit("/", 1)[-1]] for ref in refs]
+
+
+@pytest.mark.parametrize("read_ahead", [None, 2])
+def test_a_pacs_gets_at_most_read_ahead_requests_per_task(monkeypatch, read_ahead) -> None:
+    """Remote sources (object storage, DICOMweb) read 8 ahead by default, or as configured."""
+    refs = [
+        FileRef(url=f"dicomweb+http://127.0.0.1:9/dicom-web/studies/1/series/2/instances/{i}",
+                size=1000, mtime=0.0)
+        for i in range(20)
+    ]  # fmt: skip
+    watch = _Watch(lambda url, **kwargs: url.encode(), delay=0.01)  # no server: the bytes
+    monkeypatch.setattr(headers, "open_bytes", watch)
+    depth = READ_AHEAD_FILES["remote"] if read_ahead is None else read_ahead
+    got = []
+    for _, future in _read_ahead(refs, IngestConfig(read_ahead=read_ahead)):
+        got.append(future.result())
+        time.sleep(0.02)
+    assert got == [ref.url.encode() for ref in refs]
+    assert 1 < watch.most <= depth

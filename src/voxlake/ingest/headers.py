@@ -455,10 +455,11 @@ def read_headers(
 #: Bytes of files read ahead of the one being parsed, at most (the file being parsed
 #: and one file of any size are always allowed).
 READ_AHEAD_BYTES: Final = 64 << 20
-#: Files read ahead of the one being parsed (and threads reading them): local reads wait
-#: on the disk, object store and PACS reads on a round trip each, while the parser keeps
-#: the core busy. Archive members (zip://M::A, tar://M::A) share one open archive whose
-#: reads seek a shared file object: one thread reads them, one at a time.
+#: Files read ahead of the one being parsed when ``IngestConfig.read_ahead`` is None, by
+#: kind of source: local reads wait on the disk, object store and PACS reads on a round
+#: trip each, while the parser keeps the core busy. Archive members (zip://M::A,
+#: tar://M::A) share one open archive whose reads seek a shared file object: whatever the
+#: depth, one thread reads them, one at a time.
 READ_AHEAD_FILES: Final = {"local": 2, "remote": 8, "archive": 1}
 
 
@@ -469,7 +470,8 @@ def _read_ahead(
 
     Reads run in threads (file and socket reads release the GIL); a failed read raises
     from its future, in its file's turn. Beyond the file being parsed, at most
-    ``READ_AHEAD_FILES`` files and about ``READ_AHEAD_BYTES`` (by listed size) are read.
+    ``config.read_ahead`` (or ``READ_AHEAD_FILES``) files and about ``READ_AHEAD_BYTES``
+    (by listed size) are read.
     """
     from voxlake.ingest.sources import local_path_of
 
@@ -485,10 +487,11 @@ def _read_ahead(
         kind = "local"
     else:
         kind = "remote"
-    depth = READ_AHEAD_FILES[kind]
+    depth = READ_AHEAD_FILES[kind] if config.read_ahead is None else config.read_ahead
+    threads = 1 if kind == "archive" else max(1, depth)
     upcoming = iter(refs)
     pending: collections.deque[tuple[FileRef, Future[bytes]]] = collections.deque()
-    with ThreadPoolExecutor(depth, thread_name_prefix="voxlake-read-ahead") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="voxlake-read-ahead") as pool:
 
         def fill(target: int) -> None:
             queued = sum(max(ref.size, 0) for ref, _ in pending)
