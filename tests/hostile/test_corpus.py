@@ -220,3 +220,21 @@ def test_unreadable_files_and_folders_are_coded_failures(hostile_corpus, tmp_pat
         for url in case.urls:
             assert failures.loc[url, "code"] == case.codes[0], case.name
     assert json.dumps(list(failures.message)).count("VXLH") == 0
+
+
+def test_header_rows_are_the_same_with_or_without_templates(hostile_corpus, monkeypatch):
+    """Every hostile file (truncated, renamed, gzipped, in archives, in odd syntaxes)
+    makes the same rows and failures whether the header pass reads it from a template
+    or with pydicom alone."""
+    from voxlake.ingest import header_template
+    from voxlake.ingest.readers import native
+    from voxlake.ingest.sources import FileRef, list_source
+
+    from ..ingest.test_header_template import _assert_same_rows, _rows
+
+    refs = [ref for ref in list_source(hostile_corpus.archive) if isinstance(ref, FileRef)]
+    with_templates = _rows(refs)
+    monkeypatch.setattr(header_template, "_patched", lambda template, data: None)
+    monkeypatch.setattr(native, "_layout_key", lambda ds: None)
+    _assert_same_rows(with_templates, _rows(refs))
+    assert with_templates[0] and with_templates[1]  # rows and failures were made

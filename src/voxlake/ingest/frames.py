@@ -94,15 +94,23 @@ def _in_group(ds: Dataset, group: int) -> bool:
     return any(low <= int(tag) <= low | 0xFFFF for tag in ds.keys())  # noqa: SIM118
 
 
-def _private(ds: Dataset, group: int, creator: str, offset: int, *, vendor: bool = False) -> Any:
+def _private(
+    ds: Dataset,
+    group: int,
+    creator: str,
+    offset: int,
+    *,
+    vendor: bool = False,
+    groups: frozenset[int] | None = None,
+) -> Any:
     """Value of a private element located through its creator (None when absent).
 
     Anonymisers sometimes drop private creator elements but keep the data. With ``vendor``
     (the manufacturer is the tag's vendor) and no creator at all in ``group``, the
     vendor's usual block ``0x10`` is read, as dcm2niix does; a block reserved by another
-    creator is never read.
+    creator is never read. `groups`: the groups of ``ds``'s elements, when known.
     """
-    if not _in_group(ds, group):
+    if group not in groups if groups is not None else not _in_group(ds, group):
         return None  # nothing in the group: skips private_block's sorted slice
     try:
         block = ds.private_block(group, creator)
@@ -235,10 +243,10 @@ def _enhanced(ds: Dataset) -> dict[str, Any]:
 # -- Siemens mosaic ------------------------------------------------------------------------
 
 
-def _csa(ds: Dataset) -> dict[str, Any] | None:
+def _csa(ds: Dataset, groups: frozenset[int]) -> dict[str, Any] | None:
     # Nothing in group 0029, no CSA header: do not import nibabel (and scipy) for the
     # many Siemens files without one (CT).
-    if not _in_group(ds, 0x0029):
+    if 0x0029 not in groups:
         return None
     with warnings.catch_warnings():
         # nibabel.nicom warns on import that its (unused here) DICOM readers are experimental.
@@ -307,7 +315,9 @@ def _is_mosaic(ds: Dataset) -> bool:
 # -- classic diffusion ---------------------------------------------------------------------
 
 
-def _diffusion(ds: Dataset, csa: dict[str, Any] | None) -> tuple[float | None, Any]:
+def _diffusion(
+    ds: Dataset, csa: dict[str, Any] | None, groups: frozenset[int]
+) -> tuple[float | None, Any]:
     """b-value and gradient direction (patient LPS) of a single-frame image, if any."""
     maker = str(ds.get("Manufacturer") or "").upper()
     philips, ge = "PHILIPS" in maker, maker.startswith("GE")
@@ -319,18 +329,20 @@ def _diffusion(ds: Dataset, csa: dict[str, Any] | None) -> tuple[float | None, A
             b_value = b_csa[0]
             vector = _csa_value(csa, "DiffusionGradientDirection", 3)
     if b_value is None:
-        philips_b = _float(_private(ds, 0x2001, "Philips Imaging DD 001", 0x03, vendor=philips))
+        philips_b = _float(
+            _private(ds, 0x2001, "Philips Imaging DD 001", 0x03, vendor=philips, groups=groups)
+        )
         if philips_b is not None:
             b_value = philips_b
             vector = _floats(
                 [
-                    _private(ds, 0x2005, _PHILIPS_DD001, o, vendor=philips)
+                    _private(ds, 0x2005, _PHILIPS_DD001, o, vendor=philips, groups=groups)
                     for o in (0xB0, 0xB1, 0xB2)
                 ],
                 3,
             )
     if b_value is None:
-        ge_b = _private(ds, 0x0043, _GE_PARM, 0x39, vendor=ge)
+        ge_b = _private(ds, 0x0043, _GE_PARM, 0x39, vendor=ge, groups=groups)
         if ge_b is not None:
             value = _float(ge_b)
             if value is not None:
@@ -374,7 +386,8 @@ def frame_columns(ds: Dataset) -> dict[str, Any]:
     }
     n_frames = _int(ds.get("NumberOfFrames")) or 1
     manufacturer = str(ds.get("Manufacturer") or "").upper()
-    csa = _csa(ds) if "SIEMENS" in manufacturer or _is_mosaic(ds) else None
+    groups = frozenset(int(tag) >> 16 for tag in ds.keys())  # noqa: SIM118
+    csa = _csa(ds, groups) if "SIEMENS" in manufacturer or _is_mosaic(ds) else None
     info: dict[str, Any] | None = None
     if "PerFrameFunctionalGroupsSequence" in ds:
         out["layout"] = "enhanced"
@@ -390,8 +403,8 @@ def frame_columns(ds: Dataset) -> dict[str, Any]:
     if info is not None:
         out["frames_json"] = json.dumps({"v": FRAME_FORMAT_VERSION, **info}, sort_keys=True)
     if out["layout"] in ("classic", "mosaic"):
-        out["b_value"], out["b_vector"] = _diffusion(ds, csa)
+        out["b_value"], out["b_vector"] = _diffusion(ds, csa, groups)
         philips = "PHILIPS" in manufacturer
-        scale = _float(_private(ds, 0x2005, _PHILIPS_DD001, 0x0E, vendor=philips))
+        scale = _float(_private(ds, 0x2005, _PHILIPS_DD001, 0x0E, vendor=philips, groups=groups))
         out["philips_scale_slope"] = scale if scale not in (None, 0.0) else None
     return out

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from voxlake.config import IngestConfig
     from voxlake.ingest.header_json import HeaderCleaner
+    from voxlake.ingest.header_template import TemplateParser
     from voxlake.ingest.readers.native import PixelSpan
     from voxlake.ingest.sources import FileRef
 
@@ -333,6 +334,7 @@ def _instance_row(
     config: IngestConfig,
     run_id: str,
     cleaner: HeaderCleaner,
+    parser: TemplateParser,
     key_map: list[tuple[str, str, str]] | None = None,
     pixel_spans: dict[str, PixelSpan] | None = None,
 ) -> dict[str, Any]:
@@ -352,7 +354,7 @@ def _instance_row(
             run_id=run_id,
             max_bytes=config.max_file_bytes,
         )
-    ds, gzipped = parse_dicom_bytes(data, max_bytes=config.max_file_bytes)
+    ds, gzipped = parser.parse(data)
     file_hash = content_hash(data)
     span = None
     local = ref.fetch_url == ref.url and local_path_of(ref.url) is not None
@@ -419,11 +421,13 @@ def read_headers(
 ) -> HeaderBatch:
     """Parse a batch of files into instance rows and failure rows (runs on a worker)."""
     from voxlake.ingest.header_json import HeaderCleaner
+    from voxlake.ingest.header_template import TemplateParser
 
     refs = list(refs)  # a generator is welcome too: the files are gone over twice
     batch = HeaderBatch()
     # One per batch: series repeat most of their header from file to file.
     cleaner = HeaderCleaner(secret, config.deid, _element_columns)
+    parser = TemplateParser(max_bytes=config.max_file_bytes)  # ... and their structure
     for ref, read in _read_ahead(refs, config):
         try:
             data = read.result()
@@ -435,6 +439,7 @@ def read_headers(
                 config=config,
                 run_id=run_id,
                 cleaner=cleaner,
+                parser=parser,
                 key_map=batch.key_map if config.key_map_url else None,
                 pixel_spans=batch.pixel_spans,
             )

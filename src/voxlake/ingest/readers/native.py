@@ -82,12 +82,52 @@ def syntax_of(ds: pydicom.Dataset) -> str:
     return "1.2.840.10008.1.2.1" if little is not False else "1.2.840.10008.1.2.2"
 
 
-def _native_layout(
-    ds: pydicom.Dataset, syntax: str, nbytes: int
-) -> tuple[np.dtype[np.integer], int, int, int] | None:
+#: What :func:`_native_layout` reads: Rows, Columns, BitsAllocated, BitsStored,
+#: PixelRepresentation, SamplesPerPixel, NumberOfFrames, PhotometricInterpretation.
+_LAYOUT_TAGS = (
+    0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280103, 0x00280002, 0x00280008,
+    0x00280004,
+)  # fmt: skip
+_Layout = tuple[np.dtype[np.integer], int, int, int]
+#: Layouts by the raw bytes of those elements (and the syntax and the value's length):
+#: the files of a series share them, and converting them costs more than the rest.
+_LAYOUTS: dict[tuple[object, ...], _Layout | None] = {}
+_LAYOUTS_KEPT = 1024
+
+
+def _layout_key(ds: pydicom.Dataset) -> tuple[object, ...] | None:
+    """The raw bytes of the elements a layout is made of; None unless all are explicit
+    VR and still raw (a converted one may have been changed since it was read)."""
+    from pydicom.dataelem import RawDataElement
+
+    key: list[object] = []
+    for tag in _LAYOUT_TAGS:
+        elem = ds.get_item(tag, keep_deferred=True)
+        if elem is None:
+            key.append(None)
+        elif isinstance(elem, RawDataElement) and elem.VR and elem.value is not None:
+            key.append((elem.VR, elem.value, elem.is_little_endian))
+        else:
+            return None
+    return tuple(key)
+
+
+def _native_layout(ds: pydicom.Dataset, syntax: str, nbytes: int) -> _Layout | None:
     """(dtype, rows, columns, shift) of a frame ``native_frame`` can unpack, else None."""
     if syntax not in NATIVE_LITTLE_ENDIAN:
         return None
+    raw = _layout_key(ds)
+    if raw is None:
+        return _read_layout(ds, nbytes)
+    key = (syntax, nbytes, raw)
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = _read_layout(ds, nbytes)
+    return _LAYOUTS[key]
+
+
+def _read_layout(ds: pydicom.Dataset, nbytes: int) -> _Layout | None:
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)

@@ -1,0 +1,419 @@
+"""The header pass's parser: pydicom once per series, a walk over the elements after that.
+
+The files of one series, as a scanner writes them, hold the same elements in the same
+order with mostly the same values: SOPInstanceUID (also in the file meta),
+InstanceNumber, ImagePositionPatient, SliceLocation, acquisition times and the pixel data
+differ, and a UID one digit longer moves everything after it. pydicom's parse of a
+512 x 512 CT slice costs about as much as everything else the header pass does with it.
+
+:class:`TemplateParser` parses a file with :func:`~voxlake.ingest.headers.parse_dicom_bytes`
+and keeps it as a template: the tag, VR and header size of each top-level element in
+file order, its value's bytes and what pydicom made of it. A template is kept only if
+walking its own bytes by those rules finds every element where pydicom found it. A next
+file is walked the same way: it must hold the same elements with the same VRs (lengths
+may differ), end where its last element ends, keep its transfer syntax and character
+set, and differ in value only where pydicom left the element raw (undefined-length
+sequences, which pydicom reads at once, must be the same bytes). pydicom would then read
+it as the same raw elements at the walked offsets: its dataset is the template's elements
+with the differing values and the offsets replaced, built with pydicom's own types.
+Anything else is parsed by pydicom and becomes the template. The pixel data is left in
+the file's bytes (a deferred value, read from them if asked): the header pass only needs
+where it lies. Elements nested in an unchanged sequence keep the template's offsets
+(nothing reads those).
+
+``tests/ingest/test_header_template.py`` checks that both ways give equal datasets and
+equal catalog rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+from voxlake.ingest.headers import parse_dicom_bytes
+
+if TYPE_CHECKING:
+    import pydicom
+    from pydicom.tag import BaseTag
+
+__all__ = ["TemplateParser"]
+
+_UNDEFINED: Final = 0xFFFFFFFF
+_PIXEL_DATA: Final = 0x7FE00010
+_GROUP_LENGTH: Final = 0x00020000
+_MEDIA_SOP_INSTANCE: Final = 0x00020003
+#: Read by pydicom while it parses (the character set of the dataset's text).
+_CHARSET: Final = 0x00080005
+_ITEM: Final = 0xFFFEE000
+_ITEM_END: Final = 0xFFFEE00D
+_SEQUENCE_END: Final = 0xFFFEE0DD
+#: Uncompressed little-endian syntaxes: the body's offsets are offsets in the file.
+_SYNTAXES: Final = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS: Final = frozenset(
+    b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
+)  # fmt: skip
+_META_START: Final = 132
+#: A template's bytes are kept (for the byte comparison of a file of the same size) up
+#: to this size; a larger file is only walked.
+_KEEP_BYTES: Final = 64 << 20
+_NESTING: Final = 16
+
+_TAG = struct.Struct("<HH")
+_TAG_LENGTH = struct.Struct("<HHL")
+_SHORT = struct.Struct("<H")
+_LONG = struct.Struct("<L")
+
+
+@dataclass(frozen=True, slots=True)
+class _Element:
+    """A top-level element as the template holds it."""
+
+    tag: int
+    vr: bytes | None  # as written; None: implicit VR
+    offset: int  # of the value
+    length: int  # as written (_UNDEFINED for an undefined-length sequence)
+    value: bytes  # the value's bytes (an undefined-length sequence: up to its end; the
+    # pixel data: none, it is never compared)
+    element: Any  # what pydicom made of it: a RawDataElement, or a DataElement
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    data: np.ndarray | None  # the template's bytes (None: too large to keep)
+    meta: tuple[_Element, ...]
+    body: tuple[_Element, ...]
+    implicit: bool
+    encoding: Any
+    # For a file of the same size: the value ranges of the raw elements, by offset
+    # (the pixel data's left out), and which element each is.
+    starts: np.ndarray
+    ends: np.ndarray
+    ranges: tuple[tuple[bool, _Element], ...]  # (in the meta group, element)
+    pixels: _Element
+
+
+def _tag_at(data: bytes, pos: int) -> int:
+    group, element = _TAG.unpack_from(data, pos)
+    return int(group << 16 | element)
+
+
+def _header(data: bytes, pos: int, implicit: bool) -> tuple[bytes | None, int, int]:
+    """``(VR, header size, length)`` of the element at `pos`."""
+    if implicit:
+        return None, 8, _LONG.unpack_from(data, pos + 4)[0]
+    vr = data[pos + 4 : pos + 6]
+    if vr in _LONG_VRS:
+        return vr, 12, _LONG.unpack_from(data, pos + 8)[0]
+    return vr, 8, _SHORT.unpack_from(data, pos + 6)[0]
+
+
+def _sequence_end(data: bytes, pos: int, implicit: bool, depth: int = 0) -> int | None:
+    """End of the undefined-length sequence whose items start at `pos` (None: unsure)."""
+    end = len(data)
+    while depth < _NESTING and pos + 8 <= end:
+        group, element, length = _TAG_LENGTH.unpack_from(data, pos)
+        tag, pos = group << 16 | element, pos + 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            return None
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # an undefined-length item: its elements, then the item's end
+            if pos + 8 > end:
+                return None
+            tag = _tag_at(data, pos)
+            if tag == _ITEM_END:
+                pos += 8
+                break
+            vr, header, length = _header(data, pos, implicit)
+            pos += header
+            if length == _UNDEFINED:
+                if vr not in (None, b"SQ"):
+                    return None  # encapsulated data or an undefined UN: not walked
+                inner = _sequence_end(data, pos, implicit, depth + 1)
+                if inner is None:
+                    return None
+                pos = inner
+            else:
+                pos += length
+    return None
+
+
+def _walk(
+    data: bytes, pos: int, implicit: bool, expected: tuple[_Element, ...] | None, *, meta: bool
+) -> tuple[list[tuple[int, bytes | None, int, int, int]], int] | None:
+    """``[(tag, VR, header size, value offset, length)]`` of the elements from `pos`, and
+    where the last ends: the meta group's (group 2) or the body's (to the end of `data`).
+    With `expected`, exactly those tags and VRs, or None."""
+    end = len(data)
+    out: list[tuple[int, bytes | None, int, int, int]] = []
+    while pos + 8 <= end:
+        tag = _tag_at(data, pos)
+        if meta and tag >> 16 != 2:
+            break
+        vr, header, length = _header(data, pos, implicit)
+        if expected is not None:
+            if len(out) == len(expected):
+                return None  # more elements than the template
+            if tag != expected[len(out)].tag or vr != expected[len(out)].vr:
+                return None
+        offset = pos + header
+        if length == _UNDEFINED:
+            if vr not in (None, b"SQ"):
+                return None  # encapsulated pixel data, an undefined UN: not walked
+            stop = _sequence_end(data, offset, implicit)
+            if stop is None:
+                return None
+        else:
+            stop = offset + length
+            if stop > end:
+                return None
+        out.append((tag, vr, header, offset, length))
+        pos = stop
+    if expected is not None and len(out) != len(expected):
+        return None
+    if not meta and pos != end:
+        return None  # bytes after the last element (or too few for one)
+    return out, pos
+
+
+def _elements(
+    data: bytes, walked: list[tuple[int, bytes | None, int, int, int]], stop: int, ds: Any
+) -> tuple[_Element, ...] | None:
+    """The template's elements, if pydicom read each where the walk found it."""
+    from pydicom.dataelem import DataElement, RawDataElement
+
+    if [int(tag) for tag in ds.keys()] != [tag for tag, *_ in walked]:  # noqa: SIM118
+        return None
+    out = []
+    for i, (tag, vr, _, offset, length) in enumerate(walked):
+        element = ds.get_item(tag, keep_deferred=True)
+        if isinstance(element, RawDataElement):
+            if element.value_tell != offset or element.length != length:
+                return None
+        elif not isinstance(element, DataElement) or element.file_tell != offset:
+            return None
+        value_end = walked[i + 1][3] - walked[i + 1][2] if i + 1 < len(walked) else stop
+        value = b"" if tag == _PIXEL_DATA else data[offset:value_end]
+        out.append(_Element(tag, vr, offset, length, value, element))
+    return tuple(out)
+
+
+def _template(ds: pydicom.Dataset, data: bytes) -> _Template | None:
+    """What a dataset pydicom just read from `data` offers as a template, or None."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import FileDataset
+
+    file_meta = getattr(ds, "file_meta", None)
+    if not isinstance(ds, FileDataset) or file_meta is None or ds.preamble is None:
+        return None
+    implicit, little = ds.original_encoding
+    if str(file_meta.get("TransferSyntaxUID", "")) not in _SYNTAXES or not little:
+        return None
+    pixels = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    if not isinstance(pixels, RawDataElement) or pixels.length == _UNDEFINED:
+        return None
+    walked_meta = _walk(data, _META_START, False, None, meta=True)
+    if walked_meta is None:
+        return None
+    walked_body = _walk(data, walked_meta[1], bool(implicit), None, meta=False)
+    if walked_body is None:
+        return None
+    meta = _elements(data, walked_meta[0], walked_meta[1], file_meta)
+    body = _elements(data, walked_body[0], len(data), ds)
+    if meta is None or body is None:
+        return None
+    pixel_element = next(e for e in body if e.tag == _PIXEL_DATA)
+    ranges = sorted(
+        ((in_meta, e) for in_meta, group in ((True, meta), (False, body)) for e in group
+         if isinstance(e.element, RawDataElement) and e.tag != _PIXEL_DATA),
+        key=lambda r: r[1].offset,
+    )  # fmt: skip
+    return _Template(
+        data=np.frombuffer(data, dtype=np.uint8) if len(data) <= _KEEP_BYTES else None,
+        meta=meta,
+        body=body,
+        implicit=bool(implicit),
+        encoding=ds.original_character_set,
+        starts=np.array([e.offset for _, e in ranges], dtype=np.int64),
+        ends=np.array([e.offset + len(e.value) for _, e in ranges], dtype=np.int64),
+        ranges=tuple(ranges),
+        pixels=pixel_element,
+    )
+
+
+def _looks_explicit(data: bytes, pos: int) -> bool:
+    """pydicom's test of a body said to be implicit VR: an explicit VR (two capital
+    letters) after the first tag makes it read the body as explicit VR."""
+    vr = data[pos + 4 : pos + 6]
+    return len(vr) == 2 and 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B
+
+
+def _moved(element: Any, offset: int) -> Any:
+    """`element` (raw or converted) with its value at `offset` in the file."""
+    from pydicom.dataelem import RawDataElement
+
+    if isinstance(element, RawDataElement):  # a tuple: built directly (_replace is slow)
+        return RawDataElement(*element[:4], offset, *element[5:])
+    moved = copy.copy(element)
+    moved.file_tell = offset
+    return moved
+
+
+def _patch(
+    data: bytes,
+    template: tuple[_Element, ...],
+    walked: list[tuple[int, bytes | None, int, int, int]],
+    stop: int,
+    *,
+    changeable: frozenset[int] | None,
+) -> dict[BaseTag, Any] | None:
+    """The elements of `data` as pydicom would read them, or None where it must read them.
+
+    `changeable`: the only tags whose value may differ (None: any pydicom left raw).
+    """
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+
+    out: dict[BaseTag, Any] = {}
+    for i, (old, (tag, _, _, offset, length)) in enumerate(zip(template, walked, strict=True)):
+        value_end = walked[i + 1][3] - walked[i + 1][2] if i + 1 < len(walked) else stop
+        element = old.element
+        key = element.tag  # a BaseTag, as pydicom's own keys
+        if tag == _PIXEL_DATA:
+            if not isinstance(element, RawDataElement) or length == _UNDEFINED:
+                return None
+            out[key] = RawDataElement(key, element.VR, length, None, offset, *element[5:])
+            continue  # deferred: read from the file's bytes if asked
+        value = data[offset:value_end]
+        if value == old.value:
+            out[key] = element if offset == old.offset else _moved(element, offset)
+            continue
+        if tag == _CHARSET or (changeable is not None and tag not in changeable):
+            return None
+        if isinstance(element, RawDataElement):
+            out[key] = RawDataElement(key, element.VR, length, value, offset, *element[5:])
+        elif tag == _GROUP_LENGTH and length == 4:  # pydicom converts it while reading
+            raw = RawDataElement(element.tag, "UL", 4, value, offset, False, True)
+            out[key] = convert_raw_data_element(raw)
+        else:
+            return None  # pydicom converted it while reading: not patched
+    return out
+
+
+def _same_size(template: _Template, data: bytes) -> tuple[dict[Any, Any], dict[Any, Any]] | None:
+    """The meta and body elements of a file of the template's size whose bytes differ
+    only inside values pydicom left raw (nothing moved), or None."""
+    from pydicom.dataelem import RawDataElement
+
+    new = np.frombuffer(data, dtype=np.uint8)
+    old = template.data
+    assert old is not None
+    start, stop = template.pixels.offset, template.pixels.offset + template.pixels.length
+    positions = np.flatnonzero(new[_META_START:start] != old[_META_START:start]) + _META_START
+    tail = np.flatnonzero(new[stop:] != old[stop:])
+    if len(tail):
+        positions = np.concatenate((positions, tail + stop))
+    meta = {e.element.tag: e.element for e in template.meta}
+    body = {e.element.tag: e.element for e in template.body}
+    if len(positions):
+        index = np.searchsorted(template.starts, positions, side="right") - 1
+        if index.min() < 0 or not bool(np.all(positions < template.ends[index])):
+            return None  # a tag, VR or length differs, or a value pydicom converted
+        for i in np.unique(index).tolist():
+            in_meta, e = template.ranges[i]
+            if e.tag == _CHARSET or (in_meta and e.tag not in _META_CHANGES):
+                return None
+            key, raw = e.element.tag, e.element
+            value = data[e.offset : e.offset + e.length]
+            (meta if in_meta else body)[key] = RawDataElement(
+                key, raw.VR, e.length, value, e.offset, *raw[5:]
+            )
+    raw = template.pixels.element
+    body[raw.tag] = RawDataElement(raw.tag, raw.VR, raw.length, None, raw.value_tell, *raw[5:])
+    return meta, body
+
+
+def _patched(template: _Template, data: bytes) -> pydicom.Dataset | None:
+    """The dataset pydicom would read from `data`, or None when it must read it."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+
+    if len(data) < _META_START or data[128:_META_START] != b"DICM":
+        return None
+    same_size = template.data is not None and len(data) == len(template.data)
+    elements = _same_size(template, data) if same_size else None
+    if elements is None:
+        elements = _walked(template, data)
+    if elements is None:
+        return None
+    meta, body = elements
+    dataset = Dataset(body)
+    dataset.set_original_encoding(template.implicit, True, template.encoding)
+    ds = FileDataset(
+        io.BytesIO(data),
+        dataset,
+        preamble=data[:128],
+        file_meta=FileMetaDataset(meta),
+        is_implicit_VR=template.implicit,
+        is_little_endian=True,
+    )
+    ds.set_original_encoding(template.implicit, True, template.encoding)
+    return ds
+
+
+def _walked(template: _Template, data: bytes) -> tuple[dict[Any, Any], dict[Any, Any]] | None:
+    """The meta and body elements of a file with the template's elements (lengths and
+    offsets may differ), found by walking them, or None."""
+    walked_meta = _walk(data, _META_START, False, template.meta, meta=True)
+    if walked_meta is None:
+        return None
+    if template.implicit and _looks_explicit(data, walked_meta[1]):
+        return None  # pydicom would read the body as explicit VR
+    walked_body = _walk(data, walked_meta[1], template.implicit, template.body, meta=False)
+    if walked_body is None:
+        return None
+    meta = _patch(data, template.meta, walked_meta[0], walked_meta[1], changeable=_META_CHANGES)
+    body = _patch(data, template.body, walked_body[0], len(data), changeable=None)
+    if meta is None or body is None:
+        return None
+    return meta, body
+
+
+#: File meta elements whose value may differ from the template's (the transfer syntax,
+#: say, may not): the instance's UID and, when its length changes, the group's length.
+_META_CHANGES: Final = frozenset({_GROUP_LENGTH, _MEDIA_SOP_INSTANCE})
+
+
+class TemplateParser:
+    """:func:`~voxlake.ingest.headers.parse_dicom_bytes` for a batch of files, in order.
+
+    Use one per batch, in one process. ``parsed`` and ``patched`` count the files read by
+    pydicom and those built from a template.
+    """
+
+    def __init__(self, *, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.parsed = 0
+        self.patched = 0
+        self._template: _Template | None = None
+
+    def parse(self, data: bytes) -> tuple[pydicom.Dataset, bool]:
+        """Return ``(dataset, gzipped)`` as :func:`parse_dicom_bytes` does."""
+        if self._template is not None:
+            ds = _patched(self._template, data)
+            if ds is not None:
+                self.patched += 1
+                return ds, False
+        self._template = None  # an unusable file must not leave the old template behind
+        ds, gzipped = parse_dicom_bytes(data, max_bytes=self.max_bytes)
+        self.parsed += 1
+        if not gzipped:
+            self._template = _template(ds, data)
+        return ds, gzipped

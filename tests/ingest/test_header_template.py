@@ -1,0 +1,205 @@
+"""Files parsed from a template equal what pydicom reads, and make the same catalog rows.
+
+The header pass reads a series' first file with pydicom and the next ones by walking
+their elements against it (:mod:`voxlake.ingest.header_template`). These tests compare
+the two ways element by element (values, offsets and what a deferred read gives) on the
+synthetic sample and on real scanner series, compare the rows the header pass makes with
+and without templates (and without its cached pixel layouts), and check that files whose
+structure differs from the template are read by pydicom.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.uid import ImplicitVRLittleEndian
+
+from voxlake.config import IngestConfig
+from voxlake.errors import NotDicomError
+from voxlake.ingest import header_template
+from voxlake.ingest.header_template import TemplateParser
+from voxlake.ingest.headers import parse_dicom_bytes, read_headers
+from voxlake.ingest.readers import native
+from voxlake.ingest.sources import list_source
+
+from ..conftest import SECRET, require_shared_data
+
+#: Real series whose files differ in value lengths (UIDs one digit longer, say).
+REAL = ("dcm_qa_nih", "dcm_qa_ct", "icometrix_dicom2nifti", "dcm_qa_ts", "dcm_qa_enh")
+MAX = 1 << 30
+
+
+def _files(root: Path) -> list[Path]:
+    return [ref_path for ref_path in sorted(p for p in root.rglob("*") if p.is_file())]
+
+
+def _assert_same(fast: Any, slow: Any) -> None:
+    """Equal datasets: elements (raw offsets included), values, file meta and encoding."""
+    assert list(fast.keys()) == list(slow.keys())
+    for tag in slow.keys():
+        a, b = fast.get_item(tag, keep_deferred=True), slow.get_item(tag, keep_deferred=True)
+        assert type(a) is type(b), tag
+        if isinstance(b, RawDataElement):
+            if tag == 0x7FE00010:  # left in the file's bytes: read when asked
+                assert (a.tag, a.VR, a.length, a.value_tell) == (
+                    b.tag,
+                    b.VR,
+                    b.length,
+                    b.value_tell,
+                )
+                assert a.value in (None, b.value)  # None from a template
+            else:
+                assert a == b, tag
+    for tag in slow.keys():
+        assert fast[tag] == slow[tag], tag  # converted (a deferred value read from the bytes)
+    assert list(fast.file_meta.keys()) == list(slow.file_meta.keys())
+    for tag in slow.file_meta.keys():
+        assert fast.file_meta[tag] == slow.file_meta[tag], tag
+    assert fast.original_encoding == slow.original_encoding
+    assert fast.original_character_set == slow.original_character_set
+    assert fast.preamble == slow.preamble
+
+
+def _parsed_or_code(data: bytes) -> tuple[Any, bool] | str:
+    """What pydicom's path makes of `data`: the dataset, or the failure code."""
+    try:
+        return parse_dicom_bytes(data, max_bytes=MAX)
+    except NotDicomError as exc:
+        return exc.code
+
+
+def _compare_files(paths: list[Path]) -> TemplateParser:
+    parser = TemplateParser(max_bytes=MAX)
+    for path in paths:
+        data = path.read_bytes()
+        expected = _parsed_or_code(data)
+        if isinstance(expected, str):
+            with pytest.raises(NotDicomError) as caught:
+                parser.parse(data)
+            assert caught.value.code == expected
+            continue
+        slow, gzipped = expected
+        fast, fast_gzipped = parser.parse(data)
+        assert fast_gzipped == gzipped
+        _assert_same(fast, slow)
+    return parser
+
+
+def test_sample_series_are_read_from_templates_as_pydicom_reads_them(tiny_sample) -> None:
+    paths = [path for series in tiny_sample.series for path in series.files]
+    parser = _compare_files(paths)
+    assert parser.patched > len(paths) * 3 // 4  # the walk did the work
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_series_are_read_from_templates_as_pydicom_reads_them(name: str) -> None:
+    parser = _compare_files(_files(require_shared_data(name)))
+    if name == "dcm_qa_nih":  # UIDs of varying lengths: offsets move from file to file
+        assert parser.patched > 250
+
+
+def _rows(refs: list, **kwargs: Any) -> tuple[list, list, dict, list]:
+    config = IngestConfig(secret=SECRET, key_map_url="unused://key-map", **kwargs)
+    batch = read_headers(refs, secret=SECRET, config=config, run_id="r")
+    for row in batch.instances + batch.failures:
+        row.pop("ingested_at")
+    return batch.instances, batch.failures, batch.pixel_spans, batch.key_map
+
+
+@pytest.mark.parametrize("source", ["sample", *REAL])
+def test_catalog_rows_are_the_same_with_or_without_templates(
+    tiny_sample, monkeypatch, source: str
+) -> None:
+    root = tiny_sample.root / "dicom" if source == "sample" else require_shared_data(source)
+    refs = list(list_source(root))
+    with_templates = _rows(refs)
+    monkeypatch.setattr(header_template, "_patched", lambda template, data: None)
+    monkeypatch.setattr(native, "_layout_key", lambda ds: None)  # and no cached layouts
+    _assert_same_rows(with_templates, _rows(refs))
+    assert with_templates[0]  # rows were made
+
+
+def _assert_same_rows(fast: tuple, slow: tuple) -> None:
+    """Equal as written (NaN != NaN); on a difference, name the file and the columns."""
+    for part, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        if repr(a) == repr(b):
+            continue
+        if isinstance(a, list) and len(a) == len(b):
+            for row_a, row_b in zip(a, b, strict=True):
+                if repr(row_a) != repr(row_b) and isinstance(row_a, dict):
+                    columns = [k for k in row_a if repr(row_a[k]) != repr(row_b.get(k))]
+                    where = row_a.get("url", row_a.get("subject"))
+                    pytest.fail(f"part {part}: {where}: {columns}")
+        pytest.fail(f"part {part} differs: {len(a)} against {len(b)} entries")
+
+
+def _variant(path: Path, change: Any) -> bytes:
+    ds = pydicom.dcmread(path)
+    change(ds)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _set(**values: Any) -> Any:
+    def change(ds: Any) -> None:
+        for name, value in values.items():
+            setattr(ds, name, value)
+
+    return change
+
+
+def _implicit(ds: Any) -> None:
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+
+
+@pytest.mark.parametrize(
+    ("change", "read_by"),
+    [
+        (_set(InstanceNumber="7"), "template"),
+        (_set(SOPInstanceUID="1.2.3.4.5.6.7.8.9.10.11.12.13.14"), "template"),  # moves offsets
+        (_set(SpecificCharacterSet="ISO_IR 144"), "pydicom"),  # how pydicom decodes text
+        (
+            _set(SpecificCharacterSet="ISO_IR 144", SOPInstanceUID="1.2.3.4.5.6.7.8.9.10.11"),
+            "pydicom",
+        ),  # the same, with offsets moved
+        (_set(ImageComments="an element the template lacks"), "pydicom"),
+        (_implicit, "pydicom"),  # another transfer syntax
+    ],
+)
+def test_files_whose_structure_differs_are_read_by_pydicom(tiny_sample, change, read_by) -> None:
+    first, second = tiny_sample.series[0].files[:2]
+    data = _variant(second, change)
+    parser = TemplateParser(max_bytes=MAX)
+    parser.parse(_variant(first, _set(SpecificCharacterSet="ISO_IR 100")))
+    fast, _ = parser.parse(data)
+    assert (parser.patched, parser.parsed) == ((1, 1) if read_by == "template" else (0, 2))
+    _assert_same(fast, parse_dicom_bytes(data, max_bytes=MAX)[0])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[:-100],  # pixel data cut short
+        lambda data: data[:600],  # header cut short
+        lambda data: data[:400] + b"\xff" * 8 + data[408:],  # a tag overwritten
+        lambda data: data[:132] + bytes(len(data) - 132),  # zeros after the preamble
+    ],
+)
+def test_damaged_files_fail_as_pydicom_makes_them_fail(tiny_sample, damage) -> None:
+    first, second = tiny_sample.series[0].files[:2]
+    data = damage(second.read_bytes())
+    parser = TemplateParser(max_bytes=MAX)
+    parser.parse(first.read_bytes())
+    expected = _parsed_or_code(data)
+    if isinstance(expected, str):
+        with pytest.raises(NotDicomError) as caught:
+            parser.parse(data)
+        assert caught.value.code == expected
+        return
+    _assert_same(parser.parse(data)[0], expected[0])  # pydicom reads it: so must the parser
