@@ -66,12 +66,14 @@ def test_reads_ahead_but_never_more_than_the_bound(
     depth = READ_AHEAD_FILES["local"] if read_ahead is None else read_ahead
     config = IngestConfig(read_ahead=read_ahead)
     lead = 0
-    for i, (_, future) in enumerate(_read_ahead(refs, config)):
-        future.result()
+    done = []
+    for i, (ref, future) in enumerate(_read_ahead(refs, config)):
+        done.append((ref.url, future.result()))
         time.sleep(0.02)  # "parsing": the reads ahead run meanwhile
         # Started so far: this file, and at most `depth` files after it.
         assert len(watch.started) <= i + 1 + depth
         lead = max(lead, len(watch.started) - (i + 1))
+    assert done == [(ref.url, Path(ref.url).read_bytes()) for ref in refs]  # every file
     assert lead == depth  # it did read ahead, as far as allowed
     assert watch.most <= max(1, depth)  # in at most `depth` threads
     assert (watch.most > 1) == (depth > 1)  # concurrently, when more than one thread
@@ -171,3 +173,11 @@ def test_a_pacs_gets_at_most_read_ahead_requests_per_task(monkeypatch, read_ahea
         time.sleep(0.02)
     assert got == [ref.url.encode() for ref in refs]
     assert 1 < watch.most <= depth
+
+
+@pytest.mark.parametrize("read_ahead", [0, 1, None])
+def test_every_file_gets_its_row_whatever_the_read_ahead(tiny_sample, read_ahead) -> None:
+    refs = list(list_source(tiny_sample.root / "dicom"))[:20]
+    config = IngestConfig(secret=SECRET, read_ahead=read_ahead)
+    batch = read_headers(refs, secret=SECRET, config=config, run_id="r")
+    assert [row["url"] for row in batch.instances] == [ref.url for ref in refs]

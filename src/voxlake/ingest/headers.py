@@ -512,6 +512,7 @@ def _read_ahead(
             ref, future = pending.popleft()
             fill(depth)  # read ahead while the caller parses this one
             yield ref, future
+            fill(1)  # with no read-ahead, the next file is read only now
 
 
 def _file_failure(ref: FileRef, error: VoxlakeError, run_id: str) -> dict[str, Any]:
