@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from voxlake.config import IngestConfig
     from voxlake.ingest.header_json import HeaderCleaner
     from voxlake.ingest.header_template import TemplateParser
-    from voxlake.ingest.readers.native import PixelSpan
+    from voxlake.ingest.readers.native import Layouts, PixelSpan
     from voxlake.ingest.sources import FileRef
 
 __all__ = [
@@ -335,6 +335,7 @@ def _instance_row(
     run_id: str,
     cleaner: HeaderCleaner,
     parser: TemplateParser,
+    layouts: Layouts,
     key_map: list[tuple[str, str, str]] | None = None,
     pixel_spans: dict[str, PixelSpan] | None = None,
 ) -> dict[str, Any]:
@@ -360,8 +361,9 @@ def _instance_row(
     local = ref.fetch_url == ref.url and local_path_of(ref.url) is not None
     if pixel_spans is not None and local and not gzipped:  # before PixelData is converted
         span = pixel_span(
-            ds, file_bytes=len(data), size=ref.size, mtime=ref.mtime, content_hash=file_hash
-        )
+            ds, file_bytes=len(data), size=ref.size, mtime=ref.mtime, content_hash=file_hash,
+            layouts=layouts,
+        )  # fmt: skip
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta or {}).get("MediaStorageSOPClassUID", ""))
     if sop_class == DICOMDIR_SOP_CLASS or (
@@ -428,6 +430,7 @@ def read_headers(
     # One per batch: series repeat most of their header from file to file.
     cleaner = HeaderCleaner(secret, config.deid, _element_columns)
     parser = TemplateParser(max_bytes=config.max_file_bytes)  # ... and their structure
+    layouts: Layouts = {}  # ... and their pixel layout
     for ref, read in _read_ahead(refs, config):
         try:
             data = read.result()
@@ -440,6 +443,7 @@ def read_headers(
                 run_id=run_id,
                 cleaner=cleaner,
                 parser=parser,
+                layouts=layouts,
                 key_map=batch.key_map if config.key_map_url else None,
                 pixel_spans=batch.pixel_spans,
             )

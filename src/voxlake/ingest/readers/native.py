@@ -89,10 +89,8 @@ _LAYOUT_TAGS = (
     0x00280004,
 )  # fmt: skip
 _Layout = tuple[np.dtype[np.integer], int, int, int]
-#: Layouts by the raw bytes of those elements (and the syntax and the value's length):
-#: the files of a series share them, and converting them costs more than the rest.
-_LAYOUTS: dict[tuple[object, ...], _Layout | None] = {}
-_LAYOUTS_KEPT = 1024
+#: Layouts by the raw bytes of those elements (and the syntax and the value's length).
+Layouts = dict[tuple[object, ...], _Layout | None]
 
 
 def _layout_key(ds: pydicom.Dataset) -> tuple[object, ...] | None:
@@ -112,19 +110,23 @@ def _layout_key(ds: pydicom.Dataset) -> tuple[object, ...] | None:
     return tuple(key)
 
 
-def _native_layout(ds: pydicom.Dataset, syntax: str, nbytes: int) -> _Layout | None:
-    """(dtype, rows, columns, shift) of a frame ``native_frame`` can unpack, else None."""
+def _native_layout(
+    ds: pydicom.Dataset, syntax: str, nbytes: int, layouts: Layouts | None = None
+) -> _Layout | None:
+    """(dtype, rows, columns, shift) of a frame ``native_frame`` can unpack, else None.
+
+    `layouts`: what earlier files of the same batch gave (the files of a series share
+    it, and converting those elements costs more than the rest), filled here.
+    """
     if syntax not in NATIVE_LITTLE_ENDIAN:
         return None
-    raw = _layout_key(ds)
-    if raw is None:
+    raw = None if layouts is None else _layout_key(ds)
+    if layouts is None or raw is None:
         return _read_layout(ds, nbytes)
     key = (syntax, nbytes, raw)
-    if key not in _LAYOUTS:
-        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
-            _LAYOUTS.clear()
-        _LAYOUTS[key] = _read_layout(ds, nbytes)
-    return _LAYOUTS[key]
+    if key not in layouts:
+        layouts[key] = _read_layout(ds, nbytes)
+    return layouts[key]
 
 
 def _read_layout(ds: pydicom.Dataset, nbytes: int) -> _Layout | None:
@@ -200,6 +202,7 @@ def pixel_span(
     size: int,
     mtime: float,
     content_hash: str,
+    layouts: Layouts | None = None,
 ) -> PixelSpan | None:
     """The span of ``ds``'s pixel data in the file it was parsed from, or None.
 
@@ -208,7 +211,7 @@ def pixel_span(
     would unpack the frame: encapsulated (undefined length), big-endian, colour or
     multi-frame pixel data, or a value whose length disagrees with the header, keep the
     pydicom path. Call it before anything reads ``ds.PixelData``: the offset is known only
-    while the element is still raw.
+    while the element is still raw. `layouts`: see :func:`_native_layout`.
     """
     raw = ds.get_item(_PIXEL_DATA, keep_deferred=True)
     offset = getattr(raw, "value_tell", None)  # a RawDataElement: not converted yet
@@ -220,7 +223,7 @@ def pixel_span(
     if file_bytes != size:  # the file changed between listing and reading
         return None
     syntax = syntax_of(ds)
-    layout = _native_layout(ds, syntax, length)
+    layout = _native_layout(ds, syntax, length, layouts)
     if layout is None:
         return None
     dtype, rows, columns, shift = layout
