@@ -200,3 +200,36 @@ def test_damaged_files_fail_as_pydicom_makes_them_fail(tiny_sample, damage) -> N
     parser = TemplateParser(max_bytes=MAX)
     parser.parse(first.read_bytes())
     _check(parser, data)
+
+
+def _implicit_file(first_value_length: int) -> bytes:
+    """An implicit VR little endian file whose first body element has that length."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    ds = Dataset()
+    ds.add_new(0x00070010, "LO", "x" * first_value_length)  # first in the body: group 7
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored = 2, 2, 16, 16
+    ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(8)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True, implicit_vr=True, little_endian=True)
+    return buffer.getvalue()
+
+
+def test_an_implicit_body_that_looks_explicit_is_left_to_pydicom() -> None:
+    """pydicom reads a body said to be implicit VR as explicit when the first element's
+    length bytes spell two capital letters (0x4142 = "BA"): so does the parser."""
+    parser = TemplateParser(max_bytes=MAX)
+    _check(parser, _implicit_file(16))
+    _check(parser, _implicit_file(18))  # walked: only a length differs
+    assert (parser.parsed, parser.patched) == (1, 1)
+    _check(parser, _implicit_file(0x4142))  # "BA" where an explicit VR would be
+    assert parser.patched == 1
