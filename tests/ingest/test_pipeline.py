@@ -309,3 +309,38 @@ def test_volume_commits_follow_the_commit_interval(
     every = max(1, min(32, n // 10))  # volumes per commit once the floor has passed
     expected = -(-n // every) if seconds[0] == 0 else 1  # an hour's floor: one, at the end
     assert len(volume_commits) == expected
+
+
+def test_a_failure_another_run_records_meanwhile_is_cleared_when_the_series_builds(
+    tmp_path, tiny_sample, dask_client
+):
+    """Between this run's plan and its volume commits, another run records an assembly
+    failure for a series this run builds: the volume commit still clears it (the run
+    polls other runs' failure rows; it does not trust its snapshot alone)."""
+    from voxlake.catalog.tables import CatalogWriter
+    from voxlake.errors import VoxlakeError
+    from voxlake.ingest.headers import failure_row
+
+    catalog, store = str(tmp_path / "cat"), str(tmp_path / "vol.zarr")
+    series = tiny_sample.series[1]
+    key = keyed_hash(SECRET, "series", series.spec.series_instance_uid)
+    injected = []
+
+    def progress(event) -> None:
+        if event.stage == "volumes" and event.done == 0 and not injected:
+            row = failure_row(
+                subject=key, subject_kind="series", run_id="another-run",
+                error=VoxlakeError("seen elsewhere", code="missing_slice"),
+            )  # fmt: skip
+            CatalogWriter(catalog).commit({"failures": [row]}, run_id="another-run", operation="x")
+            injected.append(row["failure_id"])
+
+    report = ingest(
+        [tiny_sample.root / "dicom"], catalog=catalog, store=store,
+        config=IngestConfig(secret=SECRET), client=dask_client, progress=progress,
+    )  # fmt: skip
+    assert injected and report.volumes_written == len(tiny_sample.series)
+    failures = open_catalog(catalog).failures
+    assert injected[0] not in set(failures.failure_id)
+    assert key not in set(failures.subject)
+    assert len(_failure_deletes(catalog, report.run_id)) == 1  # that one, nothing else
