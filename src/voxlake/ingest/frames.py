@@ -88,10 +88,9 @@ def _first(item: Dataset | None, keyword: str) -> Dataset | None:
         return None
 
 
-def _in_group(ds: Dataset, group: int) -> bool:
-    """Whether `ds` has any element of `group` (int keys: no element is converted)."""
-    low = group << 16
-    return any(low <= int(tag) <= low | 0xFFFF for tag in ds.keys())  # noqa: SIM118
+def _groups(ds: Dataset) -> frozenset[int]:
+    """The groups of `ds`'s elements (int keys: no element is converted)."""
+    return frozenset(int(tag) >> 16 for tag in ds.keys())  # noqa: SIM118
 
 
 def _private(
@@ -108,9 +107,9 @@ def _private(
     Anonymisers sometimes drop private creator elements but keep the data. With ``vendor``
     (the manufacturer is the tag's vendor) and no creator at all in ``group``, the
     vendor's usual block ``0x10`` is read, as dcm2niix does; a block reserved by another
-    creator is never read. `groups`: the groups of ``ds``'s elements, when known.
+    creator is never read. `groups`: ``_groups(ds)``, when the caller has it.
     """
-    if group not in groups if groups is not None else not _in_group(ds, group):
+    if group not in (_groups(ds) if groups is None else groups):
         return None  # nothing in the group: skips private_block's sorted slice
     try:
         block = ds.private_block(group, creator)
@@ -386,7 +385,7 @@ def frame_columns(ds: Dataset) -> dict[str, Any]:
     }
     n_frames = _int(ds.get("NumberOfFrames")) or 1
     manufacturer = str(ds.get("Manufacturer") or "").upper()
-    groups = frozenset(int(tag) >> 16 for tag in ds.keys())  # noqa: SIM118
+    groups = _groups(ds)
     csa = _csa(ds, groups) if "SIEMENS" in manufacturer or _is_mosaic(ds) else None
     info: dict[str, Any] | None = None
     if "PerFrameFunctionalGroupsSequence" in ds:

@@ -3,19 +3,19 @@
 The files of one series, as a scanner writes them, hold the same elements in the same
 order with mostly the same values: SOPInstanceUID (also in the file meta),
 InstanceNumber, ImagePositionPatient, SliceLocation, acquisition times and the pixel data
-differ, and a UID one digit longer moves everything after it. pydicom's parse of a
-512 x 512 CT slice costs about as much as everything else the header pass does with it.
+differ, and a UID one digit longer moves everything after it. pydicom's parse was about
+a third of what the header pass spent on a 512 x 512 CT slice (py-spy, ad hoc).
 
 :class:`TemplateParser` parses a file with :func:`~voxlake.ingest.headers.parse_dicom_bytes`
-and keeps it as a template: the tag, VR and header size of each top-level element in
-file order, its value's bytes and what pydicom made of it. A template is kept only if
-walking its own bytes by those rules finds every element where pydicom found it. A next
-file is walked the same way: it must hold the same elements with the same VRs (lengths
-may differ), end where its last element ends, keep its transfer syntax and character
-set, and differ in value only where pydicom left the element raw (undefined-length
-sequences, which pydicom reads at once, must be the same bytes). pydicom would then read
-it as the same raw elements at the walked offsets: its dataset is the template's elements
-with the differing values and the offsets replaced, built with pydicom's own types.
+and keeps it as a template: the tag and VR of each top-level element in file order, its
+value's bytes and what pydicom made of it. A template is kept only if walking its own
+bytes by those rules finds every element where pydicom found it. A next file is walked
+the same way: it must hold the same elements with the same VRs (lengths may differ), end
+where its last element ends, keep its transfer syntax and character set, and differ in
+value only where pydicom left the element raw (undefined-length sequences, which pydicom
+reads at once, must be the same bytes). pydicom would then read it as the same raw
+elements at the walked offsets: its dataset is the template's elements with the
+differing values and the offsets replaced, built with pydicom's own types.
 Anything else is parsed by pydicom and becomes the template. The pixel data is left in
 the file's bytes (a deferred value, read from them if asked): the header pass only needs
 where it lies. Elements nested in an unchanged sequence keep the template's offsets
@@ -32,8 +32,6 @@ import io
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
-
-import numpy as np
 
 from voxlake.ingest.headers import parse_dicom_bytes
 
@@ -59,9 +57,6 @@ _LONG_VRS: Final = frozenset(
     b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
 )  # fmt: skip
 _META_START: Final = 132
-#: A template's bytes are kept (for the byte comparison of a file of the same size) up
-#: to this size; a larger file is only walked.
-_KEEP_BYTES: Final = 64 << 20
 _NESTING: Final = 16
 
 _TAG = struct.Struct("<HH")
@@ -85,17 +80,10 @@ class _Element:
 
 @dataclass(frozen=True, slots=True)
 class _Template:
-    data: np.ndarray | None  # the template's bytes (None: too large to keep)
     meta: tuple[_Element, ...]
     body: tuple[_Element, ...]
     implicit: bool
     encoding: Any
-    # For a file of the same size: the value ranges of the raw elements, by offset
-    # (the pixel data's left out), and which element each is.
-    starts: np.ndarray
-    ends: np.ndarray
-    ranges: tuple[tuple[bool, _Element], ...]  # (in the meta group, element)
-    pixels: _Element
 
 
 def _tag_at(data: bytes, pos: int) -> int:
@@ -147,14 +135,17 @@ def _sequence_end(data: bytes, pos: int, implicit: bool, depth: int = 0) -> int 
     return None
 
 
+#: A walked element: (tag, VR as written, value offset, length as written, value end).
+_Walked = tuple[int, bytes | None, int, int, int]
+
+
 def _walk(
     data: bytes, pos: int, implicit: bool, expected: tuple[_Element, ...] | None, *, meta: bool
-) -> tuple[list[tuple[int, bytes | None, int, int, int]], int] | None:
-    """``[(tag, VR, header size, value offset, length)]`` of the elements from `pos`, and
-    where the last ends: the meta group's (group 2) or the body's (to the end of `data`).
-    With `expected`, exactly those tags and VRs, or None."""
+) -> tuple[list[_Walked], int] | None:
+    """The elements from `pos` and where the last ends: the meta group's (group 2) or the
+    body's (to the end of `data`). With `expected`, exactly those tags and VRs, or None."""
     end = len(data)
-    out: list[tuple[int, bytes | None, int, int, int]] = []
+    out: list[_Walked] = []
     while pos + 8 <= end:
         tag = _tag_at(data, pos)
         if meta and tag >> 16 != 2:
@@ -176,7 +167,7 @@ def _walk(
             stop = offset + length
             if stop > end:
                 return None
-        out.append((tag, vr, header, offset, length))
+        out.append((tag, vr, offset, length, stop))
         pos = stop
     if expected is not None and len(out) != len(expected):
         return None
@@ -185,23 +176,20 @@ def _walk(
     return out, pos
 
 
-def _elements(
-    data: bytes, walked: list[tuple[int, bytes | None, int, int, int]], stop: int, ds: Any
-) -> tuple[_Element, ...] | None:
+def _elements(data: bytes, walked: list[_Walked], ds: Any) -> tuple[_Element, ...] | None:
     """The template's elements, if pydicom read each where the walk found it."""
     from pydicom.dataelem import DataElement, RawDataElement
 
     if [int(tag) for tag in ds.keys()] != [tag for tag, *_ in walked]:  # noqa: SIM118
         return None
     out = []
-    for i, (tag, vr, _, offset, length) in enumerate(walked):
+    for tag, vr, offset, length, value_end in walked:
         element = ds.get_item(tag, keep_deferred=True)
         if isinstance(element, RawDataElement):
             if element.value_tell != offset or element.length != length:
                 return None
         elif not isinstance(element, DataElement) or element.file_tell != offset:
             return None
-        value_end = walked[i + 1][3] - walked[i + 1][2] if i + 1 < len(walked) else stop
         value = b"" if tag == _PIXEL_DATA else data[offset:value_end]
         out.append(_Element(tag, vr, offset, length, value, element))
     return tuple(out)
@@ -227,26 +215,12 @@ def _template(ds: pydicom.Dataset, data: bytes) -> _Template | None:
     walked_body = _walk(data, walked_meta[1], bool(implicit), None, meta=False)
     if walked_body is None:
         return None
-    meta = _elements(data, walked_meta[0], walked_meta[1], file_meta)
-    body = _elements(data, walked_body[0], len(data), ds)
+    meta = _elements(data, walked_meta[0], file_meta)
+    body = _elements(data, walked_body[0], ds)
     if meta is None or body is None:
         return None
-    pixel_element = next(e for e in body if e.tag == _PIXEL_DATA)
-    ranges = sorted(
-        ((in_meta, e) for in_meta, group in ((True, meta), (False, body)) for e in group
-         if isinstance(e.element, RawDataElement) and e.tag != _PIXEL_DATA),
-        key=lambda r: r[1].offset,
-    )  # fmt: skip
     return _Template(
-        data=np.frombuffer(data, dtype=np.uint8) if len(data) <= _KEEP_BYTES else None,
-        meta=meta,
-        body=body,
-        implicit=bool(implicit),
-        encoding=ds.original_character_set,
-        starts=np.array([e.offset for _, e in ranges], dtype=np.int64),
-        ends=np.array([e.offset + len(e.value) for _, e in ranges], dtype=np.int64),
-        ranges=tuple(ranges),
-        pixels=pixel_element,
+        meta=meta, body=body, implicit=bool(implicit), encoding=ds.original_character_set
     )
 
 
@@ -271,8 +245,7 @@ def _moved(element: Any, offset: int) -> Any:
 def _patch(
     data: bytes,
     template: tuple[_Element, ...],
-    walked: list[tuple[int, bytes | None, int, int, int]],
-    stop: int,
+    walked: list[_Walked],
     *,
     changeable: frozenset[int] | None,
 ) -> dict[BaseTag, Any] | None:
@@ -283,8 +256,7 @@ def _patch(
     from pydicom.dataelem import RawDataElement, convert_raw_data_element
 
     out: dict[BaseTag, Any] = {}
-    for i, (old, (tag, _, _, offset, length)) in enumerate(zip(template, walked, strict=True)):
-        value_end = walked[i + 1][3] - walked[i + 1][2] if i + 1 < len(walked) else stop
+    for old, (tag, _, offset, length, value_end) in zip(template, walked, strict=True):
         element = old.element
         key = element.tag  # a BaseTag, as pydicom's own keys
         if tag == _PIXEL_DATA:
@@ -308,49 +280,13 @@ def _patch(
     return out
 
 
-def _same_size(template: _Template, data: bytes) -> tuple[dict[Any, Any], dict[Any, Any]] | None:
-    """The meta and body elements of a file of the template's size whose bytes differ
-    only inside values pydicom left raw (nothing moved), or None."""
-    from pydicom.dataelem import RawDataElement
-
-    new = np.frombuffer(data, dtype=np.uint8)
-    old = template.data
-    assert old is not None
-    start, stop = template.pixels.offset, template.pixels.offset + template.pixels.length
-    positions = np.flatnonzero(new[_META_START:start] != old[_META_START:start]) + _META_START
-    tail = np.flatnonzero(new[stop:] != old[stop:])
-    if len(tail):
-        positions = np.concatenate((positions, tail + stop))
-    meta = {e.element.tag: e.element for e in template.meta}
-    body = {e.element.tag: e.element for e in template.body}
-    if len(positions):
-        index = np.searchsorted(template.starts, positions, side="right") - 1
-        if index.min() < 0 or not bool(np.all(positions < template.ends[index])):
-            return None  # a tag, VR or length differs, or a value pydicom converted
-        for i in np.unique(index).tolist():
-            in_meta, e = template.ranges[i]
-            if e.tag == _CHARSET or (in_meta and e.tag not in _META_CHANGES):
-                return None
-            key, raw = e.element.tag, e.element
-            value = data[e.offset : e.offset + e.length]
-            (meta if in_meta else body)[key] = RawDataElement(
-                key, raw.VR, e.length, value, e.offset, *raw[5:]
-            )
-    raw = template.pixels.element
-    body[raw.tag] = RawDataElement(raw.tag, raw.VR, raw.length, None, raw.value_tell, *raw[5:])
-    return meta, body
-
-
 def _patched(template: _Template, data: bytes) -> pydicom.Dataset | None:
     """The dataset pydicom would read from `data`, or None when it must read it."""
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 
     if len(data) < _META_START or data[128:_META_START] != b"DICM":
         return None
-    same_size = template.data is not None and len(data) == len(template.data)
-    elements = _same_size(template, data) if same_size else None
-    if elements is None:
-        elements = _walked(template, data)
+    elements = _walked(template, data)
     if elements is None:
         return None
     meta, body = elements
@@ -379,8 +315,8 @@ def _walked(template: _Template, data: bytes) -> tuple[dict[Any, Any], dict[Any,
     walked_body = _walk(data, walked_meta[1], template.implicit, template.body, meta=False)
     if walked_body is None:
         return None
-    meta = _patch(data, template.meta, walked_meta[0], walked_meta[1], changeable=_META_CHANGES)
-    body = _patch(data, template.body, walked_body[0], len(data), changeable=None)
+    meta = _patch(data, template.meta, walked_meta[0], changeable=_META_CHANGES)
+    body = _patch(data, template.body, walked_body[0], changeable=None)
     if meta is None or body is None:
         return None
     return meta, body

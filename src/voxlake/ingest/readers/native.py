@@ -120,8 +120,7 @@ def _native_layout(
     """
     if syntax not in NATIVE_LITTLE_ENDIAN:
         return None
-    raw = None if layouts is None else _layout_key(ds)
-    if layouts is None or raw is None:
+    if layouts is None or (raw := _layout_key(ds)) is None:
         return _read_layout(ds, nbytes)
     key = (syntax, nbytes, raw)
     if key not in layouts:
