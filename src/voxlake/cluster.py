@@ -34,6 +34,7 @@ WORKER_PRELOAD = (
     "distributed",
     "voxlake.ingest.headers",
     "voxlake.ingest.header_json",
+    "voxlake.ingest.header_template",
     "voxlake.ingest.readers.dicom",
     "voxlake.volumes.writer",
     "pydicom",

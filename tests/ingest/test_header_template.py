@@ -35,7 +35,7 @@ MAX = 1 << 30
 
 
 def _files(root: Path) -> list[Path]:
-    return [ref_path for ref_path in sorted(p for p in root.rglob("*") if p.is_file())]
+    return sorted(p for p in root.rglob("*") if p.is_file())
 
 
 def _assert_same(fast: Any, slow: Any) -> None:
