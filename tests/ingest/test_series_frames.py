@@ -266,3 +266,27 @@ def test_colour_kinds_not_stored_are_refused():
     mixed["content_hash"] = [f"h{n}" for n in range(6)]
     plans, failures = plan_volumes(mixed)
     assert failures == [] and sorted(p.dims for p in plans) == ["czyx", "zyx"]
+
+
+def test_explode_frames_reads_only_the_columns_it_lists():
+    """explode_frames lists only the columns it reads (the others are costly to list): a
+    column the frame table reads but does not list would come back as None."""
+    from voxlake.ingest import frame_table
+
+    read: set[str] = set()
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            read.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+
+    series = rows([(0.0, 0.0, float(z)) for z in range(4)])
+    frame_table._base(Recording(series.iloc[0].to_dict()))
+    assert "image_position_patient" in read
+    assert read <= set(frame_table._READ_COLUMNS)
+    frames = frame_table.explode_frames(series)
+    assert [f.position for f in frames] == [tuple(p) for p in series["image_position_patient"]]

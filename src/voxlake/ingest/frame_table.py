@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from voxlake.errors import AssemblyError
 
@@ -180,6 +180,17 @@ def _override(base: Frame, index: int, values: dict[str, Any]) -> Frame:
     return frame
 
 
+#: The ``instances`` columns :func:`explode_frames` reads.
+_READ_COLUMNS: Final = (
+    "url", "content_hash", "instance_key", "layout", "image_position_patient",
+    "image_orientation_patient", "pixel_spacing", "rows", "columns", "samples_per_pixel",
+    "photometric_interpretation", "rescale_slope", "rescale_intercept",
+    "philips_scale_slope", "image_type", "echo_numbers", "echo_time", "repetition_time",
+    "temporal_position_identifier", "acquisition_number", "instance_number",
+    "trigger_time", "b_value", "b_vector", "series_number", "frames_json",
+)  # fmt: skip
+
+
 def explode_frames(group: pd.DataFrame) -> list[Frame]:
     """Frames of every instance in ``group`` (one series), in instance then frame order.
 
@@ -189,7 +200,9 @@ def explode_frames(group: pd.DataFrame) -> list[Frame]:
     frames: list[Frame] = []
     # Plain dicts: a Series per row (iterrows) cost more than the rest of this loop, and
     # to_dict("records") boxes value by value (3x the column-wise tolist()).
-    columns = list(group.columns)
+    # Only the columns read here: the others (header_json above all) cost a Python
+    # object per value to list.
+    columns = [name for name in _READ_COLUMNS if name in group.columns]
     records = zip(*(group[name].tolist() for name in columns), strict=True)
     for row in (dict(zip(columns, values, strict=True)) for values in records):
         base = _base(row)
