@@ -21,8 +21,9 @@ from voxlake.catalog.schema import DICOM_COLUMNS
 from voxlake.config import DeidConfig
 from voxlake.ingest import deid, header_json
 from voxlake.ingest.deid import Pseudonymizer, deidentify
+from voxlake.ingest.dicom_bytes import parse_dicom_bytes
 from voxlake.ingest.header_json import header_to_json
-from voxlake.ingest.headers import _convert, parse_dicom_bytes, typed_columns
+from voxlake.ingest.headers import _convert, typed_columns
 from voxlake.ingest.readers.dicom import _Overflow, _rescale
 
 from ..conftest import SECRET, require_shared_data

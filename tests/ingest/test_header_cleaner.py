@@ -16,8 +16,9 @@ from pydicom.sequence import Sequence
 
 from voxlake.config import DeidConfig, IngestConfig
 from voxlake.ingest.deid import Pseudonymizer, deidentify, original_identifiers
+from voxlake.ingest.dicom_bytes import parse_dicom_bytes
 from voxlake.ingest.header_json import HeaderCleaner, header_to_json
-from voxlake.ingest.headers import _element_columns, parse_dicom_bytes, read_headers, typed_columns
+from voxlake.ingest.headers import _element_columns, read_headers, typed_columns
 from voxlake.ingest.sources import FileRef, list_source
 
 from ..conftest import SECRET

@@ -22,8 +22,9 @@ from pydicom.uid import ImplicitVRLittleEndian
 from voxlake.config import IngestConfig
 from voxlake.errors import NotDicomError
 from voxlake.ingest import header_template
+from voxlake.ingest.dicom_bytes import parse_dicom_bytes
 from voxlake.ingest.header_template import TemplateParser
-from voxlake.ingest.headers import parse_dicom_bytes, read_headers
+from voxlake.ingest.headers import read_headers
 from voxlake.ingest.readers import native
 from voxlake.ingest.sources import list_source
 

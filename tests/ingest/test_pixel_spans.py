@@ -23,7 +23,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from voxlake.config import IngestConfig, StoreConfig
 from voxlake.errors import DecodeError
-from voxlake.ingest.headers import parse_dicom_bytes, read_headers
+from voxlake.ingest.dicom_bytes import parse_dicom_bytes
+from voxlake.ingest.headers import read_headers
 from voxlake.ingest.readers.dicom import build_volume
 from voxlake.ingest.readers.native import native_frame, read_span, syntax_of, with_pixel_spans
 from voxlake.ingest.series import plan_volumes

@@ -110,7 +110,8 @@ def test_worker_caps_decompression_even_when_the_header_lies():
     import gzip
 
     from voxlake.errors import SourceError
-    from voxlake.ingest.headers import open_bytes, parse_dicom_bytes
+    from voxlake.ingest.dicom_bytes import parse_dicom_bytes
+    from voxlake.ingest.file_reads import open_bytes
 
     bomb = gzip.compress(b"\0" * (8 * 1024 * 1024))
     with pytest.raises(SourceError) as info:

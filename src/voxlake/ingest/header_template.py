@@ -6,7 +6,7 @@ InstanceNumber, ImagePositionPatient, SliceLocation, acquisition times and the p
 differ, and a UID one digit longer moves everything after it. pydicom's parse was about
 a third of what the header pass spent on a 512 x 512 CT slice (py-spy, ad hoc).
 
-:class:`TemplateParser` parses a file with :func:`~voxlake.ingest.headers.parse_dicom_bytes`
+:class:`TemplateParser` parses a file with :func:`~voxlake.ingest.dicom_bytes.parse_dicom_bytes`
 and keeps it as a template: the tag and VR of each top-level element in file order, its
 value's bytes and what pydicom made of it. A template is kept only if walking its own
 bytes by those rules finds every element where pydicom found it. A next file is walked
@@ -33,7 +33,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from voxlake.ingest.headers import parse_dicom_bytes
+from voxlake.ingest.dicom_bytes import parse_dicom_bytes
 
 if TYPE_CHECKING:
     import pydicom
@@ -328,7 +328,7 @@ _META_CHANGES: Final = frozenset({_GROUP_LENGTH, _MEDIA_SOP_INSTANCE})
 
 
 class TemplateParser:
-    """:func:`~voxlake.ingest.headers.parse_dicom_bytes` for a batch of files, in order.
+    """:func:`~voxlake.ingest.dicom_bytes.parse_dicom_bytes` for a batch of files, in order.
 
     Use one per batch, in one process. ``parsed`` and ``patched`` count the files read by
     pydicom and those built from a template.

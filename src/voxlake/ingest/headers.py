@@ -8,26 +8,23 @@ and failure messages name the kind of problem, never a value from the file.
 
 from __future__ import annotations
 
-import collections
 import datetime as dt
 import functools
 import hashlib
-import io
 import math
-import os
-import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from voxlake.catalog.schema import DICOM_COLUMNS, Column
 from voxlake.catalog.tables import rows_to_table
-from voxlake.errors import HeaderError, NotDicomError, SourceError, VoxlakeError
+from voxlake.errors import HeaderError, NotDicomError, VoxlakeError
+from voxlake.ingest.dicom_bytes import PIXEL_KEYWORDS
+from voxlake.ingest.file_reads import read_ahead
 from voxlake.ingest.hashing import content_hash
 from voxlake.keys import keyed_hash
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
 
     import pydicom
 
@@ -37,17 +34,9 @@ if TYPE_CHECKING:
     from voxlake.ingest.readers.native import Layouts, PixelSpan
     from voxlake.ingest.sources import FileRef
 
-__all__ = [
-    "HeaderBatch",
-    "failure_row",
-    "open_bytes",
-    "parse_dicom_bytes",
-    "read_headers",
-]
+__all__ = ["HeaderBatch", "failure_row", "read_headers"]
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
-_GZIP_MAGIC = b"\x1f\x8b"
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 @dataclass
@@ -95,140 +84,6 @@ def failure_row(
         "run_id": run_id,
         "ingested_at": dt.datetime.now(dt.UTC),
     }
-
-
-_READ_CHUNK = 8 * 1024 * 1024
-
-
-def _read_capped(handle: Any, max_bytes: int, *, size: int | None = None) -> bytes:
-    """Read at most ``max_bytes + 1`` bytes in bounded chunks.
-
-    ``read(n)`` preallocates ``n`` bytes, so never ask for the cap at once. With the
-    file's `size` known, ask for no more than ``size + 1`` bytes while that much is
-    expected: a buffer far larger than the file is mapped afresh for every file, and its
-    page faults cost the header pass more than the reading (0.2 ms per 512 KiB slice).
-    """
-    chunks: list[bytes] = []
-    total = 0
-    while total <= max_bytes:
-        want = min(_READ_CHUNK, max_bytes + 1 - total)
-        if size is not None and total <= size:
-            want = min(want, size + 1 - total)
-        chunk = handle.read(want)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def open_bytes(url: str, *, max_bytes: int, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Read a whole file (local path, ``file://`` or fsspec URL), refusing oversize files."""
-    from voxlake.ingest.dicomweb import fetch_instance, is_dicomweb
-    from voxlake.ingest.sources import local_path_of, open_kwargs
-
-    if is_dicomweb(url):
-        return fetch_instance(url, max_bytes=max_bytes, storage_options=storage_options)
-
-    local = local_path_of(url)
-    try:
-        if local is not None:
-            with open(local, "rb") as handle:
-                data = _read_capped(handle, max_bytes, size=os.fstat(handle.fileno()).st_size)
-        else:
-            import fsspec
-
-            with fsspec.open(url, "rb", **open_kwargs(url, storage_options)) as handle:
-                data = _read_capped(handle, max_bytes)
-    except PermissionError as exc:
-        raise SourceError("permission denied", code="permission_denied") from exc
-    except OSError as exc:
-        raise SourceError(f"cannot read file: {exc.strerror or type(exc).__name__}") from exc
-    except Exception as exc:
-        from voxlake.volumes.retry import is_transient
-
-        if not is_transient(exc):  # botocore/aiohttp connection errors are not OSErrors
-            raise
-        raise SourceError(
-            f"source unreachable ({type(exc).__name__})", code="source_unreachable"
-        ) from exc
-    if len(data) > max_bytes:
-        raise SourceError(f"file larger than the {max_bytes} byte cap", code="file_too_large")
-    return data
-
-
-def _gunzip(data: bytes, max_bytes: int) -> bytes:
-    """Decompress gzip data with a size cap (a gzip bomb is refused, not expanded)."""
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(data, max_bytes + 1)
-    except zlib.error as exc:
-        raise NotDicomError("corrupt gzip stream", code="corrupt_gzip") from exc
-    if len(out) > max_bytes or inflater.unconsumed_tail:
-        raise SourceError(
-            f"gzip member expands beyond the {max_bytes} byte cap", code="decompression_cap"
-        )
-    return out
-
-
-class _TruncationWatch(io.BytesIO):
-    """A byte stream that notices reads cut short by the end of the data."""
-
-    short_read = False
-
-    def read(self, size: int | None = -1, /) -> bytes:
-        chunk = super().read(size)
-        if size is not None and size > 0 and 0 < len(chunk) < size:
-            self.short_read = True
-        return chunk
-
-
-def parse_dicom_bytes(data: bytes, *, max_bytes: int) -> tuple[pydicom.Dataset, bool]:
-    """Parse DICOM bytes (gzip-wrapped, with or without preamble).
-
-    Returns the dataset and whether the file was gzipped. Raises :class:`NotDicomError`
-    when the bytes are not DICOM.
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    # pydicom's value validation warns and logs with the offending value quoted, which on
-    # a malformed header can be a name or an ID: nothing read from data may reach a log.
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    gzipped = data[:2] == _GZIP_MAGIC
-    if gzipped:
-        data = _gunzip(data, max_bytes)
-    if len(data) == 0:
-        raise NotDicomError("empty file", code="empty_file")
-    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
-    stream = _TruncationWatch(data)
-    try:
-        ds = pydicom.dcmread(stream, force=not has_preamble)
-    except InvalidDicomError as exc:
-        raise NotDicomError("not a DICOM file") from exc
-    except Exception as exc:
-        # Cut short by the end of the data: truncated; failing anywhere else: a bad header.
-        cut = stream.short_read or stream.tell() >= len(data)
-        code = ("truncated_header" if cut else "bad_header") if has_preamble else "not_dicom"
-        raise NotDicomError(
-            f"DICOM header cannot be parsed ({type(exc).__name__})", code=code
-        ) from exc
-    if not has_preamble:
-        # A forced parse of arbitrary bytes "succeeds" with junk: demand real DICOM structure.
-        try:
-            tags = list(ds.keys())
-        except Exception as exc:
-            raise NotDicomError("not a DICOM file") from exc
-        if not tags or not any(0x0008 <= t.group <= 0x0028 for t in tags):
-            raise NotDicomError("not a DICOM file")
-        if "SOPClassUID" not in ds and "Modality" not in ds:
-            raise NotDicomError("not a DICOM file")
-    if stream.short_read:
-        # pydicom stops quietly at EOF; a value cut short means the file was truncated.
-        if any(k in ds for k in _PIXEL_KEYWORDS):
-            raise NotDicomError("pixel data is truncated", code="truncated_pixel_data")
-        raise NotDicomError("file ends inside the DICOM header", code="truncated_header")
-    return ds, gzipped
 
 
 def _convert(column: Column, value: Any) -> Any:
@@ -394,7 +249,7 @@ def _instance_row(
         "content_hash": file_hash,
         "file_format": "dicom",
         "transfer_syntax_uid": transfer_syntax or None,
-        "has_pixels": any(k in ds for k in _PIXEL_KEYWORDS),
+        "has_pixels": any(k in ds for k in PIXEL_KEYWORDS),
         "patient_key": key("patient", "PatientID"),
         "study_key": key("study", "StudyInstanceUID"),
         "series_key": key("series", "SeriesInstanceUID"),
@@ -431,7 +286,7 @@ def read_headers(
     cleaner = HeaderCleaner(secret, config.deid, _element_columns)
     parser = TemplateParser(max_bytes=config.max_file_bytes)  # ... and their structure
     layouts: Layouts = {}  # ... and their pixel layout
-    for ref, read in _read_ahead(refs, config):
+    for ref, read in read_ahead(refs, config):
         try:
             data = read.result()
             batch.bytes_read += len(data)
@@ -459,64 +314,6 @@ def read_headers(
             batch.failures.append(_file_failure(ref, error, run_id))
     _drop_rows_the_catalog_cannot_hold(batch, refs, config=config, run_id=run_id)
     return batch
-
-
-#: Bytes of files read ahead of the one being parsed, at most (the file being parsed
-#: and one file of any size are always allowed).
-READ_AHEAD_BYTES: Final = 64 << 20
-#: Files read ahead of the one being parsed when ``IngestConfig.read_ahead`` is None, by
-#: kind of source: local reads wait on the disk, object store and PACS reads on a round
-#: trip each, while the parser keeps the core busy. Archive members (zip://M::A,
-#: tar://M::A) share one open archive whose reads seek a shared file object: whatever the
-#: depth, one thread reads them, one at a time.
-READ_AHEAD_FILES: Final = {"local": 2, "remote": 8, "archive": 1}
-
-
-def _read_ahead(
-    refs: list[FileRef], config: IngestConfig
-) -> Iterator[tuple[FileRef, Future[bytes]]]:
-    """``(ref, future of its bytes)`` in order, the next files being read meanwhile.
-
-    Reads run in threads (file and socket reads release the GIL); a failed read raises
-    from its future, in its file's turn. Beyond the file being parsed, at most
-    ``config.read_ahead`` (or ``READ_AHEAD_FILES``) files and about ``READ_AHEAD_BYTES``
-    (by listed size) are read.
-    """
-    from voxlake.ingest.sources import local_path_of
-
-    def read(ref: FileRef) -> bytes:
-        return open_bytes(
-            ref.fetch_url, max_bytes=config.max_file_bytes, storage_options=config.storage_options
-        )
-
-    urls = [ref.fetch_url for ref in refs]
-    if any("::" in url for url in urls):
-        kind = "archive"
-    elif all(local_path_of(url) is not None for url in urls):
-        kind = "local"
-    else:
-        kind = "remote"
-    depth = READ_AHEAD_FILES[kind] if config.read_ahead is None else config.read_ahead
-    threads = 1 if kind == "archive" else max(1, depth)
-    upcoming = iter(refs)
-    pending: collections.deque[tuple[FileRef, Future[bytes]]] = collections.deque()
-    with ThreadPoolExecutor(threads, thread_name_prefix="voxlake-read-ahead") as pool:
-
-        def fill(target: int) -> None:
-            queued = sum(max(ref.size, 0) for ref, _ in pending)
-            while len(pending) < target and queued < READ_AHEAD_BYTES:
-                ref = next(upcoming, None)
-                if ref is None:
-                    return
-                pending.append((ref, pool.submit(read, ref)))
-                queued += max(ref.size, 0)
-
-        fill(depth + 1)
-        while pending:
-            ref, future = pending.popleft()
-            fill(depth)  # read ahead while the caller parses this one
-            yield ref, future
-            fill(1)  # with no read-ahead, the next file is read only now
 
 
 def _file_failure(ref: FileRef, error: VoxlakeError, run_id: str) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from voxlake.errors import DecodeError, VoxlakeError
+from voxlake.ingest.dicom_bytes import parse_dicom_bytes
+from voxlake.ingest.file_reads import open_bytes
 from voxlake.ingest.hashing import hash_matches
-from voxlake.ingest.headers import open_bytes, parse_dicom_bytes
 from voxlake.ingest.readers.native import native_frame, read_span
 from voxlake.ingest.readers.nifti import IMAGE_FORMATS, open_image, read_image_slab
 from voxlake.ingest.readers.rows import volume_row

@@ -135,7 +135,7 @@ def open_image(
     storage_options: dict[str, Any] | None = None,
 ) -> Iterator[Any]:
     """Open ``url`` with nibabel (remote files and pairs are staged in a temporary folder)."""
-    from voxlake.ingest.headers import open_bytes
+    from voxlake.ingest.file_reads import open_bytes
     from voxlake.ingest.sources import local_path_of
 
     local = local_path_of(url)

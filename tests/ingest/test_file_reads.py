@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from voxlake.config import IngestConfig
-from voxlake.ingest import headers
-from voxlake.ingest.headers import READ_AHEAD_FILES, _read_ahead, read_headers
+from voxlake.ingest import file_reads
+from voxlake.ingest.file_reads import READ_AHEAD_FILES
+from voxlake.ingest.headers import read_headers
 from voxlake.ingest.sources import FileRef, list_source
 
 from ..conftest import SECRET
@@ -51,7 +52,9 @@ def _files(root: Path, n: int, size: int = 1000) -> list[FileRef]:
 
 def test_files_come_in_order_with_their_own_bytes(tmp_path: Path) -> None:
     refs = _files(tmp_path, 23)
-    got = [(ref.url, future.result()) for ref, future in _read_ahead(refs, IngestConfig())]
+    got = [
+        (ref.url, future.result()) for ref, future in file_reads.read_ahead(refs, IngestConfig())
+    ]
     assert [url for url, _ in got] == [ref.url for ref in refs]
     assert all(data == Path(url).read_bytes() for url, data in got)
 
@@ -61,13 +64,13 @@ def test_reads_ahead_but_never_more_than_the_bound(
     tmp_path: Path, monkeypatch, read_ahead: int | None
 ) -> None:
     refs = _files(tmp_path, 30)
-    watch = _Watch(headers.open_bytes, delay=0.01)
-    monkeypatch.setattr(headers, "open_bytes", watch)
+    watch = _Watch(file_reads.open_bytes, delay=0.01)
+    monkeypatch.setattr(file_reads, "open_bytes", watch)
     depth = READ_AHEAD_FILES["local"] if read_ahead is None else read_ahead
     config = IngestConfig(read_ahead=read_ahead)
     lead = 0
     done = []
-    for i, (ref, future) in enumerate(_read_ahead(refs, config)):
+    for i, (ref, future) in enumerate(file_reads.read_ahead(refs, config)):
         done.append((ref.url, future.result()))
         time.sleep(0.02)  # "parsing": the reads ahead run meanwhile
         # Started so far: this file, and at most `depth` files after it.
@@ -90,11 +93,11 @@ def test_read_ahead_is_validated_and_read_from_the_environment(monkeypatch) -> N
 
 
 def test_bytes_in_flight_are_capped(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(headers, "READ_AHEAD_BYTES", 2500)
+    monkeypatch.setattr(file_reads, "READ_AHEAD_BYTES", 2500)
     refs = _files(tmp_path, 12, size=1000)
-    watch = _Watch(headers.open_bytes, delay=0.01)
-    monkeypatch.setattr(headers, "open_bytes", watch)
-    for i, (_, future) in enumerate(_read_ahead(refs, IngestConfig())):
+    watch = _Watch(file_reads.open_bytes, delay=0.01)
+    monkeypatch.setattr(file_reads, "open_bytes", watch)
+    for i, (_, future) in enumerate(file_reads.read_ahead(refs, IngestConfig())):
         future.result()
         time.sleep(0.02)
         # 2,500 listed bytes: this file and at most 3 more (the cap is checked before each)
@@ -147,10 +150,10 @@ def test_archive_members_are_read_one_at_a_time(tmp_path: Path, tiny_sample, mon
                 t.add(path, f"m{i:02d}.dcm")
     refs = list(list_source(archive))
     assert len(refs) == len(files) and all("::" in ref.url for ref in refs)
-    watch = _Watch(headers.open_bytes, delay=0.005)
-    monkeypatch.setattr(headers, "open_bytes", watch)
+    watch = _Watch(file_reads.open_bytes, delay=0.005)
+    monkeypatch.setattr(file_reads, "open_bytes", watch)
     # A deeper read-ahead queues more members, still for one reading thread.
-    got = [future.result() for _, future in _read_ahead(refs, IngestConfig(read_ahead=4))]
+    got = [future.result() for _, future in file_reads.read_ahead(refs, IngestConfig(read_ahead=4))]
     assert watch.most == 1
     by_name = {f"m{i:02d}.dcm": path.read_bytes() for i, path in enumerate(files)}
     assert got == [by_name[ref.url.split("::")[0].rsplit("/", 1)[-1]] for ref in refs]
@@ -165,10 +168,10 @@ def test_a_pacs_gets_at_most_read_ahead_requests_per_task(monkeypatch, read_ahea
         for i in range(20)
     ]  # fmt: skip
     watch = _Watch(lambda url, **kwargs: url.encode(), delay=0.01)  # no server: the bytes
-    monkeypatch.setattr(headers, "open_bytes", watch)
+    monkeypatch.setattr(file_reads, "open_bytes", watch)
     depth = READ_AHEAD_FILES["remote"] if read_ahead is None else read_ahead
     got = []
-    for _, future in _read_ahead(refs, IngestConfig(read_ahead=read_ahead)):
+    for _, future in file_reads.read_ahead(refs, IngestConfig(read_ahead=read_ahead)):
         got.append(future.result())
         time.sleep(0.02)
     assert got == [ref.url.encode() for ref in refs]
