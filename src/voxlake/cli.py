@@ -22,7 +22,7 @@ from voxlake import __version__
 from voxlake.errors import VoxlakeError
 
 if TYPE_CHECKING:
-    from voxlake.ingest.pipeline import IngestReport
+    from voxlake.ingest.report import IngestReport
 
 __all__ = ["app", "main"]
 

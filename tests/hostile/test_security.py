@@ -220,7 +220,7 @@ def test_pacs_answers_cannot_point_requests_outside_the_dicomweb_root(tmp_path, 
 
 
 def test_the_configuration_recorded_per_run_drops_secrets():
-    from voxlake.ingest.pipeline import _config_json
+    from voxlake.ingest.report import config_json as _config_json
 
     text = _config_json(
         IngestConfig(secret="vxl-s3cr3t-abc", storage_options={"secret": "vxl-aws-key-abc"})

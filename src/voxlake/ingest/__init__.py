@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from voxlake.ingest.pipeline import IngestReport, ProgressEvent, ProgressHandler, ingest
+from voxlake.ingest.pipeline import ingest
+from voxlake.ingest.report import IngestReport, ProgressEvent, ProgressHandler
 from voxlake.ingest.series import SliceRef, VolumePlan, plan_volumes
 from voxlake.ingest.sources import FileRef, iter_file_batches, list_source
 

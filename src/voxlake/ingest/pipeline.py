@@ -16,10 +16,8 @@ import logging
 import os
 import random
 import time
-import uuid
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from voxlake.catalog.concurrent import ForeignRows
 from voxlake.catalog.keymap import KeyMapWriter
@@ -31,6 +29,14 @@ from voxlake.errors import CatalogError, SourceError, VoxlakeError
 from voxlake.ingest.headers import HeaderBatch, failure_row, read_headers
 from voxlake.ingest.readers.dicom import build_volume
 from voxlake.ingest.readers.native import with_pixel_spans
+from voxlake.ingest.report import (
+    IngestReport,
+    ProgressEvent,
+    ProgressHandler,
+    config_json,
+    new_run_id,
+    versions_json,
+)
 from voxlake.ingest.series import VolumePlan, iter_volume_plans
 from voxlake.ingest.sources import iter_file_batches
 
@@ -41,7 +47,7 @@ if TYPE_CHECKING:
 
     from voxlake.ingest.readers.native import PixelSpan
 
-__all__ = ["IngestReport", "ProgressEvent", "ProgressHandler", "ingest"]
+__all__ = ["ingest"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,85 +82,6 @@ VOLUME_COMMIT_SECONDS = (2.0, 10.0)
 #: Attempts to append a batch of new instance rows while other runs keep committing to
 #: ``instances`` between this run's check and its append (see ``_append_new``).
 APPEND_ATTEMPTS = 50
-
-_VERSIONED_PACKAGES = (
-    "voxlake", "pydicom", "zarr", "deltalake", "dask", "numpy", "pylibjpeg",
-    "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "python-gdcm",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """Progress of one stage: "cluster" (``message`` is the dashboard link), "files",
-    "headers" or "volumes"."""
-
-    stage: str
-    done: int
-    total: int | None
-    bytes: int = 0
-    message: str | None = None
-
-
-class ProgressHandler(Protocol):
-    """Receives :class:`ProgressEvent` s (the CLI draws a progress bar from them)."""
-
-    def __call__(self, event: ProgressEvent) -> None: ...
-
-
-@dataclass
-class IngestReport:
-    """What one ingest run did (also stored as its row in the ``runs`` table)."""
-
-    run_id: str
-    catalog_url: str
-    store_url: str
-    status: str = "running"
-    catalog_version: int = 0
-    files_seen: int = 0
-    files_skipped: int = 0
-    instances: int = 0
-    volumes_written: int = 0
-    volumes_skipped: int = 0
-    failures: int = 0
-    failures_by_code: dict[str, int] = field(default_factory=dict)
-    bytes_read: int = 0
-    duration_s: float = 0.0
-    dashboard_link: str | None = None
-
-    @property
-    def mb_per_s(self) -> float:
-        """Source megabytes read per second of wall-clock time."""
-        return self.bytes_read / 1e6 / self.duration_s if self.duration_s else 0.0
-
-    @property
-    def files_per_s(self) -> float:
-        """Files read per second of wall-clock time."""
-        read = self.files_seen - self.files_skipped
-        return read / self.duration_s if self.duration_s else 0.0
-
-
-def new_run_id() -> str:
-    """A time-ordered, unique run id."""
-    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-
-
-def _config_json(config: IngestConfig) -> str:
-    data = dataclasses.asdict(config)
-    data.pop("secret", None)
-    data.pop("storage_options", None)  # may hold credentials
-    return json.dumps(data, sort_keys=True, default=str)
-
-
-def _versions_json() -> str:
-    from importlib import metadata
-
-    versions = {}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return json.dumps(versions, sort_keys=True)
 
 
 def _merge_batches(batches: list[HeaderBatch]) -> HeaderBatch:
@@ -234,8 +161,8 @@ class _Run:
             "started_at": self.started,
             "finished_at": None if status == "running" else dt.datetime.now(dt.UTC),
             "sources": self.sources,
-            "config_json": _config_json(self.config),
-            "versions_json": _versions_json(),
+            "config_json": config_json(self.config),
+            "versions_json": versions_json(),
             "files_seen": r.files_seen,
             "files_skipped": r.files_skipped,
             "instances": r.instances,
