@@ -4,7 +4,9 @@ Generates (once, cached) an archive of 512x512 CT series with voxlake's syntheti
 then measures on the same files and the same machine:
 
 - voxlake ingest with 1 and 2 local Dask workers (fresh catalog and store each time);
-- the header-only catalog pass (files/s per core: `read_headers` in one process);
+- the header-only catalog pass: `voxlake ingest --headers-only` with 2 workers (files/s
+  per core of wall time, cluster start included) and `read_headers` in one process
+  (files/s per core of CPU time);
 - dcm2niix ``-z n`` (uncompressed NIfTI) and ``-z y`` (gzip), one process per series;
 - the naive loop users write: pydicom read, sort by position, stack, ``np.save``.
 
@@ -86,18 +88,19 @@ def _own_cpu() -> float:
 
 
 def run_voxlake(
-    archive: Path, work: Path, workers: int, codec: str | None = None
+    archive: Path, work: Path, workers: int, codec: str | None = None, *, headers_only: bool = False
 ) -> tuple[float, float]:
     """Wall time of an ingest (cluster start included) and the CPU seconds it took: this
     process (driver and scheduler), every worker, and the forkserver the workers were
-    forked from (which imported the stack for them)."""
+    forked from (which imported the stack for them). ``headers_only``: the catalog pass
+    alone (``voxlake ingest --headers-only``), no store."""
     import psutil
 
     from voxlake.cluster import dask_client
     from voxlake.config import IngestConfig, StoreConfig
     from voxlake.ingest import ingest
 
-    out = work / f"voxlake-{workers}w"
+    out = work / f"voxlake-{workers}w{'-headers' if headers_only else ''}"
     shutil.rmtree(out, ignore_errors=True)
     store = StoreConfig(codec=codec) if codec else StoreConfig()  # type: ignore[arg-type]
     config = IngestConfig(
@@ -106,6 +109,7 @@ def run_voxlake(
         dashboard_address=":0",
         memory_limit="6GiB",
         store=store,
+        headers_only=headers_only,
     )
     cpu = [0.0]
 
@@ -113,8 +117,8 @@ def run_voxlake(
         driver = _own_cpu()
         with dask_client(config) as client:
             report = ingest(
-                [archive], catalog=out / "catalog", store=out / "volumes.zarr", client=client,
-                config=config,
+                [archive], catalog=out / "catalog",
+                store=None if headers_only else out / "volumes.zarr", client=client, config=config,
             )  # fmt: skip
             assert report.failures == 0, report.failures_by_code
             worker_cpu = sum(client.run(_own_cpu).values())
@@ -124,7 +128,8 @@ def run_voxlake(
                 worker_cpu += times.user + times.system
         cpu[0] = _own_cpu() - driver + worker_cpu
 
-    elapsed = timed(f"voxlake ingest, {workers} worker(s)", go)
+    label = f"voxlake ingest{' --headers-only' if headers_only else ''}, {workers} worker(s)"
+    elapsed = timed(label, go)
     _stop_forkserver()  # not timed
     return elapsed, cpu[0]
 
@@ -349,6 +354,9 @@ def main() -> None:
             {
                 "voxlake 1 worker": one,
                 "voxlake 2 workers": two,
+                "voxlake headers only": run_voxlake(
+                    args.work / "dicom", args.work, 2, args.codec, headers_only=True
+                )[0],
                 "dcm2niix -z n": run_dcm2niix(folders, args.work, "n"),
                 "dcm2niix -z y": run_dcm2niix(folders, args.work, "y"),
                 "naive pydicom loop": run_naive(folders, args.work),
@@ -364,6 +372,11 @@ def main() -> None:
     print(f"{'run':<22} {'s':>7} {'files/s':>9} {'MB/s':>8}")
     for name, seconds in times.items():
         print(f"{name:<22} {seconds:7.1f} {n_files / seconds:9.0f} {mb / seconds:8.0f}")
+    cores = os.cpu_count() or 1
+    print(
+        f"header-only ingest (2 workers, wall, cluster start included): "
+        f"{n_files / times['voxlake headers only'] / cores:.0f} files/s per core"
+    )
     print(f"header-only pass (1 process, CPU time): {header_files / header_s:.0f} files/s per core")
     print(f"volume stage (1 process, CPU time): {volume_slices / volume_s:.0f} slices/s per core")
     print(f"CPU seconds (driver + workers): 1 worker {cpu1:.1f}, 2 workers {cpu2:.1f}")

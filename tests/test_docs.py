@@ -203,7 +203,7 @@ def test_the_checker_rejects_what_does_not_parse():
     parse("voxlake ingest a b --catalog c --store s --workers 3")
     for bad in (
         "voxlake ingest a --catalog c --store s --no-such-option",
-        "voxlake ingest a --catalog c",  # --store is required
+        "voxlake ingest --catalog c --store s",  # a source is required
         "voxlake catalog show",  # URL missing
         "voxlake show cat --t notanumber",
     ):

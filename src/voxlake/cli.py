@@ -118,11 +118,12 @@ def sample_data(
 # --------------------------------------------------------------------------- ingest
 def _print_report(report: IngestReport) -> None:
     table = Table(title=f"ingest run {report.run_id}: {report.status}", show_header=False)
+    written = "none: headers only" if report.headers_only else report.volumes_written
     for name, value in (
         ("files listed", report.files_seen),
         ("files skipped (unchanged)", report.files_skipped),
         ("instances catalogued", report.instances),
-        ("volumes written", report.volumes_written),
+        ("volumes written", written),
         ("volumes up to date", report.volumes_skipped),
         ("failures", report.failures),
         ("MB read", f"{report.bytes_read / 1e6:.1f}"),
@@ -140,7 +141,7 @@ def _run_ingest(
     sources: list[str],
     *,
     catalog: str,
-    store: str,
+    store: str | None,
     config: Any,
     catalog_storage_options: dict[str, Any] | None = None,
     store_storage_options: dict[str, Any] | None = None,
@@ -196,7 +197,18 @@ def _run_ingest(
 def ingest(
     sources: Annotated[list[str], typer.Argument(help="Folders, files or URLs (s3://...).")],
     catalog: Annotated[str, typer.Option(help="Catalog root (path or s3:// URL).")],
-    store: Annotated[str, typer.Option(help="Volume store root (path or s3:// URL).")],
+    store: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Volume store root (path or s3:// URL); not needed with --headers-only."),
+    ] = None,
+    headers_only: Annotated[
+        bool,
+        typer.Option(
+            "--headers-only",
+            help="Catalog the files' de-identified headers only: plan and build no volume."
+            " A later run without it builds the volumes.",
+        ),
+    ] = False,
     workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes.")] = None,  # noqa: UP045
     scheduler: Annotated[
         Optional[str], typer.Option(help="Existing Dask scheduler, tcp://HOST:PORT.")  # noqa: UP045
@@ -248,6 +260,10 @@ def ingest(
 
     config = load_config(config_file)
     overrides: dict[str, Any] = {"on_error": on_error}
+    if headers_only:
+        overrides["headers_only"] = True
+    if store is None and not (headers_only or config.headers_only):
+        raise typer.BadParameter("--store is required unless --headers-only", param_hint="--store")
     for name, value in (
         ("workers", workers),
         ("scheduler", scheduler),

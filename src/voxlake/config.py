@@ -152,6 +152,11 @@ class IngestConfig:
         lower it to spare a busy server.
     on_error
         ``"quarantine"`` records a failure row and goes on; ``"raise"`` stops the run.
+    headers_only
+        Catalog the files only: parse and de-identify their headers into ``instances``
+        (and file failures into ``failures``), plan and build no volume, need no volume
+        store. A later run without it builds the volumes from the catalog without
+        reading unchanged files' headers again (it reads their pixels once).
     max_voxels
         Refuse (before allocating) any volume declaring more voxels than this.
     max_file_bytes
@@ -191,6 +196,7 @@ class IngestConfig:
     batch_size: int = 1024
     read_ahead: int | None = None
     on_error: Literal["quarantine", "raise"] = "quarantine"
+    headers_only: bool = False
     max_voxels: int = 2_000_000_000
     max_file_bytes: int = 4 * 1024**3
     spacing_tolerance: float = 0.05

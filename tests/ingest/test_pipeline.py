@@ -344,3 +344,79 @@ def test_a_failure_another_run_records_meanwhile_is_cleared_when_the_series_buil
     assert injected[0] not in set(failures.failure_id)
     assert key not in set(failures.subject)
     assert len(_failure_deletes(catalog, report.run_id)) == 1  # that one, nothing else
+
+
+def test_headers_only_catalogs_the_files_and_a_later_run_builds_the_volumes(
+    tmp_path, tiny_sample, dask_client, tiny_ingested
+):
+    """A headers-only run writes instances and no volume (no store is needed); the next
+    run without it reads no header again and builds the volumes a one-shot run builds."""
+    _, one_shot_catalog, _, one_shot = tiny_ingested
+    catalog, store = str(tmp_path / "cat"), str(tmp_path / "vol.zarr")
+    config = IngestConfig(secret=SECRET, headers_only=True)
+    first = ingest([tiny_sample.root / "dicom"], catalog=catalog, config=config, client=dask_client)
+    assert first.status == "completed" and first.headers_only
+    assert first.instances == one_shot.instances and first.failures == 0
+    assert first.volumes_written == first.volumes_skipped == 0
+    surveyed = open_catalog(catalog)
+    assert len(surveyed.instances) == first.instances
+    assert len(surveyed.volumes) == 0
+    assert '"headers_only": true' in surveyed.runs.config_json.iloc[-1]
+    assert not Path(store).exists()
+
+    second = ingest(
+        [tiny_sample.root / "dicom"], catalog=catalog, store=store,
+        config=IngestConfig(secret=SECRET), client=dask_client,
+    )  # fmt: skip
+    assert not second.headers_only
+    assert second.files_skipped == second.files_seen == first.files_seen
+    assert second.instances == 0
+    assert second.volumes_written == len(tiny_sample.series)
+    built, reference = open_catalog(catalog).volumes, open_catalog(one_shot_catalog).volumes
+    assert sorted(zip(built.volume_id, built.revision, strict=True)) == sorted(
+        zip(reference.volume_id, reference.revision, strict=True)
+    )
+    for series in tiny_sample.series:
+        key = keyed_hash(SECRET, "series", series.spec.series_instance_uid)
+        row = built[built.series_key == key].iloc[0]
+        data, _ = read_volume(row.store_url, row.store_path)
+        assert np.array_equal(data, series.expected_volume()), series.spec.series_description
+
+
+def test_a_run_that_builds_volumes_needs_a_store(tmp_path, tiny_sample):
+    from voxlake.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="volume store") as info:
+        ingest(
+            [tiny_sample.root / "dicom"],
+            catalog=tmp_path / "cat",
+            config=IngestConfig(secret=SECRET),
+        )
+    assert "headers_only" in info.value.hint
+    assert not (tmp_path / "cat").exists()
+
+
+def test_the_cli_catalogs_headers_only_without_a_store(tmp_path, tiny_sample, dask_client):
+    import subprocess
+    import sys
+
+    voxlake = str(Path(sys.executable).with_name("voxlake"))
+    env = {**os.environ, "VOXLAKE_SECRET": SECRET}
+    source, catalog = str(tiny_sample.root / "dicom"), str(tmp_path / "cat")
+    refused = subprocess.run(
+        [voxlake, "ingest", source, "--catalog", catalog],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "--store is required unless --headers-only" in refused.stdout + refused.stderr
+    assert not Path(catalog).exists()
+    done = subprocess.run(
+        [voxlake, "ingest", source, "--catalog", catalog, "--headers-only",
+         "--scheduler", dask_client.scheduler.address],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "none: headers only" in done.stdout
+    surveyed = open_catalog(catalog)
+    assert len(surveyed.instances) == sum(len(s.files) for s in tiny_sample.series)
+    assert len(surveyed.volumes) == 0

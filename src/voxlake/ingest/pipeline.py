@@ -25,7 +25,7 @@ from voxlake.catalog.query import open_catalog
 from voxlake.catalog.tables import CatalogWriter
 from voxlake.cluster import dask_client
 from voxlake.config import IngestConfig
-from voxlake.errors import CatalogError, SourceError, VoxlakeError
+from voxlake.errors import CatalogError, ConfigError, SourceError, VoxlakeError
 from voxlake.ingest.headers import HeaderBatch, failure_row, read_headers
 from voxlake.ingest.readers.dicom import build_volume
 from voxlake.ingest.readers.native import with_pixel_spans
@@ -133,14 +133,14 @@ class _Run:
         self.run_id = new_run_id()
         self.started = dt.datetime.now(dt.UTC)
         self.clock = time.perf_counter()
-        self.report = IngestReport(self.run_id, catalog, store)
+        self.report = IngestReport(self.run_id, catalog, store, headers_only=config.headers_only)
         self.codes: Counter[str] = Counter()
         # Catalog URL -> real address, for sources whose address must not be stored
         # (DICOMweb locators hold original UIDs). In memory only, for this run.
         self.locators: dict[str, str] = {}
         # Checked before anything is written: the key map never goes under catalog or store.
         self.key_map = (
-            KeyMapWriter(config.key_map_url, catalog_url=catalog, store_url=store)
+            KeyMapWriter(config.key_map_url, catalog_url=catalog, store_url=store or None)
             if config.key_map_url
             else None
         )
@@ -284,7 +284,8 @@ class _Run:
             self.key_map.write(batch.key_map, run_id=self.run_id)  # before keys reach the catalog
         self.report.bytes_read += batch.bytes_read
         self.report.instances += len(batch.instances)
-        self.pixel_spans.update(batch.pixel_spans)
+        if not self.config.headers_only:  # no volume task of this run will read them
+            self.pixel_spans.update(batch.pixel_spans)
         self.count_failures(batch.failures)
         self._absorb(self.foreign.poll(), ok)
         # A file that now parses clears its old failure; one that now fails loses its row.
@@ -526,7 +527,7 @@ def ingest(
     sources: Sequence[str | os.PathLike[str]],
     *,
     catalog: str | os.PathLike[str],
-    store: str | os.PathLike[str],
+    store: str | os.PathLike[str] | None = None,
     config: IngestConfig | None = None,
     client: Any = None,
     catalog_storage_options: dict[str, Any] | None = None,
@@ -542,7 +543,8 @@ def ingest(
     catalog
         Catalog root URL (created when missing).
     store
-        Volume store root URL (created when missing).
+        Volume store root URL (created when missing); may be left out only with
+        ``config.headers_only``.
     config
         Run options; ``config.secret`` or ``VOXLAKE_SECRET`` must be set.
     client
@@ -563,10 +565,16 @@ def ingest(
     ...                 config=IngestConfig(secret="..."))  # doctest: +SKIP
     """
     config = config or IngestConfig()
+    if store is None and not config.headers_only:
+        raise ConfigError(
+            "a volume store is needed to build volumes",
+            hint="pass store=... (--store), or set headers_only (--headers-only) to "
+            "catalog the files without building volumes",
+        )
     run = _Run(
         [os.fspath(s) for s in sources],
         catalog=_absolute(catalog),
-        store=_absolute(store),
+        store=_absolute(store) if store is not None else "",
         config=config,
         catalog_storage_options=catalog_storage_options,
         store_storage_options=store_storage_options,
@@ -579,7 +587,8 @@ def ingest(
             run.progress(ProgressEvent("cluster", 0, None, message=run.report.dashboard_link))
             run.headers(dask)
             run.check_sources()
-            run.volumes(run.plan_and_submit(dask))
+            if not config.headers_only:
+                run.volumes(run.plan_and_submit(dask))
     except KeyboardInterrupt:
         run.finish("interrupted", "interrupted by the user")
         raise

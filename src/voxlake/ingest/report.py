@@ -69,6 +69,7 @@ class IngestReport:
     bytes_read: int = 0
     duration_s: float = 0.0
     dashboard_link: str | None = None
+    headers_only: bool = False
 
     @property
     def mb_per_s(self) -> float:
