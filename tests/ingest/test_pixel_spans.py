@@ -245,3 +245,83 @@ def test_ingest_reads_native_slices_from_their_spans(tmp_path, tiny_sample, monk
     row = open_catalog(str(catalog)).read("volumes").iloc[0]
     got, _ = read_volume(str(store), row["store_path"])
     assert np.array_equal(got, expected)
+
+
+def test_instance_rows_keep_their_spans_exactly(tmp_path, tiny_sample):
+    """What a header row keeps in its pixel_* columns gives back the span the header pass
+    found, through the catalog's own types; files without a span keep nulls."""
+    import gzip
+
+    from voxlake.catalog.tables import rows_to_table
+    from voxlake.ingest.readers.native import SPAN_COLUMNS, stored_spans
+
+    first = sorted(p for p in (Path(tiny_sample.root) / "dicom").rglob("*") if p.is_file())[0]
+    zipped = tmp_path / "gz" / "slice.dcm.gz"
+    zipped.parent.mkdir()
+    zipped.write_bytes(gzip.compress(first.read_bytes()))
+    batch = _header_pass([Path(tiny_sample.root) / "dicom", zipped.parent])
+    assert batch.pixel_spans and str(zipped) not in batch.pixel_spans
+    assert str(zipped) in {row["url"] for row in batch.instances}
+    frame = rows_to_table("instances", batch.instances).to_pandas()
+    kept = stored_spans(frame)
+    assert kept == batch.pixel_spans
+    for row in batch.instances:
+        if row["url"] not in batch.pixel_spans:
+            assert all(row.get(name) is None for name in SPAN_COLUMNS), row["url"]
+
+
+def test_a_span_the_row_cannot_give_back_is_not_kept():
+    """A file without a TransferSyntaxUID (its syntax came from the encoding), or a row
+    whose size, mtime, hash or matrix differ from the span's, keeps no span."""
+    from voxlake.ingest.readers.native import PixelSpan, span_columns
+
+    span = PixelSpan(
+        offset=1200, length=512, dtype="<i2", rows=16, columns=16, shift=4,
+        syntax="1.2.840.10008.1.2.1", size=1712, mtime=5.5, content_hash="b3:x",
+    )  # fmt: skip
+    row = {"rows": 16, "columns": 16, "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+           "size": 1712, "mtime": 5.5, "content_hash": "b3:x"}  # fmt: skip
+    assert span_columns(span, row) == {
+        "pixel_offset": 1200, "pixel_length": 512, "pixel_dtype": "<i2", "pixel_shift": 4,
+    }  # fmt: skip
+    for name, other in (("transfer_syntax_uid", None), ("size", 1713), ("mtime", 5.6),
+                        ("content_hash", "b3:y"), ("rows", 17), ("columns", 15)):  # fmt: skip
+        assert span_columns(span, {**row, name: other}) == {}, name
+
+
+def test_a_headers_only_survey_keeps_the_spans_a_later_build_reads(
+    tmp_path, tiny_sample, monkeypatch
+):
+    """A --headers-only run reads no pixels; the run that builds the volumes later reads
+    every native slice at the offset the survey kept in the catalog, not by parsing."""
+    from distributed import Client, LocalCluster
+
+    from voxlake.catalog import open_catalog
+    from voxlake.ingest import ingest
+    from voxlake.ingest.readers import dicom
+
+    folder, (plain, _) = _series(tmp_path, tiny_sample)
+    expected, _ = _build(plain, tmp_path / "ref.zarr")
+    calls: list[str] = []
+
+    def counted(path, span):
+        calls.append(path)
+        return read_span(path, span)
+
+    monkeypatch.setattr(dicom, "read_span", counted)
+    catalog, store = tmp_path / "catalog", tmp_path / "volumes.zarr"
+    survey = dataclasses.replace(CONFIG, headers_only=True)
+    with (
+        LocalCluster(
+            n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):  # in-process workers: the patched reader is the one the tasks call
+        ingest([folder], catalog=catalog, config=survey, client=client)
+        assert calls == []
+        report = ingest([folder], catalog=catalog, store=store, config=CONFIG, client=client)
+    assert report.files_skipped == report.files_seen and report.volumes_written == 1
+    assert sorted(calls) == sorted(s.url for s in plain.slices)
+    row = open_catalog(str(catalog)).read("volumes").iloc[0]
+    got, _ = read_volume(str(store), row["store_path"])
+    assert np.array_equal(got, expected)

@@ -208,6 +208,20 @@ _FRAME_COLUMNS: tuple[Column, ...] = (
     Column("array_dtype", "str", "Non-DICOM files: on-disk data type."),
 )
 
+#: Where a native single-frame file's pixel values lie: the volume stage reads them with
+#: one ranged read instead of parsing the file again, in this run or a later one.
+_PIXEL_COLUMNS: tuple[Column, ...] = (
+    Column(
+        "pixel_offset",
+        "int",
+        "Native single-frame DICOM read from a local path: byte offset of the pixel values"
+        " in the file, read while its size and mtime are unchanged; null otherwise.",
+    ),
+    Column("pixel_length", "int", "Bytes of pixel values at pixel_offset."),
+    Column("pixel_dtype", "str", "numpy dtype of the stored values at pixel_offset, e.g. '<i2'."),
+    Column("pixel_shift", "int", "BitsAllocated - BitsStored: high bits cleared or sign-extended."),
+)
+
 _HEADER_JSON = Column(
     "header_json",
     "str",
@@ -346,7 +360,14 @@ _SPLIT_COLUMNS: tuple[Column, ...] = (
 )
 
 _TABLES: dict[str, tuple[Column, ...]] = {
-    "instances": (*_FILE_COLUMNS, *DICOM_COLUMNS, *_FRAME_COLUMNS, _HEADER_JSON, *_RUN_COLUMNS),
+    "instances": (
+        *_FILE_COLUMNS,
+        *DICOM_COLUMNS,
+        *_FRAME_COLUMNS,
+        *_PIXEL_COLUMNS,
+        _HEADER_JSON,
+        *_RUN_COLUMNS,
+    ),
     "volumes": (*_VOLUME_COLUMNS, *_RUN_COLUMNS),
     "failures": (*_FAILURE_COLUMNS, *_RUN_COLUMNS),
     "runs": _RUN_TABLE_COLUMNS,

@@ -196,7 +196,7 @@ def _instance_row(
 ) -> dict[str, Any]:
     from voxlake.ingest.deid import original_identifiers
     from voxlake.ingest.frames import frame_columns
-    from voxlake.ingest.readers.native import pixel_span
+    from voxlake.ingest.readers.native import pixel_span, span_columns
     from voxlake.ingest.readers.nifti import image_file_row, sniff_image_format
     from voxlake.ingest.sources import local_path_of
 
@@ -270,6 +270,7 @@ def _instance_row(
             raise HeaderError("RescaleSlope or RescaleIntercept is not finite", code="bad_rescale")
     if span is not None and pixel_spans is not None:
         pixel_spans[ref.url] = span
+        row.update(span_columns(span, row))
     return row
 
 

@@ -18,22 +18,26 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    import pandas as pd
     import pydicom
 
     from voxlake.ingest.series import VolumePlan
 
 __all__ = [
+    "SPAN_COLUMNS",
     "PixelSpan",
     "native_frame",
     "pixel_span",
     "read_span",
+    "span_columns",
+    "stored_spans",
     "syntax_of",
     "unpack_native",
     "with_pixel_spans",
@@ -257,6 +261,48 @@ def read_span(path: str, span: PixelSpan) -> np.ndarray | None:
     if len(values) != span.length:
         return None
     return unpack_native(values, span.dtype, span.rows, span.columns, span.shift)
+
+
+#: The ``instances`` columns a span is kept in (with ``url``, ``size``, ``mtime``,
+#: ``content_hash``, ``rows``, ``columns`` and ``transfer_syntax_uid``).
+SPAN_COLUMNS: Final = ("pixel_offset", "pixel_length", "pixel_dtype", "pixel_shift")
+
+
+def span_columns(span: PixelSpan, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``instances`` columns that keep `span` for later runs (:func:`stored_spans`),
+    or none when `row`'s own columns would not give the span back exactly (a file
+    without a TransferSyntaxUID, say: its syntax came from the encoding)."""
+    same = (
+        row.get("rows") == span.rows
+        and row.get("columns") == span.columns
+        and row.get("transfer_syntax_uid") == span.syntax
+        and row.get("size") == span.size
+        and row.get("mtime") == span.mtime
+        and row.get("content_hash") == span.content_hash
+    )
+    if not same:
+        return {}
+    values = (span.offset, span.length, span.dtype, span.shift)
+    return dict(zip(SPAN_COLUMNS, values, strict=True))
+
+
+def stored_spans(instances: pd.DataFrame) -> dict[str, PixelSpan]:
+    """The spans kept in `instances` rows (those with a ``pixel_offset``), by URL."""
+    names = ("url", *SPAN_COLUMNS, "rows", "columns", "transfer_syntax_uid", "size", "mtime",
+             "content_hash")  # fmt: skip
+    if instances.empty or any(name not in instances for name in names):
+        return {}
+    kept = instances[instances["pixel_offset"].notna()]
+    spans = {}
+    for url, offset, length, dtype, shift, rows, columns, syntax, size, mtime, digest in zip(
+        *(kept[name].tolist() for name in names), strict=True
+    ):
+        spans[url] = PixelSpan(
+            offset=int(offset), length=int(length), dtype=str(dtype), rows=int(rows),
+            columns=int(columns), shift=int(shift), syntax=str(syntax), size=int(size),
+            mtime=float(mtime), content_hash=str(digest),
+        )  # fmt: skip
+    return spans
 
 
 def with_pixel_spans(plan: VolumePlan, spans: Mapping[str, PixelSpan]) -> VolumePlan:
