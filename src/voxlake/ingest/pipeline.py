@@ -367,7 +367,7 @@ class _Run:
         instances = catalog.read("instances", columns=[*_PLAN_COLUMNS, *_SPAN_READ])
         # Files read by earlier runs (a --headers-only survey, say): their pixels are read
         # at the offsets those runs kept, like this run's own files.
-        self.pixel_spans = {**stored_spans(instances), **self.pixel_spans}
+        self.pixel_spans.update(stored_spans(instances, skip=self.pixel_spans))
         volumes = catalog.read("volumes", columns=["volume_id", "revision"])
         failures = catalog.read(
             "failures", columns=["failure_id", "code", "subject_kind", "subject"]

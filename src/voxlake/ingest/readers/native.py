@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Container, Mapping
 
     import pandas as pd
     import pydicom
@@ -286,8 +286,11 @@ def span_columns(span: PixelSpan, row: Mapping[str, Any]) -> dict[str, Any]:
     return dict(zip(SPAN_COLUMNS, values, strict=True))
 
 
-def stored_spans(instances: pd.DataFrame) -> dict[str, PixelSpan]:
-    """The spans kept in `instances` rows (those with a ``pixel_offset``), by URL."""
+def stored_spans(
+    instances: pd.DataFrame, *, skip: Container[str] = frozenset()
+) -> dict[str, PixelSpan]:
+    """The spans kept in `instances` rows (those with a ``pixel_offset``), by URL, but for
+    the URLs in `skip` (spans the caller has already)."""
     names = ("url", *SPAN_COLUMNS, "rows", "columns", "transfer_syntax_uid", "size", "mtime",
              "content_hash")  # fmt: skip
     if instances.empty or any(name not in instances for name in names):
@@ -297,6 +300,8 @@ def stored_spans(instances: pd.DataFrame) -> dict[str, PixelSpan]:
     for url, offset, length, dtype, shift, rows, columns, syntax, size, mtime, digest in zip(
         *(kept[name].tolist() for name in names), strict=True
     ):
+        if url in skip:
+            continue
         spans[url] = PixelSpan(
             offset=int(offset), length=int(length), dtype=str(dtype), rows=int(rows),
             columns=int(columns), shift=int(shift), syntax=str(syntax), size=int(size),
