@@ -190,6 +190,11 @@ def _run_ingest(
             progress=on_progress,
         )
     _print_report(report)
+    if report.headers_only and report.status == "completed":
+        console.print(
+            "headers only: run the same command with --store URL (without --headers-only)"
+            " to build the volumes; unchanged files are not read again"
+        )
     return report
 
 

@@ -416,7 +416,9 @@ def test_the_cli_catalogs_headers_only_without_a_store(tmp_path, tiny_sample, da
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+    output = done.stdout + done.stderr
     assert "none: headers only" in done.stdout
+    assert "with --store URL (without --headers-only)" in " ".join(output.split())
     surveyed = open_catalog(catalog)
     assert len(surveyed.instances) == sum(len(s.files) for s in tiny_sample.series)
     assert len(surveyed.volumes) == 0
