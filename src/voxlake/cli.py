@@ -267,8 +267,6 @@ def ingest(
     overrides: dict[str, Any] = {"on_error": on_error}
     if headers_only:
         overrides["headers_only"] = True
-    if store is None and not (headers_only or config.headers_only):
-        raise typer.BadParameter("--store is required unless --headers-only", param_hint="--store")
     for name, value in (
         ("workers", workers),
         ("scheduler", scheduler),
@@ -281,6 +279,8 @@ def ingest(
         if value is not None:
             overrides[name] = value
     config = dataclasses.replace(config, **overrides)
+    if store is None and not config.headers_only:
+        raise typer.BadParameter("--store is required unless --headers-only", param_hint="--store")
     config.require_secret()
     report = _run_ingest(
         sources,

@@ -156,7 +156,8 @@ class IngestConfig:
         Catalog the files only: parse and de-identify their headers into ``instances``
         (and file failures into ``failures``), plan and build no volume, need no volume
         store. A later run without it builds the volumes from the catalog without
-        reading unchanged files' headers again (it reads their pixels once).
+        reading unchanged files' headers again (native slices are read at the pixel
+        offsets the survey kept).
     max_voxels
         Refuse (before allocating) any volume declaring more voxels than this.
     max_file_bytes

@@ -9,10 +9,12 @@ changed after the header pass is never read from its old span.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +34,9 @@ from voxlake.ingest.sources import list_source
 from voxlake.volumes.reader import read_volume
 
 from ..conftest import SECRET, require_shared_data
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 CONFIG = IngestConfig(secret=SECRET)
 
@@ -215,16 +220,14 @@ def test_a_file_changed_after_the_header_pass_is_not_read_from_its_span(tmp_path
     assert np.array_equal(got, expected)
 
 
-def test_ingest_reads_native_slices_from_their_spans(tmp_path, tiny_sample, monkeypatch):
-    """Through the driver: the spans of this run's header pass reach the volume tasks."""
+@contextlib.contextmanager
+def _counting_span_reads(monkeypatch) -> Iterator[tuple[Any, list[str]]]:
+    """A client of in-process workers (so the patched reader is the one the tasks call)
+    and the paths ``read_span`` is called with, in call order."""
     from distributed import Client, LocalCluster
 
-    from voxlake.catalog import open_catalog
-    from voxlake.ingest import ingest
     from voxlake.ingest.readers import dicom
 
-    folder, (plain, _) = _series(tmp_path, tiny_sample)
-    expected, _ = _build(plain, tmp_path / "ref.zarr")
     calls: list[str] = []
 
     def counted(path, span):
@@ -232,19 +235,35 @@ def test_ingest_reads_native_slices_from_their_spans(tmp_path, tiny_sample, monk
         return read_span(path, span)
 
     monkeypatch.setattr(dicom, "read_span", counted)
-    catalog, store = tmp_path / "catalog", tmp_path / "volumes.zarr"
     with (
         LocalCluster(
             n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0"
         ) as cluster,
         Client(cluster) as client,
-    ):  # in-process workers: the patched reader is the one the tasks call
+    ):
+        yield client, calls
+
+
+def _stored_volume(catalog: Path, store: Path) -> np.ndarray:
+    """The voxels of the catalog's one volume."""
+    from voxlake.catalog import open_catalog
+
+    row = open_catalog(str(catalog)).read("volumes").iloc[0]
+    return read_volume(str(store), row["store_path"])[0]
+
+
+def test_ingest_reads_native_slices_from_their_spans(tmp_path, tiny_sample, monkeypatch):
+    """Through the driver: the spans of this run's header pass reach the volume tasks."""
+    from voxlake.ingest import ingest
+
+    folder, (plain, _) = _series(tmp_path, tiny_sample)
+    expected, _ = _build(plain, tmp_path / "ref.zarr")
+    catalog, store = tmp_path / "catalog", tmp_path / "volumes.zarr"
+    with _counting_span_reads(monkeypatch) as (client, calls):
         report = ingest([folder], catalog=catalog, store=store, config=CONFIG, client=client)
     assert report.volumes_written == 1 and report.failures == 0
     assert sorted(calls) == sorted(s.url for s in plain.slices)
-    row = open_catalog(str(catalog)).read("volumes").iloc[0]
-    got, _ = read_volume(str(store), row["store_path"])
-    assert np.array_equal(got, expected)
+    assert np.array_equal(_stored_volume(catalog, store), expected)
 
 
 def test_instance_rows_keep_their_spans_exactly(tmp_path, tiny_sample):
@@ -296,34 +315,16 @@ def test_a_headers_only_survey_keeps_the_spans_a_later_build_reads(
 ):
     """A --headers-only run reads no pixels; the run that builds the volumes later reads
     every native slice at the offset the survey kept in the catalog, not by parsing."""
-    from distributed import Client, LocalCluster
-
-    from voxlake.catalog import open_catalog
     from voxlake.ingest import ingest
-    from voxlake.ingest.readers import dicom
 
     folder, (plain, _) = _series(tmp_path, tiny_sample)
     expected, _ = _build(plain, tmp_path / "ref.zarr")
-    calls: list[str] = []
-
-    def counted(path, span):
-        calls.append(path)
-        return read_span(path, span)
-
-    monkeypatch.setattr(dicom, "read_span", counted)
     catalog, store = tmp_path / "catalog", tmp_path / "volumes.zarr"
     survey = dataclasses.replace(CONFIG, headers_only=True)
-    with (
-        LocalCluster(
-            n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):  # in-process workers: the patched reader is the one the tasks call
+    with _counting_span_reads(monkeypatch) as (client, calls):
         ingest([folder], catalog=catalog, config=survey, client=client)
         assert calls == []
         report = ingest([folder], catalog=catalog, store=store, config=CONFIG, client=client)
     assert report.files_skipped == report.files_seen and report.volumes_written == 1
     assert sorted(calls) == sorted(s.url for s in plain.slices)
-    row = open_catalog(str(catalog)).read("volumes").iloc[0]
-    got, _ = read_volume(str(store), row["store_path"])
-    assert np.array_equal(got, expected)
+    assert np.array_equal(_stored_volume(catalog, store), expected)

@@ -28,7 +28,7 @@ from voxlake.config import IngestConfig
 from voxlake.errors import CatalogError, ConfigError, SourceError, VoxlakeError
 from voxlake.ingest.headers import HeaderBatch, failure_row, read_headers
 from voxlake.ingest.readers.dicom import build_volume
-from voxlake.ingest.readers.native import SPAN_COLUMNS, stored_spans, with_pixel_spans
+from voxlake.ingest.readers.native import STORED_SPAN_COLUMNS, stored_spans, with_pixel_spans
 from voxlake.ingest.report import (
     IngestReport,
     ProgressEvent,
@@ -64,9 +64,6 @@ _PLAN_COLUMNS = [
     "mosaic_tiles", "b_value", "b_vector", "philips_scale_slope", "array_shape",
     "array_affine", "array_dtype", "photometric_interpretation", "slice_thickness",
 ]  # fmt: skip
-
-#: What ``stored_spans`` needs besides the planning columns.
-_SPAN_READ = ["size", "mtime", "transfer_syntax_uid", *SPAN_COLUMNS]
 
 #: Failure codes of the infrastructure, not of the data (a store or source that was down,
 #: a permission since fixed, an unexpected error): a re-run tries those files and volumes
@@ -364,7 +361,8 @@ class _Run:
         """Plan the catalogued series; submit each volume to build as soon as it is planned
         (the workers start while later series are planned). Returns future -> plan."""
         catalog = open_catalog(self.catalog_url, storage_options=self.catalog_options)
-        instances = catalog.read("instances", columns=[*_PLAN_COLUMNS, *_SPAN_READ])
+        columns = list(dict.fromkeys([*_PLAN_COLUMNS, *STORED_SPAN_COLUMNS]))
+        instances = catalog.read("instances", columns=columns)
         # Files read by earlier runs (a --headers-only survey, say): their pixels are read
         # at the offsets those runs kept, like this run's own files.
         self.pixel_spans.update(stored_spans(instances, skip=self.pixel_spans))

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SPAN_COLUMNS",
+    "STORED_SPAN_COLUMNS",
     "PixelSpan",
     "native_frame",
     "pixel_span",
@@ -266,6 +267,11 @@ def read_span(path: str, span: PixelSpan) -> np.ndarray | None:
 #: The ``instances`` columns a span is kept in (with ``url``, ``size``, ``mtime``,
 #: ``content_hash``, ``rows``, ``columns`` and ``transfer_syntax_uid``).
 SPAN_COLUMNS: Final = ("pixel_offset", "pixel_length", "pixel_dtype", "pixel_shift")
+#: Every ``instances`` column :func:`stored_spans` reads, in the order it reads them.
+STORED_SPAN_COLUMNS: Final = (
+    "url", *SPAN_COLUMNS, "rows", "columns", "transfer_syntax_uid", "size", "mtime",
+    "content_hash",
+)  # fmt: skip
 
 
 def span_columns(span: PixelSpan, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -291,14 +297,10 @@ def stored_spans(
 ) -> dict[str, PixelSpan]:
     """The spans kept in `instances` rows (those with a ``pixel_offset``), by URL, but for
     the URLs in `skip` (spans the caller has already)."""
-    names = ("url", *SPAN_COLUMNS, "rows", "columns", "transfer_syntax_uid", "size", "mtime",
-             "content_hash")  # fmt: skip
-    if instances.empty or any(name not in instances for name in names):
-        return {}
     kept = instances[instances["pixel_offset"].notna()]
     spans = {}
     for url, offset, length, dtype, shift, rows, columns, syntax, size, mtime, digest in zip(
-        *(kept[name].tolist() for name in names), strict=True
+        *(kept[name].tolist() for name in STORED_SPAN_COLUMNS), strict=True
     ):
         if url in skip:
             continue
