@@ -657,10 +657,11 @@ def train(
     output: Annotated[
         str,
         typer.Option(
-            help="float32 (normalised by the loader) or stored (the stored dtype, half "
-            "the bytes for int16 CT, normalised on the training device)."
+            help="float32 (normalised by the loader), stored (the stored dtype, half "
+            "the bytes for int16 CT, normalised on the training device), or auto: stored "
+            "on a CUDA device in patch mode, float32 otherwise."
         ),
-    ] = "float32",
+    ] = "auto",
 ) -> None:
     """Train the tutorial 3D CNN on catalog volumes (DDP with --nproc > 1).
 

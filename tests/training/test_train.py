@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from voxlake.training import CNN3D, TrainConfig, launch, run_training
-from voxlake.training._dist import weights_digest
+from voxlake.errors import ConfigError
+from voxlake.training import CNN3D, TrainConfig, _dist, launch, run_training
+from voxlake.training._dist import check_gpus_per_rank, weights_digest
+from voxlake.training._loop import resolve_output
 from voxlake.training.train import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,6 +37,7 @@ def test_one_epoch_writes_checkpoint_metrics_and_curves(
     assert {"history", "test", "catalog_version", "world_size", "steps_per_epoch"} <= set(metrics)
     assert metrics["catalog_version"] == 7
     assert metrics["world_size"] == 1
+    assert metrics["config"]["output"] == "float32"  # "auto", resolved for the CPU
     sizes = metrics["num_samples"]
     assert sum(sizes.values()) == 10
     assert min(sizes.values()) >= 1
@@ -103,12 +106,41 @@ def test_cli_reads_a_parquet_selection_and_limits_steps(
     assert "epoch 0: train loss" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("output", "mode", "device", "expected"),
+    [
+        ("auto", "patch", "cuda", "stored"),
+        ("auto", "volume", "cuda", "float32"),  # volume mode usually resizes
+        ("auto", "patch", "cpu", "float32"),
+        ("float32", "patch", "cuda", "float32"),
+        ("stored", "volume", "cpu", "stored"),
+    ],
+)
+def test_auto_output_streams_the_stored_dtype_to_gpus_in_patch_mode(
+    tmp_path: Path, output: str, mode: str, device: str, expected: str
+) -> None:
+    chosen = resolve_output(config(tmp_path, output=output, mode=mode), torch.device(device))
+    assert chosen == expected
+
+
+def test_more_ranks_than_gpus_is_refused_with_a_hint() -> None:
+    with pytest.raises(ConfigError, match="2 ranks on this machine need one GPU each") as err:
+        check_gpus_per_rank(2, 1)
+    assert "CUDA_VISIBLE_DEVICES" in str(err.value.hint)
+    check_gpus_per_rank(2, 2)
+    check_gpus_per_rank(4, 0)  # no CUDA: the ranks run on CPU with gloo
+
+
 @pytest.mark.ddp
 @pytest.mark.slow
 @pytest.mark.integration
 def test_torchrun_two_ranks_step_together_and_end_identical(
-    ten_volumes: pd.DataFrame, tmp_path: Path
+    ten_volumes: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # gloo on CPU on any machine (a GPU machine with fewer GPUs than ranks would refuse):
+    # the ranks see no GPU, nor does launch's check here, where CUDA may be initialised.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(_dist, "cuda_device_count", lambda: 0)
     out = tmp_path / "ddp"
     status = launch(config(out, epochs=2, num_workers=1), nproc=2, selection=ten_volumes)
     assert status == 0

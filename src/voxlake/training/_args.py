@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cache-bytes", type=int, default=0, help="per-worker chunk cache cap")
     add(
         "--output",
-        choices=("float32", "stored"),
-        default="float32",
-        help="float32: normalised by the loader; stored: stored dtype, normalised on device",
+        choices=("auto", "float32", "stored"),
+        default="auto",
+        help="float32: normalised by the loader; stored: stored dtype, normalised on "
+        "device; auto: stored on CUDA in patch mode, else float32",
     )
     add("--checkpoint-every-steps", type=int, help="also checkpoint within epochs")
     add(

@@ -12,12 +12,34 @@ __all__ = [
     "all_gather_objects",
     "barrier",
     "broadcast_object",
+    "check_gpus_per_rank",
+    "cuda_device_count",
     "is_distributed",
     "restore_rng",
     "rng_state",
     "setup_distributed",
     "weights_digest",
 ]
+
+
+def check_gpus_per_rank(ranks: int, gpus: int) -> None:
+    """Refuse ``ranks`` local ranks on ``gpus`` CUDA devices (one GPU per rank).
+
+    ``gpus`` is 0 on a machine without CUDA: then the ranks run on CPU (gloo).
+    """
+    from voxlake.errors import ConfigError
+
+    if gpus and ranks > gpus:
+        raise ConfigError(
+            f"{ranks} ranks on this machine need one GPU each, but it has {gpus}",
+            hint=f"use --nproc {gpus}, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run "
+            "the ranks on CPU with gloo",
+        )
+
+
+def cuda_device_count() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def setup_distributed() -> tuple[bool, torch.device]:
@@ -31,7 +53,12 @@ def setup_distributed() -> tuple[bool, torch.device]:
 
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # LOCAL_WORLD_SIZE: ranks on this node (torchrun sets it).
+        check_gpus_per_rank(
+            int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)), cuda_device_count()
+        )
+        torch.cuda.set_device(local_rank)
     created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")

@@ -6,10 +6,9 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ __all__ = [
     "load_selection",
     "make_loader",
     "make_stream",
+    "resolve_output",
     "resume_point",
     "save_checkpoint",
     "save_training_state",
@@ -63,6 +63,19 @@ def make_loader(
     )
 
 
+def resolve_output(config: TrainConfig, device: torch.device) -> Literal["float32", "stored"]:
+    """``config.output`` with ``"auto"`` decided for ``device``.
+
+    The stored dtype on CUDA in patch mode (half the bytes through the loader, normalised
+    on the GPU, bit for bit the float32 values; patches are never resized), float32
+    otherwise: volume mode usually resizes, and on CPU the normalisation would only move
+    from the loader's workers into the training process.
+    """
+    if config.output != "auto":
+        return config.output
+    return "stored" if device.type == "cuda" and config.mode == "patch" else "float32"
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     # bf16 autocast on GPUs only: CPU bf16 convolutions are slow and gain nothing here.
     if device.type == "cuda":
@@ -70,13 +83,25 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-@dataclass
 class EpochProgress:
-    """Where a rank is within a training epoch: what a mid-epoch checkpoint restores."""
+    """Where a rank is within a training epoch: what a mid-epoch checkpoint restores.
 
-    steps: int = 0
-    samples: int = 0
-    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, correct, n
+    ``totals`` (loss sum, correct, count) may be given as the training loop's device
+    tensor, which later steps keep adding to: it is read (which waits for the GPU) only
+    when asked for, so a step that only reports its progress leaves the host free to queue
+    the next one. Read it in the ``on_step`` callback that receives it.
+    """
+
+    def __init__(
+        self, steps: int = 0, samples: int = 0, totals: Sequence[float] | torch.Tensor = ()
+    ) -> None:
+        self.steps, self.samples = steps, samples
+        self._totals = totals if len(totals) else [0.0, 0.0, 0.0]
+
+    @property
+    def totals(self) -> list[float]:
+        values = self._totals
+        return [float(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
 
 
 def train_epoch(
@@ -111,13 +136,15 @@ def train_epoch(
         with torch.no_grad():
             correct = ((logits.float() >= 0) == (labels >= 0.5)).sum()
             count = labels.numel()
-            totals += torch.stack(
-                [loss.detach().double() * count, correct.double(), totals.new_tensor(count)]
-            )
+            # In place, from device values and Python scalars: a tensor made from a host
+            # value here would be a copy that makes the host wait for the GPU every step.
+            totals[0] += loss.detach().double() * count
+            totals[1] += correct
+            totals[2] += count
         steps += 1
         samples += int(count)
         if on_step is not None:
-            on_step(EpochProgress(steps, samples, [float(v) for v in totals.tolist()]))
+            on_step(EpochProgress(steps, samples, totals))  # read only if checkpointing
         if max_steps is not None and steps >= max_steps:
             break
     if _dist.is_distributed():
@@ -217,9 +244,14 @@ def load_selection(
 
 
 def make_stream(
-    config: TrainConfig, frame: pd.DataFrame, version: int | None, *, shuffle: bool
+    config: TrainConfig,
+    frame: pd.DataFrame,
+    version: int | None,
+    *,
+    shuffle: bool,
+    device: torch.device,
 ) -> VolumeStream | None:
-    """A stream over ``frame`` (None when it is empty)."""
+    """A stream over ``frame`` for training on ``device`` (None when ``frame`` is empty)."""
     if len(frame) == 0:
         return None
     return VolumeStream(
@@ -238,7 +270,7 @@ def make_stream(
         storage_options=config.storage_options,
         catalog_version=version,
         batch_size=config.batch_size,
-        output=config.output,
+        output=resolve_output(config, device),
     )
 
 

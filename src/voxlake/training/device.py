@@ -58,6 +58,13 @@ def _normalize_with_torch(image: torch.Tensor, params: torch.Tensor, *, clip: bo
     return result
 
 
+def _padded(valid: torch.Tensor, image: torch.Tensor) -> bool:
+    """Whether any ``valid`` box (``(..., 3, 2)`` start/stop) leaves padding in ``image``."""
+    boxes = valid.numpy().reshape(-1, 3, 2)
+    sizes = np.asarray(image.shape[-3:])
+    return bool((boxes[:, :, 0] != 0).any() or (boxes[:, :, 1] != sizes).any())
+
+
 def normalize_on_device(
     batch: Mapping[str, Any], device: torch.device | str, *, key: str = "image"
 ) -> dict[str, Any]:
@@ -87,16 +94,21 @@ def normalize_on_device(
     """
     device = torch.device(device)
     params = batch.get("normalization")
-    # Decided on the host, before the copy: asking the device would synchronise.
-    clip = params is not None and bool(torch.isfinite(params[..., 2:]).any())
+    valid = batch.get("valid")
+    # Decided on the host, before the copy: asking the device would synchronise. Each
+    # kernel or copy saved counts: a small model's step is bound by kernel launches.
+    clip = params is not None and bool(np.isfinite(params[..., 2:].numpy()).any())
+    if params is not None and valid is not None and not _padded(valid, batch[key]):
+        valid = None
     out = {
         name: _to_device(value, device) if isinstance(value, torch.Tensor) else value
         for name, value in batch.items()
+        if name not in ("normalization", "valid")
     }
-    params = out.pop("normalization", None)
-    valid = out.pop("valid", None)
     if params is None:
         return out
+    params = _to_device(params, device)
+    valid = None if valid is None else _to_device(valid, device)
     image = out[key]
     single = params.dim() == 1
     if single:

@@ -44,6 +44,7 @@ from voxlake.training._loop import (
     load_selection,
     make_loader,
     make_stream,
+    resolve_output,
     resume_point,
     save_training_state,
     train_epoch,
@@ -115,6 +116,8 @@ def _run(
     on_step: Callable[[int, int], None] | None,
 ) -> TrainReport:
     world = World.detect()
+    # Recorded resolved: the checkpoint and metrics say what the loader delivered.
+    config = dataclasses.replace(config, output=resolve_output(config, device))
     out = Path(config.out)
     paths = {name: out / name for name in ("checkpoint.pt", "metrics.json", "curves.png")}
     if world.is_main:
@@ -132,7 +135,9 @@ def _run(
     else:
         frame = split_frame(frame, by=by, fractions=config.fractions, seed=config.seed)
     streams = {
-        name: make_stream(config, frame[frame["split"] == name], version, shuffle=name == "train")
+        name: make_stream(
+            config, frame[frame["split"] == name], version, shuffle=name == "train", device=device
+        )
         for name in ("train", "validation", "test")
     }
     train_stream = streams["train"]
@@ -286,10 +291,17 @@ def launch(config: TrainConfig, nproc: int, *, selection: pd.DataFrame | None = 
     -------
     int
         Exit status (0 on success; torchrun's status otherwise).
+
+    Raises
+    ------
+    ConfigError
+        ``nproc`` is more than the CUDA devices this process sees (NCCL ranks need one
+        GPU each); with no CUDA device the ranks run on CPU with gloo.
     """
     if nproc <= 1:
         _run_and_print(config, selection)
         return 0
+    _dist.check_gpus_per_rank(nproc, _dist.cuda_device_count())
     if selection is not None:
         Path(config.out).mkdir(parents=True, exist_ok=True)
         path = Path(config.out) / "selection.parquet"
