@@ -116,7 +116,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(args: argparse.Namespace, kind: str, selection: Any, device: torch.device) -> dict:
+def copy_rates(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Host-to-device GB/s of one batch of patches, pinned against pageable host memory."""
+    rates = {}
+    for dtype in (torch.int16, torch.float32):
+        host = torch.zeros(args.batch, 1, *(args.patch,) * 3, dtype=dtype)
+        for name, source in (("pageable", host), ("pinned", host.pin_memory())):
+            for _ in range(3):
+                source.to(device, non_blocking=True)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(20):
+                source.to(device, non_blocking=True)
+            sync(device)
+            seconds = (time.perf_counter() - start) / 20
+            rates[f"{name}_{str(dtype).removeprefix('torch.')}_gb_per_s"] = (
+                host.nbytes / seconds / 1e9
+            )
+    return rates
+
+
+def measure(
+    args: argparse.Namespace, kind: str, selection: Any, device: torch.device, workers: int
+) -> dict:
     from torch.utils.data import DataLoader
 
     from voxlake.training import CNN3D, VolumeStream, normalize_on_device
@@ -149,7 +171,7 @@ def measure(args: argparse.Namespace, kind: str, selection: Any, device: torch.d
     loader = DataLoader(
         stream,
         batch_size=args.batch,
-        num_workers=args.workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
@@ -171,6 +193,7 @@ def measure(args: argparse.Namespace, kind: str, selection: Any, device: torch.d
     del batches
     return {
         "model": kind,
+        "workers": workers,
         "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "synthetic_steps_per_s": synthetic,
         "fed_steps_per_s": fed,
@@ -188,8 +211,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32, help="U-Net base channels")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, nargs="+", default=[4], help="one row per count")
     parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="rows per model and worker count")
     parser.add_argument(
         "--output",
         choices=["float32", "stored"],
@@ -206,19 +230,32 @@ def main() -> None:
     shape = tuple(max(n, args.patch) for n in args.shape)
     selection = make_store(args.work, args.volumes, shape)  # type: ignore[arg-type]
     print(
-        f"device {device}, patches {args.patch}^3, batch {args.batch}, "
-        f"{args.workers} workers, volumes {shape}"
+        f"device {device}, patches {args.patch}^3, batch {args.batch}, output {args.output}, "
+        f"volumes {shape}"
     )
-    results = [measure(args, kind, selection, device) for kind in args.models]
+    copies = copy_rates(args, device) if device.type == "cuda" else {}
+    if copies:
+        print("  host-to-device copy of one batch, GB/s: " + ", ".join(
+            f"{name.removesuffix('_gb_per_s')} {rate:.1f}" for name, rate in copies.items()
+        ))  # fmt: skip
+    results = [
+        measure(args, kind, selection, device, workers)
+        for kind in args.models
+        for workers in args.workers
+        for _ in range(args.repeat)
+    ]
     for r in results:
         print(
-            f"  {r['model']:<6} {r['parameters_m']:6.1f} M params  synthetic "
+            f"  {r['model']:<6} {r['workers']:2d} workers {r['parameters_m']:6.1f} M params  "
+            f"synthetic "
             f"{r['synthetic_steps_per_s']:7.2f} steps/s  fed {r['fed_steps_per_s']:7.2f} "
             f"steps/s  stall {100 * r['stall_fraction']:5.1f}%  "
             f"(waiting for data {100 * r['data_wait_fraction']:.1f}% of the fed time)"
         )
     if args.json:
-        args.json.write_text(json.dumps({"device": str(device), "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps({"device": str(device), "copies": copies, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":
