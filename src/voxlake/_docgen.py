@@ -122,7 +122,7 @@ def render_cli_markdown() -> str:
     lines = [
         "# Command-line reference",
         "",
-        "Generated from the typer app in `src/voxlake/cli.py` by"
+        "Generated from the typer app in `src/voxlake/cli/` by"
         " `voxlake docs cli --out docs/cli.md`; do not edit by hand.",
         "",
         "Every command prints this help with `--help`. Errors print one line with a code"

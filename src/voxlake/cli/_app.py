@@ -1,0 +1,114 @@
+"""The typer apps, shared options and the entry point with its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from voxlake import __version__
+from voxlake.errors import VoxlakeError
+
+__all__ = ["app", "catalog_app", "console", "docs_app", "main", "out"]
+
+console = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    name="voxlake",
+    help="Turn imaging archives into training data: ingest, catalog, stream, train.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+catalog_app = typer.Typer(
+    help="Query and maintain a catalog.", no_args_is_help=True, rich_markup_mode="markdown"
+)
+app.add_typer(catalog_app, name="catalog")
+docs_app = typer.Typer(
+    help="Regenerate the reference pages in docs/ from the code.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(docs_app, name="docs")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"voxlake {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show info logs.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """voxlake: DICOM / NIfTI archives -> Delta catalog + OME-Zarr store -> PyTorch."""
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if level > logging.INFO:
+        # distributed sets its loggers to INFO when imported (scheduler and worker chatter
+        # at every start and stop); read by dask's config, so workers inherit it too.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VoxlakeError(
+            "storage options must be a JSON object", code="config", hint="e.g. '{\"anon\": true}'"
+        ) from exc
+    if not isinstance(value, dict):
+        raise VoxlakeError("storage options must be a JSON object", code="config")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one-line errors with a hint unless --debug."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        app(args, standalone_mode=False)
+    except VoxlakeError as exc:
+        if "--debug" in args:
+            raise
+        # soft_wrap: one line whatever the terminal width (paths stay copyable).
+        message = f"[red]error[/red] {escape(f'[{exc.code}]')} {escape(exc.message)}"
+        console.print(message, soft_wrap=True)
+        if exc.hint:
+            console.print(f"hint: {escape(exc.hint)}", soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        # typer >= 0.20 vendors click (typer._click): its usage errors are not click's.
+        exit_code = getattr(exc, "exit_code", None)
+        usage_error = isinstance(exc, click.exceptions.ClickException) or (
+            callable(getattr(exc, "show", None)) and isinstance(exit_code, int)
+        )
+        if usage_error:
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        if "--debug" in args:
+            raise
+        console.print(f"[red]error[/red] {type(exc).__name__}: {escape(str(exc))}", soft_wrap=True)
+        console.print("hint: run again with --debug for the traceback")
+        sys.exit(1)
