@@ -1,6 +1,6 @@
 """The lean path's per-tag plan decides exactly as _clean_element does, for every tag.
 
-``deid._lean_plan`` drops or keeps an element by its tag and VR alone, without looking at
+``_deid_lean._lean_plan`` drops or keeps an element by its tag and VR alone, without looking at
 its value (and without converting it); everything else goes through ``_clean_element``.
 Here every public tag of pydicom's dictionary and of the profile table, with its own VR
 and with VRs that contradict it, is checked against ``_clean_element`` on several values.
@@ -15,6 +15,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from voxlake.config import DeidConfig
+from voxlake.ingest import _deid_lean as lean
+from voxlake.ingest import _deid_values as values
 from voxlake.ingest import deid
 from voxlake.ingest.deid import Pseudonymizer
 
@@ -55,14 +57,14 @@ OTHER_VRS = ("LO", "CS", "DA", "TM", "DT", "UI", "PN", "DS", "US")
 
 def _tags() -> list[int]:
     tags = {tag for tag in DicomDictionary if not tag >> 16 & 1}
-    tags |= {tag for tag in deid._RULES if not tag >> 16 & 1}
+    tags |= {tag for tag in values._RULES if not tag >> 16 & 1}
     tags |= {0x00080000, 0x50000010, 0x60003000, 0x60004000, 0x60000010, 0x7FE00010}
     return sorted(tags)
 
 
 def _vrs(tag: int) -> list[str]:
     try:
-        own = [vr for vr in dictionary_VR(tag).split(" or ") if vr in deid._LEAN_VRS]
+        own = [vr for vr in dictionary_VR(tag).split(" or ") if vr in lean._LEAN_VRS]
     except KeyError:
         own = []
     return sorted({*own, *OTHER_VRS})
@@ -74,10 +76,10 @@ def test_plan_agrees_with_clean_element_for_every_tag(keep_descriptions: bool) -
     ctx = deid._context(
         Dataset(), {"PatientID": "PID1", "StudyInstanceUID": ""}, Pseudonymizer(SECRET), config
     )
-    seen = {deid._DROP: 0, deid._KEEP: 0, deid._CLEAN: 0}
+    seen = {lean._DROP: 0, lean._KEEP: 0, lean._CLEAN: 0}
     for tag in _tags():
         for vr in _vrs(tag):
-            plan = deid._lean_plan(tag, vr, keep_descriptions)
+            plan = lean._lean_plan(tag, vr, keep_descriptions)
             seen[plan] += 1
             for value in VALUES[vr]:
                 elem = DataElement(tag, vr, value, validation_mode=IGNORE)
@@ -86,9 +88,9 @@ def test_plan_agrees_with_clean_element_for_every_tag(keep_descriptions: bool) -
                 except Exception:
                     expected = None  # _clean_dataset drops what raises
                 where = f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr} {value!r}"
-                if plan == deid._DROP:
+                if plan == lean._DROP:
                     assert expected is None, where
-                elif plan == deid._KEEP:
+                elif plan == lean._KEEP:
                     assert expected is not None, where
                     assert (expected.VR, expected.value) == (vr, elem.value), where
     # every outcome occurs many times: the comparison above is not vacuous

@@ -33,35 +33,61 @@ left as UN) drop their element: nothing here raises on data.
 
 The JSON model of the result (:func:`~voxlake.ingest.header_json.header_to_json`) and the header
 pass's :class:`~voxlake.ingest.header_json.HeaderCleaner` (the same JSON and column values
-without building the de-identified dataset) are in :mod:`voxlake.ingest.header_json`.
+without building the de-identified dataset) are in :mod:`voxlake.ingest.header_json`. The
+rules by tag and the value helpers (dates, UIDs, dummies, copies) are in
+:mod:`voxlake.ingest._deid_values`, the tag-and-VR plan and the lean conversion of raw
+elements in :mod:`voxlake.ingest._deid_lean`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime as dt
-import functools
-import re
-from collections.abc import Callable, Mapping, MutableSequence
+from collections.abc import Mapping, MutableSequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from pydicom.config import IGNORE
-from pydicom.datadict import get_entry, tag_for_keyword
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.hooks import hooks as _hooks
-from pydicom.hooks import raw_element_value, raw_element_vr
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from pydicom.valuerep import PersonName
-from pydicom.values import convert_value
 
 from voxlake.errors import ConfigError, SecretMissingError
-from voxlake.ingest import _deid_table as _table
+from voxlake.ingest._deid_lean import (
+    _DROP,
+    _KEEP,
+    _dropped_by_tag,
+    _lean_conversion,
+    _lean_element,
+    _lean_plan,
+    _lean_raw,
+)
+from voxlake.ingest._deid_values import (
+    _ACCESSION,
+    _DATE_VRS,
+    _DUMMY,
+    _PATIENT_ID,
+    _PATIENT_NAME,
+    _ROWS,
+    _RULES,
+    _TEXT_VRS,
+    _bad_vr,
+    _check_time,
+    _dictionary,
+    _is_bulk,
+    _keep,
+    _map,
+    _mark,
+    _mentions,
+    _needles,
+    _new,
+    _shift,
+    _text,
+    _well_known,
+    _year,
+)
 from voxlake.keys import keyed_hash
 
 if TYPE_CHECKING:
@@ -72,12 +98,6 @@ __all__ = [
     "original_identifiers",
 ]  # fmt: skip
 
-_COMBINED: Final = {"X/Z": "Z", "Z/D": "Z", "X/Z/D": "Z", "X/D": "D", "X/Z/U*": "U*"}.get
-_ROWS: Final = (*_table.BASIC_PROFILE, *_table.VOXLAKE_ADDITIONS)
-#: tag -> (resolved action, option flags)
-_RULES: Final[Mapping[int, tuple[str, str]]] = MappingProxyType(
-    {tag: (_COMBINED(action, action), flags) for tag, _, action, flags in _ROWS}
-)
 
 #: Keywords whose original values de-identification removes or replaces (UIDs, names, IDs,
 #: dates, descriptions, ...). Catalog columns must never be filled from the *original* dataset
@@ -89,36 +109,7 @@ IDENTIFYING_KEYWORDS: Final[frozenset[str]] = frozenset(
 #: Descriptors kept verbatim only when ``DeidConfig.keep_descriptions`` is set.
 DESCRIPTION_KEYWORDS: Final[frozenset[str]] = frozenset(kw for _, kw, _, f in _ROWS if "c" in f)
 
-_PATIENT_ID: Final = 0x00100020
-_PATIENT_NAME: Final = 0x00100010
-_ACCESSION: Final = 0x00080050
-_CLASS_UID_TAGS: Final = frozenset(tag_for_keyword(kw) or 0 for kw in _table.CLASS_UID_KEYWORDS)
-_DICOM_ROOT: Final = "1.2.840.10008."
-_BINARY_VRS: Final = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW"})
-_BULK_BYTES: Final = 1024
-_DATE_VRS: Final = frozenset({"DA", "DT", "TM"})
-_SENSITIVE_VRS: Final = frozenset({"DA", "DT", "TM", "UI", "PN"})
-_TEXT_VRS: Final = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
-_DUMMY: Final = "ANONYMIZED"
 _SEP: Final = "\x1f"
-_DA_RE: Final = re.compile(r"(\d{4})\.?(\d{2})\.?(\d{2})")
-_DT_RE: Final = re.compile(r"(\d{4})(\d{2})(\d{2})((?:\d{2}){0,3}(?:\.\d{1,6})?(?:[+-]\d{4})?)")
-_DT_YEAR_RE: Final = re.compile(r"(\d{4})[\d.]*(?:[+-]\d{4})?")
-_TM_RE: Final = re.compile(r"\d{2}(?::?\d{2}(?::?\d{2}(?:\.\d{1,6})?)?)?")
-_METHOD: Final = "voxlake Basic Profile (PS3.15 E.1.1)"
-_NEEDLE_KEYWORDS: Final = (
-    "PatientID", "PatientName", "AccessionNumber", "OtherPatientIDs", "OtherPatientNames",
-)  # fmt: skip
-_OVERLAYS: Final = (0x3000, 0x4000)
-_PSEUDONYMIZED: Final = frozenset({_PATIENT_NAME, _PATIENT_ID, _ACCESSION})
-#: Set by _mark on the output: a copy, never the input's element, may be changed there.
-_MARKED: Final = frozenset(
-    tag_for_keyword(kw) or 0
-    for kw in (
-        "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-        "LongitudinalTemporalInformationModified",
-    )
-)  # fmt: skip
 _ID_KEYWORDS: Final = (
     "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber",
     "FrameOfReferenceUID",
@@ -300,23 +291,6 @@ def _lean_encoding(src: Dataset, ctx: _Context) -> str | MutableSequence[str]:
     return src.original_character_set if ctx.lean else ""
 
 
-def _lean_raw(tag: int, stored: DataElement | RawDataElement) -> RawDataElement | None:
-    """`stored` when :func:`_clean_lean` may convert it, else None.
-
-    An explicit-VR, public, non-sequence raw element of a VR that needs no dictionary
-    lookup or ambiguity resolution; anything else goes through ``Dataset.__getitem__``.
-    """
-    if (
-        isinstance(stored, RawDataElement)
-        and stored.VR in _LEAN_VRS  # not implicit VR (None), UN, SQ, binary, ambiguous
-        and not tag & 0x10000  # private: the creator is looked up
-        and stored.value is not None  # deferred
-        and tag not in _SPECIAL_TAGS
-    ):
-        return stored
-    return None
-
-
 def _clean_lean(
     tag: int, raw: RawDataElement, encoding: str | MutableSequence[str], ctx: _Context
 ) -> DataElement | None:
@@ -334,22 +308,6 @@ def _clean_lean(
         return elem if plan == _KEEP else _clean_element(elem, ctx)
     except Exception:  # never raise on odd values: the element is dropped
         return None
-
-
-def _lean_element(raw: RawDataElement, encoding: str | MutableSequence[str]) -> DataElement:
-    """``src[tag]`` of a raw element :func:`_lean_raw` accepts, not stored back in ``src``.
-
-    `encoding`: ``src.original_character_set`` (what ``Dataset.__getitem__`` decodes with).
-    """
-    vr = raw.VR or ""  # never implicit here
-    return DataElement(
-        raw.tag,
-        vr,
-        convert_value(vr, raw, encoding),
-        raw.value_tell,
-        raw.length == 0xFFFFFFFF,
-        already_converted=True,
-    )
 
 
 def _clean_one(
@@ -376,84 +334,6 @@ def _clean_stored(
         return _clean_element(src[tag], ctx)
     except Exception:  # never raise on odd values: the element is dropped
         return None
-
-
-def _dropped_by_tag(tag: int, ctx: _Context) -> bool:
-    """True for elements :func:`_clean_element` drops whatever their VR and value."""
-    group, element = tag >> 16, tag & 0xFFFF
-    if element == 0:
-        return True
-    if group & 1:  # private (odd 50xx and 60xx groups too): only the option decides
-        return not ctx.config.keep_private_tags
-    if group >> 8 == 0x50 or group == 0x7FE0 or (group >> 8 == 0x60 and element in _OVERLAYS):
-        return True
-    rule = _RULES.get(tag)
-    if rule is None or tag in _PSEUDONYMIZED:
-        return False
-    action, flags = rule  # "X" drops unless a flag or an option keeps or maps the value
-    kept = "p" in flags or "d" in flags or ("c" in flags and ctx.config.keep_descriptions)
-    return action == "X" and not kept
-
-
-_DROP: Final = 0
-_KEEP: Final = 1
-_CLEAN: Final = 2
-
-
-@functools.lru_cache(maxsize=16384)
-def _lean_plan(tag: int, vr: str, keep_descriptions: bool) -> int:
-    """What :func:`_clean_element` does with a public, non-sequence element of this tag and
-    VR (not UN): ``_DROP`` it or ``_KEEP`` it as it is, whatever its value, or ``_CLEAN``:
-    the value decides (dates, UIDs, names, pseudonyms, dummies), so ask it.
-
-    The same decisions in the same order, by tag and VR alone: decided once per tag and VR,
-    not once per element (tests/ingest/test_deid_plan.py checks every dictionary tag).
-    """
-    group, element = tag >> 16, tag & 0xFFFF
-    if element == 0 or group >> 8 == 0x50 or group == 0x7FE0:
-        return _DROP
-    if group >> 8 == 0x60 and element in _OVERLAYS:
-        return _DROP
-    if tag in _PSEUDONYMIZED:
-        return _CLEAN
-    rule = _RULES.get(tag)
-    if rule is not None:
-        action, flags = rule
-        if action == "K" or "p" in flags:
-            return _KEEP
-        if not ("c" in flags and keep_descriptions):
-            if "d" in flags and vr in _DATE_VRS:
-                return _CLEAN
-            return _DROP if action == "X" else _CLEAN
-    # _clean_generic of a public element
-    if _bad_vr(tag, vr):
-        return _DROP
-    if vr in _DATE_VRS or vr == "UI" or vr == "PN":
-        return _CLEAN
-    return _KEEP
-
-
-#: VRs converted here as Dataset.__getitem__ converts them (no dictionary lookup, no
-#: ambiguity to resolve, no nested dataset): numbers, plain and character-set text.
-_LEAN_VRS: Final = frozenset(
-    {"AE", "AS", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SS",
-     "ST", "SV", "TM", "UC", "UI", "UL", "UR", "US", "UT", "UV"}
-)  # fmt: skip
-#: Converted through Dataset.__getitem__ whatever their VR: SpecificCharacterSet (read
-#: with the default encoding) and the LUT descriptors (pydicom fixes their first value).
-_SPECIAL_TAGS: Final = frozenset({0x00080005, 0x00281101, 0x00281102, 0x00281103, 0x00283002})
-
-
-def _lean_conversion() -> bool:
-    """True when pydicom converts raw elements with its default hooks (nobody changed them)."""
-    from pydicom import config
-
-    return (
-        config.data_element_callback is None
-        and not _hooks.raw_element_kwargs
-        and _hooks.raw_element_vr is raw_element_vr
-        and _hooks.raw_element_value is raw_element_value
-    )
 
 
 def _clean_element(elem: DataElement, ctx: _Context) -> DataElement | None:
@@ -531,46 +411,6 @@ def _clean_date(elem: DataElement, ctx: _Context, action: str | None) -> DataEle
     return None if action == "X" else _new(elem, "")
 
 
-def _needles(ds: Dataset) -> tuple[str, ...]:
-    # Kept private elements are scanned for the patient's own identifiers (best effort: a
-    # vendor block repeating the name or ID verbatim is common); short values would match noise.
-    found: set[str] = set()
-    for keyword in _NEEDLE_KEYWORDS:
-        with contextlib.suppress(Exception):
-            for value in _values(ds[keyword]) if keyword in ds else ():
-                text = _strip(value).upper()
-                found.update(p for p in (text, *re.split(r"[\s\\^=]+", text)) if len(p) >= 4)
-    return tuple(sorted(found))
-
-
-def _mentions(elem: DataElement, needles: tuple[str, ...]) -> bool:
-    text = "\\".join(_strip(v) for v in _values(elem)).upper()
-    return any(needle in text for needle in needles)
-
-
-def _shift(value: str, vr: str, offset: dt.timedelta) -> str:
-    match = (_DA_RE if vr == "DA" else _DT_RE).fullmatch(value)
-    if match is None:
-        raise ValueError("not a full date")
-    y, m, d = (int(g) for g in match.groups()[:3])
-    day = dt.date(y, m, d) + offset
-    rest = match.group(4) if vr == "DT" else ""
-    return f"{day.year:04d}{day.month:02d}{day.day:02d}{rest}"
-
-
-def _year(value: str, vr: str) -> str:
-    match = (_DA_RE if vr == "DA" else _DT_YEAR_RE).fullmatch(value)
-    if match is None:
-        raise ValueError("not a date")
-    return f"{match.group(1)}0101"
-
-
-def _check_time(value: str) -> str:
-    if _TM_RE.fullmatch(value) is None:
-        raise ValueError("not a time")
-    return value
-
-
 def _dummy(elem: DataElement, ctx: _Context) -> DataElement:
     vr = elem.VR
     if vr in _TEXT_VRS:
@@ -582,107 +422,3 @@ def _dummy(elem: DataElement, ctx: _Context) -> DataElement:
     if vr == "UI":
         return _map(elem, ctx.pseudonymizer.uid)
     return _new(elem, empty_value_for_VR(vr))
-
-
-def _mark(out: Dataset, config: DeidConfig) -> None:
-    codes = ["113100"]
-    if config.date_mode == "shift" and config.max_date_shift_days == 0:
-        codes.append("113106")
-        temporal = "UNMODIFIED"
-    elif config.date_mode in ("shift", "year"):
-        codes.append("113107")
-        temporal = "MODIFIED"
-    else:
-        temporal = "REMOVED"
-    codes.append("113108")
-    out.PatientIdentityRemoved = "YES"
-    out.DeidentificationMethod = _METHOD
-    out.DeidentificationMethodCodeSequence = Sequence([_code_item(code) for code in codes])
-    out.LongitudinalTemporalInformationModified = temporal
-
-
-def _code_item(code: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator = code, "DCM"
-    item.CodeMeaning = _table.CID_7050[code]
-    return item
-
-
-def _is_bulk(elem: DataElement | RawDataElement | None) -> bool:
-    if elem is None:
-        return False
-    if int(elem.tag) >> 16 == 0x7FE0:
-        return True
-    vr = elem.VR or _dictionary(elem.tag)[0]
-    if vr not in _BINARY_VRS:
-        return False
-    if isinstance(elem, RawDataElement):
-        return elem.length > _BULK_BYTES  # undefined length (0xFFFFFFFF) counts as bulk
-    value = elem.value
-    return isinstance(value, bytes | bytearray) and len(value) > _BULK_BYTES
-
-
-def _bad_vr(tag: int, vr: str) -> bool:
-    """True when the VR contradicts the dictionary on an attribute whose VR drives a rule."""
-    expected = _dictionary(tag)[0]
-    if expected == "UN" or vr in expected.split(" or "):
-        return False
-    return vr in _SENSITIVE_VRS or bool(_SENSITIVE_VRS.intersection(expected.split(" or ")))
-
-
-def _well_known(tag: int, uid: str) -> bool:
-    return tag in _CLASS_UID_TAGS or uid.startswith(_DICOM_ROOT)
-
-
-def _map(elem: DataElement, fn: Callable[[str], str]) -> DataElement:
-    values = [fn(v) if v else "" for v in (_strip(v) for v in _values(elem))]
-    return _new(elem, values[0] if len(values) == 1 else (values or ""))
-
-
-def _values(elem: DataElement) -> list[Any]:
-    value = elem.value
-    if value is None or value == "":
-        return []
-    return list(value) if elem.VM > 1 or isinstance(value, list) else [value]
-
-
-def _text(elem: DataElement) -> str:
-    return "\\".join(_strip(v) for v in _values(elem))
-
-
-def _strip(value: Any) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    return str(value).strip(" \x00")
-
-
-_IMMUTABLE: Final = (str, int, float, bytes, PersonName)
-
-
-def _new(elem: DataElement, value: Any, vr: str | None = None) -> DataElement:
-    # Values were validated when read, replacements are valid by construction: warning again
-    # for every copied element would only flood the workers' logs. Immutable values (and
-    # lists of them, which DataElement copies into a new MultiValue) need no deep copy.
-    if value is not None and not isinstance(value, _IMMUTABLE):
-        if isinstance(value, list | MultiValue) and all(isinstance(v, _IMMUTABLE) for v in value):
-            value = list(value)
-        else:
-            value = copy.deepcopy(value)
-    return DataElement(elem.tag, vr or elem.VR, value, validation_mode=IGNORE)
-
-
-def _keep(elem: DataElement) -> DataElement:
-    """``elem`` itself when its value is immutable (shared with the input, which is never
-    modified), else a copy; the elements :func:`_mark` sets are always copies."""
-    if isinstance(elem.value, _IMMUTABLE) and int(elem.tag) not in _MARKED:
-        return elem
-    return _new(elem, elem.value)
-
-
-def _dictionary(tag: int) -> tuple[str, str]:
-    """Return the data dictionary's (VR, VM) of `tag`; ``("UN", "")`` for unknown tags."""
-    try:
-        vr, vm, *_ = get_entry(tag)
-    except KeyError:
-        return "UN", ""
-    return vr, vm

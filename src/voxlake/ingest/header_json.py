@@ -22,19 +22,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
-from voxlake.ingest.deid import (
-    _MARKED,
-    _PATIENT_ID,
-    _PATIENT_NAME,
-    Pseudonymizer,
-    _clean_one,
-    _context,
-    _is_bulk,
-    _lean_encoding,
-    _lean_raw,
-    _mark,
-    _new,
-)
+from voxlake.ingest._deid_lean import _lean_raw
+from voxlake.ingest._deid_values import _MARKED, _PATIENT_ID, _PATIENT_NAME, _is_bulk, _mark, _new
+from voxlake.ingest.deid import Pseudonymizer, _clean_one, _context, _lean_encoding
 
 if TYPE_CHECKING:
     from voxlake.config import DeidConfig
