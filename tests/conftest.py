@@ -142,7 +142,8 @@ ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory):
-    """A real Orthanc PACS with its DICOMweb plugin on a loopback port (session-wide).
+    """A real Orthanc PACS with its DICOMweb plugin on a loopback port (session-wide); its
+    DICOM (DIMSE) server listens on another loopback port, see ``orthanc_dimse``.
 
     Skips when Orthanc is not installed (Debian packages orthanc, orthanc-dicomweb), except
     in CI where VOXLAKE_REQUIRE_PACS=1 turns the skip into a failure.
@@ -159,7 +160,7 @@ def orthanc(tmp_path_factory):
             pytest.fail(message + " (VOXLAKE_REQUIRE_PACS=1)")
         pytest.skip(message)
     root = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
+    port, dicom_port = _free_port(), _free_port()
     config = {
         "Name": "VOXLAKE-TEST",
         "StorageDirectory": str(root / "db"),
@@ -168,7 +169,11 @@ def orthanc(tmp_path_factory):
         "HttpPort": port,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
-        "DicomServerEnabled": False,
+        "DicomServerEnabled": True,
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        # voxlake's default calling AE title, known to the PACS as a real one must be.
+        "DicomModalities": {"voxlake": ["VOXLAKE", "127.0.0.1", 11112]},
         "DicomWeb": {
             "Enable": True,
             "Root": "/dicom-web/",
@@ -199,3 +204,30 @@ def orthanc(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def orthanc_loaded(orthanc, tiny_sample):
+    """The Orthanc above holding the tiny sample (uploaded through its REST API)."""
+    import requests
+
+    for series in tiny_sample.series:
+        for path in series.files:
+            response = requests.post(
+                f"{orthanc}/instances",
+                data=path.read_bytes(),
+                headers={"Content-Type": "application/dicom"},
+                timeout=30,
+            )
+            response.raise_for_status()
+    return orthanc
+
+
+@pytest.fixture(scope="session")
+def orthanc_dimse(orthanc):
+    """``dimse://AET@127.0.0.1:PORT`` of the Orthanc above (its AE title and DICOM port,
+    read from its REST API)."""
+    import requests
+
+    system = requests.get(f"{orthanc}/system", timeout=10).json()
+    return f"dimse://{system['DicomAet']}@127.0.0.1:{system['DicomPort']}"

@@ -164,8 +164,8 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
         " skip when it is absent (CI sets it)."
     ),
     "VOXLAKE_REQUIRE_PACS": (
-        "Test suite only: `1` makes the DICOMweb tests fail instead of skip when Orthanc"
-        " and its DICOMweb plugin are not installed (CI sets it)."
+        "Test suite only: `1` makes the PACS tests (DICOMweb, DIMSE) fail instead of skip when"
+        " Orthanc and its DICOMweb plugin are not installed (CI sets it)."
     ),
 }
 

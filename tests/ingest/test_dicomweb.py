@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import requests
 
 from voxlake.catalog import open_catalog
 from voxlake.config import IngestConfig
@@ -19,18 +18,9 @@ pytestmark = [pytest.mark.pacs, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
-def pacs(orthanc, tiny_sample):
-    """Orthanc loaded with the tiny sample through its REST API."""
-    for series in tiny_sample.series:
-        for path in series.files:
-            response = requests.post(
-                f"{orthanc}/instances",
-                data=path.read_bytes(),
-                headers={"Content-Type": "application/dicom"},
-                timeout=30,
-            )
-            response.raise_for_status()
-    return f"dicomweb+{orthanc}/dicom-web"
+def pacs(orthanc_loaded):
+    """The DICOMweb root of Orthanc holding the tiny sample."""
+    return f"dicomweb+{orthanc_loaded}/dicom-web"
 
 
 def test_qido_listing_keys_urls_and_keeps_locators_out_of_the_catalog(pacs, tiny_sample):

@@ -183,7 +183,8 @@ def ingest(
 
     Sources: folders, files, .zip/.tar(.gz) archives (read member by member), s3:// (or any
     fsspec) prefixes, and PACS queries such as
-    `dicomweb+http://pacs:8042/dicom-web?StudyInstanceUID=1.2.3`.
+    `dicomweb+http://pacs:8042/dicom-web?StudyInstanceUID=1.2.3` (DICOMweb) or
+    `dimse://PACS@pacs:104?StudyInstanceUID=1.2.3` (C-FIND and C-GET).
 
     Re-running the same command adds nothing; changed and new files are picked up.
     """

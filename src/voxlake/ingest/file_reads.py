@@ -50,11 +50,13 @@ def _read_capped(handle: Any, max_bytes: int, *, size: int | None = None) -> byt
 
 def open_bytes(url: str, *, max_bytes: int, storage_options: dict[str, Any] | None = None) -> bytes:
     """Read a whole file (local path, ``file://`` or fsspec URL), refusing oversize files."""
-    from voxlake.ingest.dicomweb import fetch_instance, is_dicomweb
+    from voxlake.ingest import dicomweb, dimse
     from voxlake.ingest.sources import local_path_of, open_kwargs
 
-    if is_dicomweb(url):
-        return fetch_instance(url, max_bytes=max_bytes, storage_options=storage_options)
+    if dicomweb.is_dicomweb(url):
+        return dicomweb.fetch_instance(url, max_bytes=max_bytes, storage_options=storage_options)
+    if dimse.is_dimse(url):
+        return dimse.fetch_instance(url, max_bytes=max_bytes, storage_options=storage_options)
 
     local = local_path_of(url)
     try:

@@ -263,17 +263,19 @@ def list_source(
     secret: str | None = None,
 ) -> Iterator[FileRef | ListingProblem]:
     """Yield every file under ``url`` (a folder, a file, an archive, an fsspec prefix, or a
-    ``dicomweb+http(s)://`` PACS query, which needs ``secret`` to key its URLs).
+    ``dicomweb+http(s)://`` or ``dimse://`` PACS query, which needs ``secret`` to key its
+    URLs).
 
     Archives are expanded into their members (see the module notes).
     """
     text = os.fspath(url)
-    from voxlake.ingest.dicomweb import is_dicomweb, list_instances
+    from voxlake.ingest import dicomweb, dimse
 
-    if is_dicomweb(text):
+    pacs = dicomweb if dicomweb.is_dicomweb(text) else dimse if dimse.is_dimse(text) else None
+    if pacs is not None:
         if not secret:
-            raise SourceError("a DICOMweb source needs the de-identification secret")
-        yield from list_instances(text, secret=secret, storage_options=storage_options)
+            raise SourceError("a PACS source needs the de-identification secret")
+        yield from pacs.list_instances(text, secret=secret, storage_options=storage_options)
         return
     local = local_path_of(text)
     items = _walk_local(local) if local is not None else _walk_fsspec(text, storage_options)

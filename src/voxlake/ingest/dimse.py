@@ -1,0 +1,280 @@
+"""A PACS as a source over classic DICOM networking: C-FIND search and C-GET retrieve.
+
+For the many PACS that speak DIMSE but not DICOMweb. A source URL names the PACS's AE
+title, host and port, with C-FIND filters (DICOM keywords) as query parameters::
+
+    dimse://ORTHANC@pacs.local:4242?StudyInstanceUID=1.2.3
+    dimse://PACS@10.0.0.5:104?Modality=CT&StudyDate=20240101-20240131
+
+The search is hierarchical (Study Root): studies matching the patient and study filters,
+their series matching the series filters, and those series' instances. Each instance is
+then retrieved with C-GET on its own association (no C-MOVE: the PACS sends the instance
+back on the association voxlake opened, so it needs no route back to the workers). Each
+transfer syntax voxlake can decode is proposed in its own presentation context, so the
+PACS can send the instance as stored rather than transcode it. What arrives is the
+dataset, not the PACS's file: the file meta information is rebuilt from the association,
+so ``instances.content_hash`` differs from a hash of the file on the PACS's disk.
+
+As with DICOMweb, C-GET addresses name the instance by its original UIDs, which must
+never reach the catalog: the catalog URL is
+``dimse://AET@host:port/instances/<instance_key>`` (keyed hash of the SOPInstanceUID) and
+the *locator*, with the UIDs, lives only in memory during a run.
+
+Options (``storage_options``): ``{"ae_title": "VOXLAKE"}`` is the calling AE title (the
+one the PACS must know; default ``VOXLAKE``), ``{"timeout": 60}`` the network, ACSE and
+DIMSE timeouts in seconds. Needs ``pynetdicom`` (``pip install 'voxlake[pacs]'``).
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from voxlake.errors import ConfigError, SourceError
+from voxlake.keys import keyed_hash
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from pydicom.dataset import Dataset
+
+    from voxlake.ingest.sources import FileRef, ListingProblem
+
+__all__ = ["fetch_instance", "is_dimse", "list_instances"]
+
+_PREFIX = "dimse://"
+#: Keywords searched at the series and instance levels; any other is a patient or study key.
+_SERIES_KEYS = frozenset(
+    {"Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "SeriesDate",
+     "SeriesTime", "BodyPartExamined", "ProtocolName", "Laterality"}
+)  # fmt: skip
+_IMAGE_KEYS = frozenset({"SOPInstanceUID", "SOPClassUID", "InstanceNumber"})
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_AE = re.compile(r"^[ -\[\]-~]{1,16}$")  # PS3.5 AE: 16 characters, no backslash
+_PENDING = (0xFF00, 0xFF01)
+#: Transfer syntaxes offered for C-GET's C-STORE sub-operations, each in its own context.
+_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+
+@dataclass(frozen=True)
+class _Peer:
+    aet: str  # called AE title (the PACS)
+    host: str
+    port: int
+
+    @property
+    def root(self) -> str:
+        return f"{_PREFIX}{self.aet}@{self.host}:{self.port}"
+
+
+def is_dimse(url: str) -> bool:
+    """True for ``dimse://`` source URLs, catalog URLs and locators."""
+    return url.startswith(_PREFIX)
+
+
+def _split(url: str) -> tuple[_Peer, str, dict[str, str]]:
+    """(peer, path, C-FIND filters) of a ``dimse://AET@host:port/path?filters`` URL."""
+    parsed = urllib.parse.urlsplit(url)
+    aet = urllib.parse.unquote(parsed.username or "")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if not aet or not _AE.match(aet) or not parsed.hostname or port is None:
+        raise ConfigError(
+            f"not a DIMSE source URL: {url!r}",
+            hint="dimse://AET@HOST:PORT?StudyInstanceUID=... (the PACS's AE title, host, port)",
+        )
+    filters = dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=False))
+    return _Peer(aet, parsed.hostname, port), parsed.path, filters
+
+
+def _options(storage_options: dict[str, Any] | None) -> tuple[str, float]:
+    options = storage_options or {}
+    calling = str(options.get("ae_title", "VOXLAKE"))
+    if not _AE.match(calling):
+        raise ConfigError(f"not an AE title: {calling!r}", hint="up to 16 characters, no '\\'")
+    return calling, float(options.get("timeout", 60))
+
+
+def _application_entity(calling: str, timeout: float) -> Any:
+    try:
+        from pynetdicom import AE
+    except ImportError as exc:
+        raise ConfigError(
+            "a DIMSE source needs pynetdicom", hint="pip install 'voxlake[pacs]'"
+        ) from exc
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    return ae
+
+
+def _associate(ae: Any, peer: _Peer, **kwargs: Any) -> Any:
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.aet, **kwargs)
+    if not assoc.is_established:
+        what = "rejected the association" if assoc.is_rejected else "is unreachable"
+        raise SourceError(
+            f"DIMSE peer {peer.aet}@{peer.host}:{peer.port} {what}",
+            code="source_unreachable",
+            hint="check the AE titles (calling: storage option ae_title), host and port",
+        )
+    return assoc
+
+
+def _query(level: str, keys: dict[str, str], returned: tuple[str, ...]) -> Dataset:
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataset import Dataset
+
+    query = Dataset()
+    query.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        if tag_for_keyword(keyword) is None:
+            raise ConfigError(f"not a DICOM keyword in the DIMSE query: {keyword!r}")
+        setattr(query, keyword, value)
+    for keyword in returned:
+        if keyword not in query:
+            setattr(query, keyword, "")
+    return query
+
+
+def _find(assoc: Any, query: Dataset, model: Any) -> list[Dataset]:
+    answers = []
+    for status, identifier in assoc.send_c_find(query, model):
+        if not status:  # no answer in time, or the association went away
+            raise SourceError("C-FIND got no answer", code="source_unreachable")
+        if status.Status in _PENDING:
+            answers.append(identifier)
+        elif status.Status != 0x0000:
+            raise SourceError(
+                f"C-FIND failed with status 0x{status.Status:04X}", code="source_unreachable"
+            )
+    return answers
+
+
+def _uid(answer: Dataset, keyword: str) -> str:
+    return str(answer.get(keyword, "") or "").strip()
+
+
+def list_instances(
+    url: str, *, secret: str, storage_options: dict[str, Any] | None = None
+) -> Iterator[FileRef | ListingProblem]:
+    """Yield one :class:`FileRef` per instance the URL's C-FIND filters match (and a
+    ``bad_response`` problem per answer whose UIDs are not UIDs)."""
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind as FIND,
+    )
+
+    from voxlake.ingest.sources import FileRef, ListingProblem
+
+    peer, _, filters = _split(url)
+    calling, timeout = _options(storage_options)
+    study_keys = {k: v for k, v in filters.items() if k not in _SERIES_KEYS | _IMAGE_KEYS}
+    series_keys = {k: v for k, v in filters.items() if k in _SERIES_KEYS}
+    image_keys = {k: v for k, v in filters.items() if k in _IMAGE_KEYS}
+    # Built before connecting: a misspelt keyword is a usage error, whatever the network.
+    study_query = _query("STUDY", study_keys, ("StudyInstanceUID",))
+    _query("IMAGE", {**series_keys, **image_keys}, ())
+    ae = _application_entity(calling, timeout)
+    ae.add_requested_context(FIND)
+    assoc = _associate(ae, peer)
+    try:
+        studies = _find(assoc, study_query, FIND)
+        for study in (_uid(a, "StudyInstanceUID") for a in studies):
+            if not _UID.match(study):
+                continue
+            keys = {**series_keys, "StudyInstanceUID": study}
+            answers = _find(assoc, _query("SERIES", keys, ("SeriesInstanceUID",)), FIND)
+            for series in (_uid(a, "SeriesInstanceUID") for a in answers):
+                if not _UID.match(series):
+                    continue
+                keys = {**image_keys, "StudyInstanceUID": study, "SeriesInstanceUID": series}
+                returned = ("SOPInstanceUID", "SOPClassUID")
+                for answer in _find(assoc, _query("IMAGE", keys, returned), FIND):
+                    sop, sop_class = _uid(answer, "SOPInstanceUID"), _uid(answer, "SOPClassUID")
+                    if not sop:
+                        continue
+                    safe = f"{peer.root}/instances/{keyed_hash(secret, 'instance', sop)}"
+                    uids = (study, series, sop, sop_class)
+                    if not all(len(uid) <= 64 and _UID.match(uid) for uid in uids):
+                        yield ListingProblem(
+                            safe, "bad_response", "C-FIND answered a malformed UID"
+                        )
+                        continue
+                    locator = (
+                        f"{peer.root}/studies/{study}/series/{series}/instances/{sop}"
+                        f"?class={sop_class}"
+                    )
+                    yield FileRef(safe, 0, 0.0, locator=locator)
+    finally:
+        assoc.release()
+
+
+def fetch_instance(
+    locator: str, *, max_bytes: int, storage_options: dict[str, Any] | None = None
+) -> bytes:
+    """Retrieve one instance with C-GET: the dataset as sent, with file meta, as a file."""
+    from pynetdicom import build_role, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelGet as GET,
+    )
+
+    peer, path, query = _split(locator)
+    parts = path.strip("/").split("/")
+    if len(parts) != 6 or parts[::2] != ["studies", "series", "instances"]:
+        raise SourceError(
+            "this DIMSE instance was not listed in the current run",
+            code="source_unavailable",
+            hint="give the DIMSE source again so its instances can be located",
+        )
+    study, series, sop = parts[1::2]
+    sop_class = query.get("class", "")
+    calling, timeout = _options(storage_options)
+    ae = _application_entity(calling, timeout)
+    ae.add_requested_context(GET)
+    for syntax in _SYNTAXES:  # one context per syntax: the PACS picks the stored one
+        ae.add_requested_context(sop_class, syntax)
+    received: list[bytes] = []
+    problems: list[str] = []
+
+    def on_store(event: Any) -> int:
+        data = event.encoded_dataset(include_meta=True)
+        if len(data) > max_bytes:
+            problems.append("file_too_large")
+            return 0xA700  # out of resources: the PACS stops sending
+        received.append(data)
+        return 0x0000
+
+    role = build_role(sop_class, scp_role=True)
+    assoc = _associate(ae, peer, ext_neg=[role], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        identifier = _query("IMAGE", {}, ())
+        identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study, series
+        identifier.SOPInstanceUID = sop
+        statuses = [status for status, _ in assoc.send_c_get(identifier, GET)]
+    finally:
+        assoc.release()
+    if problems:
+        raise SourceError(f"instance larger than the {max_bytes} byte cap", code="file_too_large")
+    if len(received) != 1:
+        codes = ", ".join(f"0x{s.Status:04X}" for s in statuses if s and "Status" in s)
+        raise SourceError(
+            f"C-GET returned {len(received)} instances instead of 1 (status {codes or 'none'})",
+            code="source_unavailable",
+        )
+    return received[0]
