@@ -6,6 +6,8 @@ with a code naming the kind of problem (never a value read from the file).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import zlib
 from typing import TYPE_CHECKING
@@ -13,6 +15,8 @@ from typing import TYPE_CHECKING
 from voxlake.errors import NotDicomError, SourceError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import pydicom
 
 __all__ = ["PIXEL_KEYWORDS", "parse_dicom_bytes"]
@@ -48,6 +52,24 @@ class _TruncationWatch(io.BytesIO):
         return chunk
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile.
+
+    pydicom reads nested sequences by recursion, so a hostile file's nesting drives it to
+    the interpreter's recursion limit (where it fails, and the file with it). A collection
+    that ran there would call the finalizers of unrelated objects without the stack they
+    need: they would fail ("Exception ignored in ...") and their resources stay unreleased.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:  # an overlapping parse in another thread leaves it to the first
+            gc.enable()
+
+
 def parse_dicom_bytes(data: bytes, *, max_bytes: int) -> tuple[pydicom.Dataset, bool]:
     """Parse DICOM bytes (gzip-wrapped, with or without preamble).
 
@@ -68,7 +90,8 @@ def parse_dicom_bytes(data: bytes, *, max_bytes: int) -> tuple[pydicom.Dataset, 
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
     stream = _TruncationWatch(data)
     try:
-        ds = pydicom.dcmread(stream, force=not has_preamble)
+        with _collector_paused():
+            ds = pydicom.dcmread(stream, force=not has_preamble)
     except InvalidDicomError as exc:
         raise NotDicomError("not a DICOM file") from exc
     except Exception as exc:
