@@ -294,9 +294,9 @@ def test_a_healed_series_loses_its_failure_and_nothing_else_is_deleted(
 def test_volume_commits_follow_the_commit_interval(
     tmp_path, tiny_sample, dask_client, monkeypatch, seconds
 ):
-    from voxlake.ingest import pipeline
+    from voxlake.ingest import _volume_stage
 
-    monkeypatch.setattr(pipeline, "VOLUME_COMMIT_SECONDS", seconds)
+    monkeypatch.setattr(_volume_stage, "VOLUME_COMMIT_SECONDS", seconds)
     catalog = str(tmp_path / "cat")
     report = ingest(
         [tiny_sample.root / "dicom"], catalog=catalog, store=str(tmp_path / "vol.zarr"),

@@ -1,0 +1,209 @@
+"""Stage 1 of an ingest run: list the sources, parse headers on the workers, commit the
+instance and failure rows as tasks complete (never appending a file twice, whatever other
+runs commit meanwhile)."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from voxlake.catalog.concurrent import ForeignRows
+from voxlake.catalog.query import open_catalog
+from voxlake.errors import CatalogError, SourceError, VoxlakeError
+from voxlake.ingest._run_state import APPEND_ATTEMPTS, RETRYABLE_CODES, RunState, sql_list
+from voxlake.ingest.headers import HeaderBatch, failure_row, read_headers
+from voxlake.ingest.report import ProgressEvent
+from voxlake.ingest.sources import iter_file_batches
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def _merge_batches(batches: list[HeaderBatch]) -> HeaderBatch:
+    """One batch holding the rows of several header tasks (committed together)."""
+    if len(batches) == 1:
+        return batches[0]
+    merged = HeaderBatch()
+    for batch in batches:
+        merged.instances += batch.instances
+        merged.failures += batch.failures
+        merged.bytes_read += batch.bytes_read
+        merged.key_map += batch.key_map
+        merged.pixel_spans.update(batch.pixel_spans)
+    return merged
+
+
+class HeaderStage(RunState):
+    """The header pass of a run."""
+
+    def seen_files(self) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]]:
+        catalog = open_catalog(self.catalog_url, storage_options=self.catalog_options)
+        # What other runs commit from this snapshot on (concurrent ingests): see _settle.
+        self.foreign = ForeignRows(
+            self.catalog_url, "instances", run_id=self.run_id, key="url",
+            columns=("url", "size", "mtime"), version=catalog.table_versions.get("instances"),
+            storage_options=self.catalog_options,
+        )  # fmt: skip
+        inst = catalog.read("instances", columns=["url", "size", "mtime"])
+        fails = catalog.read(
+            "failures", columns=["subject", "subject_kind", "size", "mtime", "code"]
+        )
+        fails = fails[fails["subject_kind"] == "file"]
+        retry = fails["code"].isin(RETRYABLE_CODES)  # never "unchanged": read them again
+        fails = fails.assign(
+            size=fails["size"].where(~retry, -1), mtime=fails.mtime.where(~retry, -1)
+        )
+        ok = {
+            u: (int(s), float(m))
+            for u, s, m in zip(inst.url, inst["size"], inst.mtime, strict=True)
+        }
+        bad = {
+            u: (int(s), float(m))
+            for u, s, m in zip(fails.subject, fails["size"], fails.mtime, strict=True)
+            if s == s and m == m  # not NaN
+        }
+        return ok, bad
+
+    def headers(self, client: Any) -> None:
+        from distributed import as_completed
+
+        ok, bad = self.seen_files()
+        pending = as_completed()
+        submitted = 0
+        done = 0
+        # Tasks are a quarter of a commit batch, at most 64 files: with few, large tasks
+        # one worker would still parse while the other idles. Results are committed a
+        # batch at a time, so the number of Delta commits does not grow.
+        task_size = min(64, max(16, self.config.batch_size // 4))
+        results: list[HeaderBatch] = []
+
+        def collect(batch: HeaderBatch, *, flush: bool = False) -> None:
+            nonlocal done
+            results.append(batch)
+            rows = sum(len(b.instances) + len(b.failures) for b in results)
+            if rows >= self.config.batch_size or flush:
+                done += self._commit_headers(_merge_batches(results), ok, bad)
+                results.clear()
+                self.progress(ProgressEvent("headers", done, submitted, self.report.bytes_read))
+
+        for files, problems in iter_file_batches(
+            self.sources,
+            batch_size=self.config.batch_size,
+            storage_options=self.config.storage_options,
+            max_member_bytes=self.config.max_file_bytes,
+            secret=self.secret,
+        ):
+            self.report.files_seen += len(files)
+            self.locators.update((f.url, f.locator) for f in files if f.locator)
+            fresh = [f for f in files if ok.get(f.url, bad.get(f.url)) != (f.size, f.mtime)]
+            self.report.files_skipped += len(files) - len(fresh)
+            if problems:
+                rows = [
+                    failure_row(
+                        subject=p.url,
+                        subject_kind="file",
+                        error=VoxlakeError(p.message, code=p.code),
+                        run_id=self.run_id,
+                        stage="file",
+                    )
+                    for p in problems
+                ]
+                self.count_failures(rows)
+                self.commit({"failures": rows}, "listing")
+            for start in range(0, len(fresh), task_size):
+                pending.add(
+                    client.submit(
+                        read_headers,
+                        fresh[start : start + task_size],
+                        secret=self.secret,
+                        config=self.config,
+                        run_id=self.run_id,
+                        pure=False,
+                    )
+                )
+            submitted += len(fresh)
+            self.progress(ProgressEvent("files", self.report.files_seen, None))
+            while pending.has_ready():
+                collect(next(pending).result())
+        for future in pending:
+            collect(future.result())
+        if results:
+            collect(HeaderBatch(), flush=True)
+
+    def _commit_headers(self, batch: HeaderBatch, ok: dict[str, Any], bad: dict[str, Any]) -> int:
+        if self.key_map is not None and batch.key_map:
+            self.key_map.write(batch.key_map, run_id=self.run_id)  # before keys reach the catalog
+        self.report.bytes_read += batch.bytes_read
+        self.report.instances += len(batch.instances)
+        if not self.config.headers_only:  # no volume task of this run will read them
+            self.pixel_spans.update(batch.pixel_spans)
+        self.count_failures(batch.failures)
+        self._absorb(self.foreign.poll(), ok)
+        # A file that now parses clears its old failure; one that now fails loses its row.
+        healed = [r["url"] for r in batch.instances if r["url"] in bad]
+        broken = [r["subject"] for r in batch.failures if r["subject"] in ok]
+        if healed:
+            self.writer.delete("failures", f"subject IN ({sql_list(healed)})", run_id=self.run_id)
+        if broken:
+            self.writer.delete("instances", f"url IN ({sql_list(broken)})", run_id=self.run_id)
+        # The poll above is current unless this run just changed `instances` itself.
+        fresh = self._append_new(batch.instances, ok, polled=not broken)
+        appended = {r["url"] for r in fresh}
+        changed = [r for r in batch.instances if r["url"] in ok and r["url"] not in appended]
+        self.commit({"instances": changed, "failures": batch.failures}, "headers")
+        if (fresh or healed or broken) and not (changed or batch.failures):
+            self.report.catalog_version = self.writer.record_commit(
+                run_id=self.run_id, operation="headers"
+            )
+        return len(batch.instances) + len(batch.failures)
+
+    def _append_new(
+        self, rows: list[dict[str, Any]], ok: dict[str, Any], *, polled: bool
+    ) -> list[dict[str, Any]]:
+        """Append the rows of files no run has catalogued; return them.
+
+        The append lands only if nobody committed to ``instances`` since the poll that
+        decided what is new; otherwise the rows another run added meanwhile are absorbed
+        (merged as changed rows instead) and the rest tried again. Two concurrent runs can
+        therefore never both append one file, not even for one table version.
+        """
+        for attempt in range(1, APPEND_ATTEMPTS + 1):
+            if attempt > 1 or not polled:
+                self._absorb(self.foreign.poll(), ok)
+            fresh = [r for r in rows if r["url"] not in ok]
+            if not fresh:
+                return []
+            version = self.writer.append_if_current(
+                "instances", fresh, run_id=self.run_id, version=self.foreign.version
+            )
+            if version is not None:
+                ok.update((r["url"], (int(r["size"]), float(r["mtime"]))) for r in fresh)
+                return fresh
+            time.sleep(random.uniform(0.01, 0.05) * attempt)  # another run committed: look again
+        raise CatalogError(
+            f"could not append to 'instances' in {APPEND_ATTEMPTS} attempts: other writers"
+            " kept committing in between",
+            code="catalog_contended",
+            hint="run again; fewer concurrent ingests into one catalog commit sooner",
+        )
+
+    @staticmethod
+    def _absorb(rows: pd.DataFrame, ok: dict[str, Any]) -> None:
+        """Files another run catalogued meanwhile: merged, not appended, from now on."""
+        ok.update(
+            (u, (int(s), float(m)))
+            for u, s, m in zip(rows["url"], rows["size"], rows["mtime"], strict=True)
+        )
+
+    def check_sources(self) -> None:
+        """Files the source stopped delivering could be slices of any series: building
+        volumes now could store a series without them. Stop instead; a re-run reads them."""
+        unread = self.codes.get("source_unreachable", 0)
+        if unread:
+            raise SourceError(
+                f"{unread} files could not be read (the source stopped answering);"
+                " no volume was built",
+                code="source_unreachable",
+                hint="run the same command again when the source answers",
+            )

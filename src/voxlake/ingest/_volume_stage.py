@@ -1,0 +1,190 @@
+"""Stage 2 of an ingest run: plan the catalogued series, build each volume on a worker,
+commit the volume rows as they complete."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+from voxlake.catalog.concurrent import ForeignRows
+from voxlake.catalog.query import open_catalog
+from voxlake.errors import VoxlakeError
+from voxlake.ingest._run_state import RETRYABLE_CODES, VOLUME_COMMIT_SECONDS, RunState, sql_list
+from voxlake.ingest.headers import failure_row
+from voxlake.ingest.readers.dicom import build_volume
+from voxlake.ingest.readers.native import STORED_SPAN_COLUMNS, stored_spans, with_pixel_spans
+from voxlake.ingest.report import ProgressEvent
+from voxlake.ingest.series import VolumePlan, iter_volume_plans
+
+_PLAN_COLUMNS = [
+    "url", "content_hash", "patient_key", "study_key", "series_key", "instance_key",
+    "has_pixels", "file_format", "modality", "manufacturer", "manufacturer_model_name",
+    "body_part_examined", "study_description", "series_description", "protocol_name",
+    "series_number", "study_date", "patient_age", "patient_sex",
+    "image_orientation_patient", "image_position_patient", "pixel_spacing", "rows", "columns",
+    "number_of_frames", "samples_per_pixel", "bits_allocated", "bits_stored",
+    "pixel_representation", "rescale_slope", "rescale_intercept", "rescale_type",
+    "echo_numbers", "acquisition_number", "temporal_position_identifier", "instance_number",
+    "image_type", "echo_time", "repetition_time", "trigger_time", "layout", "frames_json",
+    "mosaic_tiles", "b_value", "b_vector", "philips_scale_slope", "array_shape",
+    "array_affine", "array_dtype", "photometric_interpretation", "slice_thickness",
+]  # fmt: skip
+
+
+def _digest(*parts: str) -> str:
+    import hashlib
+
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).hexdigest()
+
+
+class VolumeStage(RunState):
+    """The volume builds of a run."""
+
+    def plan_and_submit(self, client: Any) -> dict[Any, VolumePlan]:
+        """Plan the catalogued series; submit each volume to build as soon as it is planned
+        (the workers start while later series are planned). Returns future -> plan."""
+        catalog = open_catalog(self.catalog_url, storage_options=self.catalog_options)
+        columns = list(dict.fromkeys([*_PLAN_COLUMNS, *STORED_SPAN_COLUMNS]))
+        instances = catalog.read("instances", columns=columns)
+        # Files read by earlier runs (a --headers-only survey, say): their pixels are read
+        # at the offsets those runs kept, like this run's own files.
+        self.pixel_spans.update(stored_spans(instances, skip=self.pixel_spans))
+        volumes = catalog.read("volumes", columns=["volume_id", "revision"])
+        failures = catalog.read(
+            "failures", columns=["failure_id", "code", "subject_kind", "subject"]
+        )
+        known_failures = set(failures.failure_id)
+        self._note_failed(failures)
+        self.foreign_failures = ForeignRows(
+            self.catalog_url, "failures", run_id=self.run_id, key="failure_id",
+            columns=("subject_kind", "subject"), version=catalog.table_versions.get("failures"),
+            storage_options=self.catalog_options,
+        )  # fmt: skip
+        final = set(failures.failure_id[~failures.code.isin(RETRYABLE_CODES)])
+        committed = dict(zip(volumes.volume_id, volumes.revision, strict=True))
+        # Preprocessing changes what is stored: it is part of the revision.
+        steps = (
+            json.dumps(dataclasses.asdict(self.config.preprocess), sort_keys=True)
+            if self.config.preprocess.enabled
+            else None
+        )
+        rows: list[dict[str, Any]] = []
+        futures: dict[Any, VolumePlan] = {}
+        for result in iter_volume_plans(
+            instances,
+            spacing_tolerance=self.config.spacing_tolerance,
+            philips_scaling=self.config.philips_scaling,
+            resample_irregular=self.config.resample_irregular,
+            max_voxels=self.config.max_voxels,
+        ):
+            if not isinstance(result, VolumePlan):
+                row = failure_row(
+                    subject=result.subject, subject_kind="series", error=result.error,
+                    run_id=self.run_id,
+                )  # fmt: skip
+                if row["failure_id"] not in known_failures:
+                    rows.append(row)
+                continue
+            plan = result
+            if steps is not None:
+                plan = dataclasses.replace(plan, revision=_digest(plan.revision, steps))
+            fid = failure_row(
+                subject=plan.volume_id, subject_kind="volume", error=VoxlakeError(""),
+                run_id="", stage="volume", discriminator=plan.revision,
+            )["failure_id"]  # fmt: skip
+            if committed.get(plan.volume_id) == plan.revision or fid in final:
+                self.report.volumes_skipped += 1
+            else:
+                futures[self._submit(client, plan)] = plan
+        self.count_failures(rows)
+        self.commit({"failures": rows}, "assemble")
+        self._note_failed(rows)
+        return futures
+
+    def _submit(self, client: Any, plan: VolumePlan) -> Any:
+        return client.submit(
+            build_volume,
+            self._locate(plan),
+            store_url=self.store_url,
+            store_config=self.config.store,
+            run_id=self.run_id,
+            max_file_bytes=self.config.max_file_bytes,
+            storage_options=self.config.storage_options,
+            store_storage_options=self.store_options,
+            preprocess=self.config.preprocess if self.config.preprocess.enabled else None,
+            key=f"volume-{plan.volume_id}-{plan.revision}-{self.run_id}",
+            pure=False,
+        )
+
+    def _locate(self, plan: VolumePlan) -> VolumePlan:
+        """The plan with this run's pixel spans, and in-memory locators in place of
+        catalog URLs (DICOMweb)."""
+        plan = with_pixel_spans(plan, self.pixel_spans)
+        if not self.locators or not any(s.url in self.locators for s in plan.slices):
+            return plan
+        slices = tuple(
+            dataclasses.replace(s, url=self.locators.get(s.url, s.url)) for s in plan.slices
+        )
+        return dataclasses.replace(plan, slices=slices)
+
+    def volumes(self, futures: dict[Any, VolumePlan]) -> None:
+        """Commit the volumes of ``futures`` (from :meth:`plan_and_submit`) as they complete."""
+        from distributed import as_completed
+
+        rows: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        last_commit = time.perf_counter()
+        every = max(1, min(32, len(futures) // 10))
+        self.progress(ProgressEvent("volumes", 0, len(futures)))
+        for done, future in enumerate(as_completed(futures), start=1):
+            plan = futures[future]
+            try:
+                rows.append(future.result())
+            except VoxlakeError as exc:
+                if self.config.on_error == "raise":
+                    raise
+                failures.append(self._volume_failure(plan, exc))
+            except Exception as exc:
+                if self.config.on_error == "raise":
+                    raise
+                error = VoxlakeError(
+                    f"{type(exc).__name__} while building the volume", code="volume_error"
+                )
+                failures.append(self._volume_failure(plan, error))
+            self.progress(ProgressEvent("volumes", done, len(futures)))
+            waited = time.perf_counter() - last_commit
+            if waited >= VOLUME_COMMIT_SECONDS[1] or (
+                waited >= VOLUME_COMMIT_SECONDS[0] and len(rows) + len(failures) >= every
+            ):
+                self._commit_volumes(rows, failures)
+                rows, failures, last_commit = [], [], time.perf_counter()
+        self._commit_volumes(rows, failures)
+
+    def _volume_failure(self, plan: VolumePlan, error: VoxlakeError) -> dict[str, Any]:
+        return failure_row(
+            subject=plan.volume_id, subject_kind="volume", error=error, run_id=self.run_id,
+            stage="volume", discriminator=plan.revision,
+        )  # fmt: skip
+
+    def _commit_volumes(self, rows: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
+        self.report.volumes_written += len(rows)
+        self.count_failures(failures)
+        # The series now assembles: clear its old assembly (and volume) failures, if it
+        # has any (a delete that matches nothing is still a Delta commit).
+        if self.foreign_failures is not None:
+            self._note_failed(self.foreign_failures.poll())
+        stale = {
+            kind: sorted({r[column] for r in rows if (kind, r[column]) in self.failed})
+            for kind, column in (("series", "series_key"), ("volume", "volume_id"))
+        }
+        if any(stale.values()):
+            predicate = " OR ".join(
+                f"(subject_kind = '{kind}' AND subject IN ({sql_list(subjects)}))"
+                for kind, subjects in stale.items()
+                if subjects
+            )
+            self.writer.delete("failures", predicate, run_id=self.run_id)
+        self.commit({"volumes": rows, "failures": failures}, "volumes")
+        self._note_failed(failures)
