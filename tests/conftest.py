@@ -184,7 +184,9 @@ def orthanc(tmp_path_factory):
     }
     (root / "orthanc.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "wb")
-    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log)
+    # DCMTK (Orthanc's DICOM stack) leaves Nagle's algorithm on unless told otherwise.
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:

@@ -102,3 +102,23 @@ def test_unreachable_pacs_and_bad_urls_are_clear_errors(tmp_path, dask_client):
         list(list_source("dimse://127.0.0.1:104", secret=SECRET))
     with pytest.raises(ConfigError, match="not a DICOM keyword"):
         list(list_source("dimse://PACS@127.0.0.1:9?Modalty=CT", secret=SECRET))
+
+
+def test_associations_do_not_wait_on_nagles_algorithm(pacs, monkeypatch):
+    import socket
+
+    from voxlake.ingest import dimse
+
+    options: list[int] = []
+    associate = dimse._associate
+
+    def recording(*args, **kwargs):
+        assoc = associate(*args, **kwargs)
+        sock = assoc.dul.socket.socket
+        options.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        return assoc
+
+    monkeypatch.setattr(dimse, "_associate", recording)
+    (ref, *_) = list_source(f"{pacs}?Modality=MR", secret=SECRET)
+    open_bytes(ref.fetch_url, max_bytes=1 << 30)
+    assert len(options) == 2 and all(options)  # the C-FIND and the C-GET association

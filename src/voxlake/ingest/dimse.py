@@ -27,7 +27,9 @@ DIMSE timeouts in seconds. Needs ``pynetdicom`` (``pip install 'voxlake[pacs]'``
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -134,6 +136,12 @@ def _associate(ae: Any, peer: _Peer, **kwargs: Any) -> Any:
             code="source_unreachable",
             hint="check the AE titles (calling: storage option ae_title), host and port",
         )
+    # Each DIMSE exchange is a few small writes: with Nagle's algorithm on, every one can
+    # wait for a delayed ACK (40 ms on Linux), which measured 88 -> 47 ms per C-FIND and
+    # 134 -> 92 ms per C-GET against Orthanc on loopback (3 and 8 ms with the PACS's side
+    # off too). pynetdicom has no option for it; its socket is reached where it lives.
+    with contextlib.suppress(AttributeError, OSError):
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return assoc
 
 
