@@ -62,10 +62,12 @@ def test_ingest_one_modality_from_the_pacs(pacs, tiny_sample, tmp_path, dask_cli
     assert 0 < len(wanted) < len(tiny_sample.series)
     # Modality is a series key: asked at the SERIES level of each study.
     source = f"{pacs}?Modality=MR"
-    config = IngestConfig(secret=SECRET)
+    # As the CLI passes --storage-options: to the sources, the catalog and the store.
+    options = {"ae_title": "VOXLAKE", "timeout": 30}
+    config = IngestConfig(secret=SECRET, storage_options=options)
     report = ingest(
         [source], catalog=tmp_path / "cat", store=tmp_path / "vol.zarr", config=config,
-        client=dask_client,
+        client=dask_client, catalog_storage_options=options, store_storage_options=options,
     )  # fmt: skip
     assert report.failures == 0, report.failures_by_code
     assert report.volumes_written == len(wanted) > 0
@@ -122,3 +124,13 @@ def test_associations_do_not_wait_on_nagles_algorithm(pacs, monkeypatch):
     (ref, *_) = list_source(f"{pacs}?Modality=MR", secret=SECRET)
     open_bytes(ref.fetch_url, max_bytes=1 << 30)
     assert len(options) == 2 and all(options)  # the C-FIND and the C-GET association
+
+
+def test_a_calling_ae_title_the_pacs_does_not_know_is_a_clear_error(pacs):
+    with pytest.raises(SourceError) as info:
+        list(list_source(f"{pacs}?Modality=MR", secret=SECRET,
+                         storage_options={"ae_title": "STRANGER"}))  # fmt: skip
+    assert info.value.code == "source_unreachable" and "ae_title" in str(info.value.hint)
+    with pytest.raises(ConfigError, match="not an AE title"):
+        list(list_source(f"{pacs}?Modality=MR", secret=SECRET,
+                         storage_options={"ae_title": "A" * 17}))  # fmt: skip

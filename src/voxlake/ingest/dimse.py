@@ -56,6 +56,10 @@ _IMAGE_KEYS = frozenset({"SOPInstanceUID", "SOPClassUID", "InstanceNumber"})
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _AE = re.compile(r"^[ -\[\]-~]{1,16}$")  # PS3.5 AE: 16 characters, no backslash
 _PENDING = (0xFF00, 0xFF01)
+_PERMISSION_HINT = (
+    "check that the PACS knows voxlake's calling AE title (storage option ae_title, default "
+    "VOXLAKE) and lets it query and retrieve"
+)
 #: Transfer syntaxes offered for C-GET's C-STORE sub-operations, each in its own context.
 _SYNTAXES = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
@@ -164,8 +168,12 @@ def _query(level: str, keys: dict[str, str], returned: tuple[str, ...]) -> Datas
 def _find(assoc: Any, query: Dataset, model: Any) -> list[Dataset]:
     answers = []
     for status, identifier in assoc.send_c_find(query, model):
-        if not status:  # no answer in time, or the association went away
-            raise SourceError("C-FIND got no answer", code="source_unreachable")
+        if not status:  # no answer in time, or the PACS aborted the association
+            raise SourceError(
+                "the PACS aborted the association or did not answer a C-FIND",
+                code="source_unreachable",
+                hint=_PERMISSION_HINT,
+            )
         if status.Status in _PENDING:
             answers.append(identifier)
         elif status.Status != 0x0000:
@@ -284,5 +292,6 @@ def fetch_instance(
         raise SourceError(
             f"C-GET returned {len(received)} instances instead of 1 (status {codes or 'none'})",
             code="source_unavailable",
+            hint=_PERMISSION_HINT,
         )
     return received[0]
