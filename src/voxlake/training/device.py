@@ -60,7 +60,7 @@ def _normalize_with_torch(image: torch.Tensor, params: torch.Tensor, *, clip: bo
 
 def _padded(valid: torch.Tensor, image: torch.Tensor) -> bool:
     """Whether any ``valid`` box (``(..., 3, 2)`` start/stop) leaves padding in ``image``."""
-    boxes = valid.numpy().reshape(-1, 3, 2)
+    boxes = valid.cpu().numpy().reshape(-1, 3, 2)  # no copy when on the host already
     sizes = np.asarray(image.shape[-3:])
     return bool((boxes[:, :, 0] != 0).any() or (boxes[:, :, 1] != sizes).any())
 
@@ -97,7 +97,7 @@ def normalize_on_device(
     valid = batch.get("valid")
     # Decided on the host, before the copy: asking the device would synchronise. Each
     # kernel or copy saved counts: a small model's step is bound by kernel launches.
-    clip = params is not None and bool(np.isfinite(params[..., 2:].numpy()).any())
+    clip = params is not None and bool(np.isfinite(params[..., 2:].cpu().numpy()).any())
     if params is not None and valid is not None and not _padded(valid, batch[key]):
         valid = None
     out = {
