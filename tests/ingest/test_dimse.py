@@ -83,6 +83,8 @@ def test_ingest_one_modality_from_the_pacs(pacs, tiny_sample, tmp_path, dask_cli
         assert planted not in text
     for series in wanted:
         assert series.spec.series_instance_uid not in text
+    # The run keeps its source without the filter's value (a filter can name a patient).
+    assert [list(s) for s in catalog.runs.sources] == [[f"{pacs}?Modality=*"]]
     again = ingest(
         [source], catalog=tmp_path / "cat", store=tmp_path / "vol.zarr", config=config,
         client=dask_client,
@@ -100,8 +102,9 @@ def test_unreachable_pacs_and_bad_urls_are_clear_errors(tmp_path, dask_client):
     with pytest.raises(SourceError) as info:
         list(list_source("dimse://PACS@127.0.0.1:9?Modality=CT", secret=SECRET))
     assert info.value.code == "source_unreachable"
-    with pytest.raises(ConfigError, match="not a DIMSE source URL"):
-        list(list_source("dimse://127.0.0.1:104", secret=SECRET))
+    with pytest.raises(ConfigError, match="not a DIMSE source URL") as bad:
+        list(list_source("dimse://127.0.0.1:104?PatientID=SECRET-ID-42", secret=SECRET))
+    assert "SECRET-ID-42" not in str(bad.value) + str(bad.value.hint)
     with pytest.raises(ConfigError, match="not a DICOM keyword"):
         list(list_source("dimse://PACS@127.0.0.1:9?Modalty=CT", secret=SECRET))
 

@@ -175,3 +175,21 @@ def test_s3_source_into_s3_catalog_and_store(tiny_sample, s3_bucket, dask_client
         client=dask_client,
     )
     assert again.files_skipped == again.files_seen and again.volumes_written == 0
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("/data/dicom", "/data/dicom"),
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+        ("zip://P1/IM1::/data/a.zip", "zip://P1/IM1::/data/a.zip"),
+        ("dimse://PACS@pacs:104?PatientID=P123&Modality=CT", "dimse://PACS@pacs:104?PatientID=*&Modality=*"),
+        ("dicomweb+https://me:pw@pacs/dicom-web?PatientName=DOE^JOHN",
+         "dicomweb+https://me@pacs/dicom-web?PatientName=*"),
+        ("https://me:pw@host/archive.zip", "https://me@host/archive.zip"),
+    ],
+)  # fmt: skip
+def test_runs_keep_sources_without_passwords_or_pacs_filter_values(given, kept):
+    from voxlake.ingest.sources import recorded_source
+
+    assert recorded_source(given) == kept

@@ -321,7 +321,12 @@ _RUN_TABLE_COLUMNS: tuple[Column, ...] = (
     Column("status", "str", "running, completed, failed or interrupted."),
     Column("started_at", "ts", "Start time (UTC)."),
     Column("finished_at", "ts", "End time (UTC)."),
-    Column("sources", "strs", "Source URLs given to the run."),
+    Column(
+        "sources",
+        "strs",
+        "Source URLs given to the run, without passwords; a PACS query's filter values are"
+        " replaced by * (a filter can name a patient).",
+    ),
     Column("config_json", "str", "Ingest configuration (secret omitted)."),
     Column("versions_json", "str", "Versions of voxlake and its codecs."),
     Column("files_seen", "int", "Files listed."),

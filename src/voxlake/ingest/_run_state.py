@@ -23,6 +23,7 @@ from voxlake.ingest.report import (
     new_run_id,
     versions_json,
 )
+from voxlake.ingest.sources import recorded_source
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -108,7 +109,7 @@ class RunState:
             "status": status,
             "started_at": self.started,
             "finished_at": None if status == "running" else dt.datetime.now(dt.UTC),
-            "sources": self.sources,
+            "sources": [recorded_source(source) for source in self.sources],
             "config_json": config_json(self.config),
             "versions_json": versions_json(),
             "files_seen": r.files_seen,

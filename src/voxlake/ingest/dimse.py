@@ -103,9 +103,11 @@ def _split(url: str) -> tuple[_Peer, str, dict[str, str]]:
     except ValueError:
         port = None
     if not aet or not _AE.match(aet) or not parsed.hostname or port is None:
+        # The URL is not quoted: its filters can hold identifiers (PatientID=...), and a
+        # failed run's message is kept in the catalog's runs table.
         raise ConfigError(
-            f"not a DIMSE source URL: {url!r}",
-            hint="dimse://AET@HOST:PORT?StudyInstanceUID=... (the PACS's AE title, host, port)",
+            "not a DIMSE source URL: it needs the PACS's AE title, host and port",
+            hint="dimse://AET@HOST:PORT?StudyInstanceUID=...",
         )
     filters = dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=False))
     return _Peer(aet, parsed.hostname, port), parsed.path, filters

@@ -37,6 +37,7 @@ __all__ = [
     "list_source",
     "local_path_of",
     "open_kwargs",
+    "recorded_source",
 ]
 
 _SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
@@ -87,6 +88,26 @@ def _local_url(path: str) -> str:
         return path
     except UnicodeEncodeError:
         return "file://" + urllib.parse.quote(os.fsencode(path), safe="/")
+
+
+def recorded_source(url: str) -> str:
+    """``url`` as the catalog's ``runs`` table keeps it: without a password, and for a PACS
+    query (``dicomweb+...``, ``dimse://``) with every filter value replaced by ``*`` (a
+    filter can name a patient: ``PatientID=...``, ``PatientName=...``)."""
+    if "://" not in url or "::" in url:  # a path, or a chained archive member URL
+        return url
+    parts = urllib.parse.urlsplit(url)
+    pacs_query = url.startswith(("dicomweb+", "dimse://")) and bool(parts.query)
+    if parts.password is None and not pacs_query:
+        return url
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(":" + parts.password + "@", "@", 1)
+    query = parts.query
+    if pacs_query:
+        keys = [key for key, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)]
+        query = "&".join(f"{key}=*" for key in keys)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def local_path_of(url: str) -> str | None:
