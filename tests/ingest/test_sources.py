@@ -187,6 +187,7 @@ def test_s3_source_into_s3_catalog_and_store(tiny_sample, s3_bucket, dask_client
         ("dicomweb+https://me:pw@pacs/dicom-web?PatientName=DOE^JOHN",
          "dicomweb+https://me@pacs/dicom-web?PatientName=*"),
         ("https://me:pw@host/archive.zip", "https://me@host/archive.zip"),
+        ("zip://P1/IM1::https://me:pw@host/a.zip", "zip://P1/IM1::https://me@host/a.zip"),
     ],
 )  # fmt: skip
 def test_runs_keep_sources_without_passwords_or_pacs_filter_values(given, kept):

@@ -94,7 +94,10 @@ def recorded_source(url: str) -> str:
     """``url`` as the catalog's ``runs`` table keeps it: without a password, and for a PACS
     query (``dicomweb+...``, ``dimse://``) with every filter value replaced by ``*`` (a
     filter can name a patient: ``PatientID=...``, ``PatientName=...``)."""
-    if "://" not in url or "::" in url:  # a path, or a chained archive member URL
+    if "::" in url:  # a chained archive member URL: the member, then the archive's URL
+        member, _, archive = url.rpartition("::")
+        return f"{member}::{recorded_source(archive)}"
+    if "://" not in url:
         return url
     parts = urllib.parse.urlsplit(url)
     pacs_query = url.startswith(("dicomweb+", "dimse://")) and bool(parts.query)
