@@ -137,3 +137,37 @@ def test_a_calling_ae_title_the_pacs_does_not_know_is_a_clear_error(pacs):
     with pytest.raises(ConfigError, match="not an AE title"):
         list(list_source(f"{pacs}?Modality=MR", secret=SECRET,
                          storage_options={"ae_title": "A" * 17}))  # fmt: skip
+
+
+def test_a_header_task_and_a_volume_build_reuse_their_associations(pacs, monkeypatch):
+    from voxlake.ingest import dimse
+    from voxlake.ingest.headers import read_headers
+    from voxlake.ingest.readers.dicom import FrameDecoder
+
+    refs = list(list_source(f"{pacs}?Modality=MR", secret=SECRET))
+    opened, released = [], []
+    getter_init, getter_release = dimse._Getter.__init__, dimse._Getter.release
+
+    def counting_init(self, *args, **kwargs):
+        getter_init(self, *args, **kwargs)
+        opened.append(self)
+
+    def counting_release(self):
+        released.append(self)
+        getter_release(self)
+
+    monkeypatch.setattr(dimse._Getter, "__init__", counting_init)
+    monkeypatch.setattr(dimse._Getter, "release", counting_release)
+    config = IngestConfig(secret=SECRET, read_ahead=3)
+    batch = read_headers(refs, secret=SECRET, config=config, run_id="r")
+    assert len(batch.instances) == len(refs) > 8 and not batch.failures
+    # At most one association per read thread (read-ahead 3, one SOP class): not per file.
+    assert 1 <= len(opened) <= 3
+    assert released == opened and not any(g.assoc.is_established for g in opened)
+
+    opened.clear(), released.clear()
+    with FrameDecoder(max_file_bytes=1 << 30, storage_options=None) as decoder:
+        for ref in refs[:6]:
+            decoder._dataset(ref.fetch_url)
+        assert len(opened) == 1 and not released  # one association, kept open
+    assert released == opened

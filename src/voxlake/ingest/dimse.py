@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
     from voxlake.ingest.sources import FileRef, ListingProblem
 
-__all__ = ["fetch_instance", "is_dimse", "list_instances"]
+__all__ = ["Associations", "fetch_instance", "is_dimse", "list_instances"]
 
 _PREFIX = "dimse://"
 #: Keywords searched at the series and instance levels; any other is a patient or study key.
@@ -243,15 +244,109 @@ def list_instances(
         assoc.release()
 
 
-def fetch_instance(
-    locator: str, *, max_bytes: int, storage_options: dict[str, Any] | None = None
-) -> bytes:
-    """Retrieve one instance with C-GET: the dataset as sent, with file meta, as a file."""
-    from pynetdicom import build_role, evt
+class _Getter:
+    """One association for C-GET of one SOP class, with the C-STORE handler that catches
+    what the PACS sends back on it."""
+
+    def __init__(self, peer: _Peer, calling: str, timeout: float, sop_class: str) -> None:
+        from pynetdicom import build_role, evt
+
+        ae = _application_entity(calling, timeout)
+        ae.add_requested_context(_get_model())
+        for syntax in _SYNTAXES:  # one context per syntax: the PACS picks the stored one
+            ae.add_requested_context(sop_class, syntax)
+        self.received: list[bytes] = []
+        self.too_large = False
+        self.max_bytes = 0
+        role = build_role(sop_class, scp_role=True)
+        handlers = [(evt.EVT_C_STORE, self._on_store)]
+        self.assoc = _associate(ae, peer, ext_neg=[role], evt_handlers=handlers)
+
+    def _on_store(self, event: Any) -> int:
+        data = event.encoded_dataset(include_meta=True)
+        if len(data) > self.max_bytes:
+            self.too_large = True
+            return 0xA700  # out of resources: the PACS stops sending
+        self.received.append(data)
+        return 0x0000
+
+    def get(self, study: str, series: str, sop: str, max_bytes: int) -> tuple[list[bytes], Any]:
+        """The instances the PACS sent for one C-GET, and its statuses."""
+        self.received, self.too_large, self.max_bytes = [], False, max_bytes
+        identifier = _query("IMAGE", {}, ())
+        identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study, series
+        identifier.SOPInstanceUID = sop
+        statuses = [status for status, _ in self.assoc.send_c_get(identifier, _get_model())]
+        return self.received, statuses
+
+    def release(self) -> None:
+        with contextlib.suppress(Exception):
+            self.assoc.release()
+
+
+def _get_model() -> Any:
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
         StudyRootQueryRetrieveInformationModelGet as GET,
     )
 
+    return GET
+
+
+class Associations:
+    """C-GET associations kept open for a scope (a header task, a volume build) and released
+    when it ends: one per thread, PACS and SOP class instead of one per instance.
+
+    Use as a context manager and pass it to :func:`fetch_instance` (through
+    ``open_bytes``); without one, each instance gets its own association.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple[int, _Peer, str, float, str], _Getter] = {}
+
+    def __enter__(self) -> Associations:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every association this scope opened."""
+        with self._lock:
+            getters, self._open = list(self._open.values()), {}
+        for getter in getters:
+            getter.release()
+
+    def getter(self, peer: _Peer, calling: str, timeout: float, sop_class: str) -> _Getter:
+        key = (threading.get_ident(), peer, calling, timeout, sop_class)
+        with self._lock:
+            getter = self._open.get(key)
+        if getter is None or not getter.assoc.is_established:
+            getter = _Getter(peer, calling, timeout, sop_class)
+            with self._lock:
+                self._open[key] = getter
+        return getter
+
+    def drop(self, getter: _Getter) -> None:
+        """Forget (and release) an association that failed."""
+        with self._lock:
+            self._open = {k: g for k, g in self._open.items() if g is not getter}
+        getter.release()
+
+
+def fetch_instance(
+    locator: str,
+    *,
+    max_bytes: int,
+    storage_options: dict[str, Any] | None = None,
+    associations: Associations | None = None,
+) -> bytes:
+    """Retrieve one instance with C-GET: the dataset as sent, with file meta, as a file.
+
+    With ``associations``, the C-GET runs on an association of that scope (opened at the
+    first instance of its thread and SOP class); a reused association that fails is
+    replaced once.
+    """
     peer, path, query = _split(locator)
     parts = path.strip("/").split("/")
     if len(parts) != 6 or parts[::2] != ["studies", "series", "instances"]:
@@ -263,31 +358,26 @@ def fetch_instance(
     study, series, sop = parts[1::2]
     sop_class = query.get("class", "")
     calling, timeout = _options(storage_options)
-    ae = _application_entity(calling, timeout)
-    ae.add_requested_context(GET)
-    for syntax in _SYNTAXES:  # one context per syntax: the PACS picks the stored one
-        ae.add_requested_context(sop_class, syntax)
-    received: list[bytes] = []
-    problems: list[str] = []
-
-    def on_store(event: Any) -> int:
-        data = event.encoded_dataset(include_meta=True)
-        if len(data) > max_bytes:
-            problems.append("file_too_large")
-            return 0xA700  # out of resources: the PACS stops sending
-        received.append(data)
-        return 0x0000
-
-    role = build_role(sop_class, scp_role=True)
-    assoc = _associate(ae, peer, ext_neg=[role], evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    try:
-        identifier = _query("IMAGE", {}, ())
-        identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study, series
-        identifier.SOPInstanceUID = sop
-        statuses = [status for status, _ in assoc.send_c_get(identifier, GET)]
-    finally:
-        assoc.release()
-    if problems:
+    if associations is None:
+        getter = _Getter(peer, calling, timeout, sop_class)
+        try:
+            received, statuses = getter.get(study, series, sop, max_bytes)
+        finally:
+            getter.release()
+    else:
+        for attempt in (1, 2):
+            getter = associations.getter(peer, calling, timeout, sop_class)
+            try:
+                received, statuses = getter.get(study, series, sop, max_bytes)
+            except Exception:
+                associations.drop(getter)
+                if attempt == 2:
+                    raise
+                continue
+            if received or getter.too_large or all(statuses) or attempt == 2:
+                break
+            associations.drop(getter)  # no answer: the PACS may have closed it when idle
+    if getter.too_large:
         raise SourceError(f"instance larger than the {max_bytes} byte cap", code="file_too_large")
     if len(received) != 1:
         codes = ", ".join(f"0x{s.Status:04X}" for s in statuses if s and "Status" in s)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from voxlake.config import IngestConfig
+    from voxlake.ingest.dimse import Associations
     from voxlake.ingest.sources import FileRef
 
 __all__ = ["READ_AHEAD_BYTES", "READ_AHEAD_FILES", "open_bytes", "read_ahead"]
@@ -48,15 +49,24 @@ def _read_capped(handle: Any, max_bytes: int, *, size: int | None = None) -> byt
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def open_bytes(url: str, *, max_bytes: int, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Read a whole file (local path, ``file://`` or fsspec URL), refusing oversize files."""
+def open_bytes(
+    url: str,
+    *,
+    max_bytes: int,
+    storage_options: dict[str, Any] | None = None,
+    associations: Associations | None = None,
+) -> bytes:
+    """Read a whole file (local path, ``file://`` or fsspec URL, or a PACS instance),
+    refusing oversize files. ``associations``: where DIMSE instances reuse associations."""
     from voxlake.ingest import dicomweb, dimse
     from voxlake.ingest.sources import local_path_of, open_kwargs
 
     if dicomweb.is_dicomweb(url):
         return dicomweb.fetch_instance(url, max_bytes=max_bytes, storage_options=storage_options)
     if dimse.is_dimse(url):
-        return dimse.fetch_instance(url, max_bytes=max_bytes, storage_options=storage_options)
+        return dimse.fetch_instance(
+            url, max_bytes=max_bytes, storage_options=storage_options, associations=associations
+        )
 
     local = local_path_of(url)
     try:
@@ -106,12 +116,16 @@ def read_ahead(
     ``config.read_ahead`` (or ``READ_AHEAD_FILES``) files and about ``READ_AHEAD_BYTES``
     (by listed size) are read.
     """
+    from voxlake.ingest.dimse import Associations
     from voxlake.ingest.sources import local_path_of
+
+    associations = Associations()  # DIMSE: one per read thread for the task, not per file
 
     def read(ref: FileRef) -> bytes:
         return open_bytes(
-            ref.fetch_url, max_bytes=config.max_file_bytes, storage_options=config.storage_options
-        )
+            ref.fetch_url, max_bytes=config.max_file_bytes, storage_options=config.storage_options,
+            associations=associations,
+        )  # fmt: skip
 
     urls = [ref.fetch_url for ref in refs]
     if any("::" in url for url in urls):
@@ -124,7 +138,7 @@ def read_ahead(
     threads = 1 if kind == "archive" else max(1, depth)
     upcoming = iter(refs)
     pending: collections.deque[tuple[FileRef, Future[bytes]]] = collections.deque()
-    with ThreadPoolExecutor(threads, thread_name_prefix="voxlake-read-ahead") as pool:
+    with associations, ThreadPoolExecutor(threads, thread_name_prefix="voxlake-read-ahead") as pool:
 
         def fill(target: int) -> None:
             queued = sum(max(ref.size, 0) for ref, _ in pending)

@@ -104,20 +104,35 @@ def _transfer_syntax(ds: pydicom.Dataset) -> str:
 
 
 class FrameDecoder:
-    """Decode frames of DICOM files, keeping the last two parsed files (and mosaics)."""
+    """Decode frames of DICOM files, keeping the last two parsed files (and mosaics).
+
+    A context manager: DIMSE instances are fetched on associations kept open until it exits.
+    """
 
     def __init__(self, *, max_file_bytes: int, storage_options: dict[str, Any] | None) -> None:
+        from voxlake.ingest.dimse import Associations
+
         self.max_file_bytes = max_file_bytes
         self.storage_options = storage_options
         self.syntaxes: set[str] = set()
         self._files: OrderedDict[str, tuple[pydicom.Dataset, str]] = OrderedDict()
         self._mosaics: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._associations = Associations()
+
+    def __enter__(self) -> FrameDecoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._associations.close()
 
     def _dataset(self, url: str, *, content_hash: str = "") -> tuple[pydicom.Dataset, str]:
         if url in self._files:
             self._files.move_to_end(url)
             return self._files[url]
-        data = open_bytes(url, max_bytes=self.max_file_bytes, storage_options=self.storage_options)
+        data = open_bytes(
+            url, max_bytes=self.max_file_bytes, storage_options=self.storage_options,
+            associations=self._associations,
+        )  # fmt: skip
         if content_hash and not hash_matches(data, content_hash):
             raise DecodeError("the file changed after its header was read", code="source_changed")
         ds, _ = parse_dicom_bytes(data, max_bytes=self.max_file_bytes)
@@ -204,8 +219,8 @@ def decode_frame(
 
     Returns the 2D array (rows, columns) and the transfer syntax it was decoded from.
     """
-    decoder = FrameDecoder(max_file_bytes=max_file_bytes, storage_options=storage_options)
-    pixels = decoder.frame(ref, rows=rows, columns=columns)
+    with FrameDecoder(max_file_bytes=max_file_bytes, storage_options=storage_options) as decoder:
+        pixels = decoder.frame(ref, rows=rows, columns=columns)
     return pixels, next(iter(decoder.syntaxes), "")
 
 
@@ -426,7 +441,9 @@ def _write(
             )
             syntaxes: set[str] | None = None
         else:
-            decoder = FrameDecoder(max_file_bytes=max_file_bytes, storage_options=storage_options)
+            decoder = stack.enter_context(
+                FrameDecoder(max_file_bytes=max_file_bytes, storage_options=storage_options)
+            )
             slabs = _dicom_slabs(plan, dtype, decoder)
             syntaxes = decoder.syntaxes
         if whole:
