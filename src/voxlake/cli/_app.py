@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -61,6 +62,13 @@ def _root(
         # distributed sets its loggers to INFO when imported (scheduler and worker chatter
         # at every start and stop); read by dask's config, so workers inherit it too.
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+
+def write_reference(out_file: Path, text: str) -> None:
+    """Write a generated reference page (creating its folder) and say so."""
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(text)
+    out.print(f"wrote {out_file}")
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any] | None:

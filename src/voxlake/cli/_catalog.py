@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from voxlake.cli._app import catalog_app, console, out
+from voxlake.cli._app import catalog_app, console, out, write_reference
 
 
 def print_frame(frame: Any, fmt: str) -> None:
@@ -115,9 +115,7 @@ def catalog_schema_doc(
     """
     from voxlake.catalog import render_schema_markdown
 
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(render_schema_markdown())
-    out.print(f"wrote {out_file}")
+    write_reference(out_file, render_schema_markdown())
 
 
 @catalog_app.command("split")

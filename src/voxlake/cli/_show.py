@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from voxlake.cli._app import app, console, docs_app, out
+from voxlake.cli._app import app, console, docs_app, out, write_reference
 from voxlake.errors import VoxlakeError
 
 
@@ -86,9 +86,7 @@ def docs_cli(
     """
     from voxlake._docgen import render_cli_markdown
 
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(render_cli_markdown())
-    out.print(f"wrote {out_file}")
+    write_reference(out_file, render_cli_markdown())
 
 
 @docs_app.command("config")
@@ -103,6 +101,4 @@ def docs_config(
     """
     from voxlake._docgen import render_config_markdown
 
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(render_config_markdown())
-    out.print(f"wrote {out_file}")
+    write_reference(out_file, render_config_markdown())
