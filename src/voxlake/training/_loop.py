@@ -249,9 +249,10 @@ def make_stream(
     version: int | None,
     *,
     shuffle: bool,
-    device: torch.device,
+    output: Literal["float32", "stored"],
 ) -> VolumeStream | None:
-    """A stream over ``frame`` for training on ``device`` (None when ``frame`` is empty)."""
+    """A stream over ``frame`` delivering ``output`` images (None when ``frame`` is empty);
+    ``output`` is ``config.output`` as :func:`resolve_output` decided it."""
     if len(frame) == 0:
         return None
     return VolumeStream(
@@ -270,7 +271,7 @@ def make_stream(
         storage_options=config.storage_options,
         catalog_version=version,
         batch_size=config.batch_size,
-        output=resolve_output(config, device),
+        output=output,
     )
 
 

@@ -117,7 +117,8 @@ def _run(
 ) -> TrainReport:
     world = World.detect()
     # Recorded resolved: the checkpoint and metrics say what the loader delivered.
-    config = dataclasses.replace(config, output=resolve_output(config, device))
+    output = resolve_output(config, device)
+    config = dataclasses.replace(config, output=output)
     out = Path(config.out)
     paths = {name: out / name for name in ("checkpoint.pt", "metrics.json", "curves.png")}
     if world.is_main:
@@ -136,7 +137,7 @@ def _run(
         frame = split_frame(frame, by=by, fractions=config.fractions, seed=config.seed)
     streams = {
         name: make_stream(
-            config, frame[frame["split"] == name], version, shuffle=name == "train", device=device
+            config, frame[frame["split"] == name], version, shuffle=name == "train", output=output
         )
         for name in ("train", "validation", "test")
     }
