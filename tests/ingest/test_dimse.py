@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pydicom
 import pytest
 
 from voxlake.catalog import open_catalog
@@ -36,19 +39,17 @@ def test_c_find_lists_each_instance_with_a_keyed_url_and_an_in_memory_locator(pa
     for ref in refs:
         assert uid not in ref.url and ref.url.startswith(pacs + "/instances/")
         assert uid in ref.locator
-    keys = {keyed_hash(SECRET, "instance", str(__import__("pydicom").dcmread(f).SOPInstanceUID))
+    keys = {keyed_hash(SECRET, "instance", str(pydicom.dcmread(f).SOPInstanceUID))
             for f in series.files}  # fmt: skip
     assert {ref.url.rsplit("/", 1)[1] for ref in refs} == keys
 
 
 def test_c_get_returns_the_instance_as_sent(pacs, tiny_sample):
-    import pydicom
-
     path = tiny_sample.series[0].files[0]
     original = pydicom.dcmread(path)
     (ref,) = list_source(f"{pacs}?SOPInstanceUID={original.SOPInstanceUID}", secret=SECRET)
     data = open_bytes(ref.fetch_url, max_bytes=1 << 30)
-    received = pydicom.dcmread(__import__("io").BytesIO(data))
+    received = pydicom.dcmread(io.BytesIO(data))
     assert received.SOPInstanceUID == original.SOPInstanceUID
     assert received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
     assert np.array_equal(received.pixel_array, original.pixel_array)

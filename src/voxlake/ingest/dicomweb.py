@@ -23,11 +23,11 @@ Authentication: ``storage_options={"headers": {"Authorization": "Bearer ..."}}``
 from __future__ import annotations
 
 import email.parser
-import re
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from voxlake.errors import SourceError
+from voxlake.ingest.sources import UID_PATTERN
 from voxlake.keys import keyed_hash
 
 if TYPE_CHECKING:
@@ -41,9 +41,6 @@ _PREFIXES = ("dicomweb+http://", "dicomweb+https://")
 _PAGE = 1000
 _TAGS = {"study": "0020000D", "series": "0020000E", "sop": "00080018"}
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-#: A UID as PS3.5 9.1 defines it. Locators are built from the server's answers, so anything
-#: else ("../", "?", "/") could point the WADO-RS request elsewhere on the server.
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def is_dicomweb(url: str) -> bool:
@@ -113,7 +110,7 @@ def list_instances(
             if not (study and series and sop):
                 continue
             safe = f"dicomweb+{root}/instances/{keyed_hash(secret, 'instance', sop)}"
-            if not all(len(uid) <= 64 and _UID.match(uid) for uid in (study, series, sop)):
+            if not all(len(uid) <= 64 and UID_PATTERN.match(uid) for uid in (study, series, sop)):
                 yield ListingProblem(safe, "bad_response", "QIDO-RS answered a malformed UID")
                 continue
             locator = f"dicomweb+{root}/studies/{study}/series/{series}/instances/{sop}"

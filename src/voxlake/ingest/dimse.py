@@ -8,12 +8,13 @@ title, host and port, with C-FIND filters (DICOM keywords) as query parameters::
 
 The search is hierarchical (Study Root): studies matching the patient and study filters,
 their series matching the series filters, and those series' instances. Each instance is
-then retrieved with C-GET on its own association (no C-MOVE: the PACS sends the instance
-back on the association voxlake opened, so it needs no route back to the workers). Each
-transfer syntax voxlake can decode is proposed in its own presentation context, so the
-PACS can send the instance as stored rather than transcode it. What arrives is the
-dataset, not the PACS's file: the file meta information is rebuilt from the association,
-so ``instances.content_hash`` differs from a hash of the file on the PACS's disk.
+then retrieved with C-GET (no C-MOVE: the PACS sends the instance back on the association
+voxlake opened, so it needs no route back to the workers), on associations kept open for a
+header task or a volume build (:class:`Associations`). Each transfer syntax voxlake can
+decode is proposed in its own presentation context, so the PACS can send the instance as
+stored rather than transcode it. What arrives is the dataset, not the PACS's file: the
+file meta information is rebuilt from the association, so ``instances.content_hash``
+differs from a hash of the file on the PACS's disk.
 
 As with DICOMweb, C-GET addresses name the instance by its original UIDs, which must
 never reach the catalog: the catalog URL is
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from voxlake.errors import ConfigError, SourceError
+from voxlake.ingest.sources import UID_PATTERN
 from voxlake.keys import keyed_hash
 
 if TYPE_CHECKING:
@@ -54,7 +56,6 @@ _SERIES_KEYS = frozenset(
      "SeriesTime", "BodyPartExamined", "ProtocolName", "Laterality"}
 )  # fmt: skip
 _IMAGE_KEYS = frozenset({"SOPInstanceUID", "SOPClassUID", "InstanceNumber"})
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _AE = re.compile(r"^[ -\[\]-~]{1,16}$")  # PS3.5 AE: 16 characters, no backslash
 _PENDING = (0xFF00, 0xFF01)
 _PERMISSION_HINT = (
@@ -152,15 +153,21 @@ def _associate(ae: Any, peer: _Peer, **kwargs: Any) -> Any:
     return assoc
 
 
-def _query(level: str, keys: dict[str, str], returned: tuple[str, ...]) -> Dataset:
+def _check_keywords(filters: dict[str, str]) -> None:
+    """Refuse a filter that is no DICOM keyword (before connecting: a usage error)."""
     from pydicom.datadict import tag_for_keyword
+
+    for keyword in filters:
+        if tag_for_keyword(keyword) is None:
+            raise ConfigError(f"not a DICOM keyword in the DIMSE query: {keyword!r}")
+
+
+def _query(level: str, keys: dict[str, str], returned: tuple[str, ...]) -> Dataset:
     from pydicom.dataset import Dataset
 
     query = Dataset()
     query.QueryRetrieveLevel = level
     for keyword, value in keys.items():
-        if tag_for_keyword(keyword) is None:
-            raise ConfigError(f"not a DICOM keyword in the DIMSE query: {keyword!r}")
         setattr(query, keyword, value)
     for keyword in returned:
         if keyword not in query:
@@ -190,6 +197,30 @@ def _uid(answer: Dataset, keyword: str) -> str:
     return str(answer.get(keyword, "") or "").strip()
 
 
+def _instances(
+    assoc: Any, model: Any, filters: dict[str, str]
+) -> Iterator[tuple[str, str, Dataset]]:
+    """(study UID, series UID, instance answer) of every instance the hierarchical search
+    finds: each filter asked at its level; studies and series whose UID is malformed are
+    left out."""
+    series_keys = {k: v for k, v in filters.items() if k in _SERIES_KEYS}
+    image_keys = {k: v for k, v in filters.items() if k in _IMAGE_KEYS}
+    study_keys = {k: v for k, v in filters.items() if k not in series_keys and k not in image_keys}
+    studies = _find(assoc, _query("STUDY", study_keys, ("StudyInstanceUID",)), model)
+    for study in (_uid(a, "StudyInstanceUID") for a in studies):
+        if not UID_PATTERN.match(study):
+            continue
+        keys = {**series_keys, "StudyInstanceUID": study}
+        answers = _find(assoc, _query("SERIES", keys, ("SeriesInstanceUID",)), model)
+        for series in (_uid(a, "SeriesInstanceUID") for a in answers):
+            if not UID_PATTERN.match(series):
+                continue
+            keys = {**image_keys, "StudyInstanceUID": study, "SeriesInstanceUID": series}
+            returned = ("SOPInstanceUID", "SOPClassUID")
+            for answer in _find(assoc, _query("IMAGE", keys, returned), model):
+                yield study, series, answer
+
+
 def list_instances(
     url: str, *, secret: str, storage_options: dict[str, Any] | None = None
 ) -> Iterator[FileRef | ListingProblem]:
@@ -203,43 +234,24 @@ def list_instances(
 
     peer, _, filters = _split(url)
     calling, timeout = _options(storage_options)
-    study_keys = {k: v for k, v in filters.items() if k not in _SERIES_KEYS | _IMAGE_KEYS}
-    series_keys = {k: v for k, v in filters.items() if k in _SERIES_KEYS}
-    image_keys = {k: v for k, v in filters.items() if k in _IMAGE_KEYS}
-    # Built before connecting: a misspelt keyword is a usage error, whatever the network.
-    study_query = _query("STUDY", study_keys, ("StudyInstanceUID",))
-    _query("IMAGE", {**series_keys, **image_keys}, ())
+    _check_keywords(filters)
     ae = _application_entity(calling, timeout)
     ae.add_requested_context(FIND)
     assoc = _associate(ae, peer)
     try:
-        studies = _find(assoc, study_query, FIND)
-        for study in (_uid(a, "StudyInstanceUID") for a in studies):
-            if not _UID.match(study):
+        for study, series, answer in _instances(assoc, FIND, filters):
+            sop, sop_class = _uid(answer, "SOPInstanceUID"), _uid(answer, "SOPClassUID")
+            if not sop:
                 continue
-            keys = {**series_keys, "StudyInstanceUID": study}
-            answers = _find(assoc, _query("SERIES", keys, ("SeriesInstanceUID",)), FIND)
-            for series in (_uid(a, "SeriesInstanceUID") for a in answers):
-                if not _UID.match(series):
-                    continue
-                keys = {**image_keys, "StudyInstanceUID": study, "SeriesInstanceUID": series}
-                returned = ("SOPInstanceUID", "SOPClassUID")
-                for answer in _find(assoc, _query("IMAGE", keys, returned), FIND):
-                    sop, sop_class = _uid(answer, "SOPInstanceUID"), _uid(answer, "SOPClassUID")
-                    if not sop:
-                        continue
-                    safe = f"{peer.root}/instances/{keyed_hash(secret, 'instance', sop)}"
-                    uids = (study, series, sop, sop_class)
-                    if not all(len(uid) <= 64 and _UID.match(uid) for uid in uids):
-                        yield ListingProblem(
-                            safe, "bad_response", "C-FIND answered a malformed UID"
-                        )
-                        continue
-                    locator = (
-                        f"{peer.root}/studies/{study}/series/{series}/instances/{sop}"
-                        f"?class={sop_class}"
-                    )
-                    yield FileRef(safe, 0, 0.0, locator=locator)
+            safe = f"{peer.root}/instances/{keyed_hash(secret, 'instance', sop)}"
+            uids = (study, series, sop, sop_class)
+            if not all(len(uid) <= 64 and UID_PATTERN.match(uid) for uid in uids):
+                yield ListingProblem(safe, "bad_response", "C-FIND answered a malformed UID")
+                continue
+            locator = (
+                f"{peer.root}/studies/{study}/series/{series}/instances/{sop}?class={sop_class}"
+            )
+            yield FileRef(safe, 0, 0.0, locator=locator)
     finally:
         assoc.release()
 
@@ -317,15 +329,20 @@ class Associations:
         for getter in getters:
             getter.release()
 
-    def getter(self, peer: _Peer, calling: str, timeout: float, sop_class: str) -> _Getter:
+    def getter(
+        self, peer: _Peer, calling: str, timeout: float, sop_class: str
+    ) -> tuple[_Getter, bool]:
+        """This thread's association for ``sop_class`` at ``peer``, and whether it was
+        open already (reused) rather than opened now."""
         key = (threading.get_ident(), peer, calling, timeout, sop_class)
         with self._lock:
             getter = self._open.get(key)
-        if getter is None or not getter.assoc.is_established:
-            getter = _Getter(peer, calling, timeout, sop_class)
-            with self._lock:
-                self._open[key] = getter
-        return getter
+        if getter is not None and getter.assoc.is_established:
+            return getter, True
+        getter = _Getter(peer, calling, timeout, sop_class)
+        with self._lock:
+            self._open[key] = getter
+        return getter, False
 
     def drop(self, getter: _Getter) -> None:
         """Forget (and release) an association that failed."""
@@ -344,9 +361,14 @@ def fetch_instance(
     """Retrieve one instance with C-GET: the dataset as sent, with file meta, as a file.
 
     With ``associations``, the C-GET runs on an association of that scope (opened at the
-    first instance of its thread and SOP class); a reused association that fails is
-    replaced once.
+    first instance of its thread and SOP class; a reused one that fails or goes unanswered
+    is replaced once); without, on an association of its own.
     """
+    if associations is None:
+        with Associations() as own:
+            return fetch_instance(
+                locator, max_bytes=max_bytes, storage_options=storage_options, associations=own
+            )
     peer, path, query = _split(locator)
     parts = path.strip("/").split("/")
     if len(parts) != 6 or parts[::2] != ["studies", "series", "instances"]:
@@ -358,25 +380,18 @@ def fetch_instance(
     study, series, sop = parts[1::2]
     sop_class = query.get("class", "")
     calling, timeout = _options(storage_options)
-    if associations is None:
-        getter = _Getter(peer, calling, timeout, sop_class)
+    while True:
+        getter, reused = associations.getter(peer, calling, timeout, sop_class)
         try:
             received, statuses = getter.get(study, series, sop, max_bytes)
-        finally:
-            getter.release()
-    else:
-        for attempt in (1, 2):
-            getter = associations.getter(peer, calling, timeout, sop_class)
-            try:
-                received, statuses = getter.get(study, series, sop, max_bytes)
-            except Exception:
-                associations.drop(getter)
-                if attempt == 2:
-                    raise
+        except Exception:
+            associations.drop(getter)
+            if reused:  # the PACS may have closed it while idle: once more on a new one
                 continue
-            if received or getter.too_large or all(statuses) or attempt == 2:
-                break
-            associations.drop(getter)  # no answer: the PACS may have closed it when idle
+            raise
+        if not reused or received or getter.too_large or all(statuses):
+            break
+        associations.drop(getter)  # no answer on a kept association: the same
     if getter.too_large:
         raise SourceError(f"instance larger than the {max_bytes} byte cap", code="file_too_large")
     if len(received) != 1:

@@ -19,10 +19,11 @@ for large archives.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import urllib.parse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from voxlake.errors import SourceError
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
 __all__ = [
+    "UID_PATTERN",
     "FileRef",
     "ListingProblem",
     "archive_protocol",
@@ -39,6 +41,10 @@ __all__ = [
     "open_kwargs",
     "recorded_source",
 ]
+
+#: A UID as PS3.5 9.1 writes it. PACS sources build their in-memory addresses from the
+#: server's answers, so anything else ("../", "?", "/") could point a request elsewhere.
+UID_PATTERN: Final = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 _SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 _ARCHIVES = (
@@ -99,8 +105,10 @@ def recorded_source(url: str) -> str:
         return f"{member}::{recorded_source(archive)}"
     if "://" not in url:
         return url
+    from voxlake.ingest import dicomweb, dimse
+
     parts = urllib.parse.urlsplit(url)
-    pacs_query = url.startswith(("dicomweb+", "dimse://")) and bool(parts.query)
+    pacs_query = (dicomweb.is_dicomweb(url) or dimse.is_dimse(url)) and bool(parts.query)
     if parts.password is None and not pacs_query:
         return url
     netloc = parts.netloc
