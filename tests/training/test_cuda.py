@@ -69,14 +69,24 @@ def test_pinned_stored_batches_normalised_on_the_gpu_equal_the_float32_stream(
 
 
 def test_unpinned_batches_are_pinned_for_the_copy_and_arrive_intact(
-    volumes: pd.DataFrame,
+    volumes: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    pinned: list[tuple[int, ...]] = []
+    pin_memory = torch.Tensor.pin_memory
+
+    def recording(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        pinned.append(tuple(self.shape))
+        return pin_memory(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", recording)
     stream = VolumeStream(volumes, shape=(20, 23, 17), shuffle=False)
     for sample in stream:
         image = sample["image"]
         assert not image.is_pinned()
         kept = image.clone()
+        pinned.clear()
         out = normalize_on_device(sample, torch.device("cuda"))
+        assert tuple(image.shape) in pinned  # staged in page-locked memory for the copy
         # The copy was queued from a pinned staging buffer, not from ``image``: changing
         # the source at once must not change what arrives.
         image.fill_(-1.0)
