@@ -39,7 +39,7 @@ class HeaderStage(RunState):
 
     def seen_files(self) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]]:
         catalog = open_catalog(self.catalog_url, storage_options=self.catalog_options)
-        # What other runs commit from this snapshot on (concurrent ingests): see _settle.
+        # What other runs commit from this snapshot on (concurrent ingests): see _append_new.
         self.foreign = ForeignRows(
             self.catalog_url, "instances", run_id=self.run_id, key="url",
             columns=("url", "size", "mtime"), version=catalog.table_versions.get("instances"),

@@ -86,7 +86,7 @@ class RunState:
         self.report = IngestReport(self.run_id, catalog, store, headers_only=config.headers_only)
         self.codes: Counter[str] = Counter()
         # Catalog URL -> real address, for sources whose address must not be stored
-        # (DICOMweb locators hold original UIDs). In memory only, for this run.
+        # (PACS locators hold original UIDs). In memory only, for this run.
         self.locators: dict[str, str] = {}
         # Checked before anything is written: the key map never goes under catalog or store.
         self.key_map = (

@@ -120,7 +120,7 @@ class VolumeStage(RunState):
 
     def _locate(self, plan: VolumePlan) -> VolumePlan:
         """The plan with this run's pixel spans, and in-memory locators in place of
-        catalog URLs (DICOMweb)."""
+        catalog URLs (PACS sources)."""
         plan = with_pixel_spans(plan, self.pixel_spans)
         if not self.locators or not any(s.url in self.locators for s in plan.slices):
             return plan
