@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from voxlake.config import DeidConfig, IngestConfig
-from voxlake.ingest.deid import Pseudonymizer, deidentify, original_identifiers
+from voxlake.ingest.deid import Pseudonymizer, _clean_one, deidentify, original_identifiers
 from voxlake.ingest.dicom_bytes import parse_dicom_bytes
 from voxlake.ingest.header_json import HeaderCleaner, header_to_json
 from voxlake.ingest.headers import _element_columns, read_headers, typed_columns
@@ -115,3 +115,44 @@ def test_header_pass_rows_equal_deidentify_path(tiny_sample) -> None:
         for name, value in typed.items():
             if name != "sop_class_uid" or value:  # else filled from the file meta group
                 assert row[name] == value, name
+
+
+@pytest.mark.parametrize(
+    ("vr", "text", "plain"),
+    [
+        ("DS", b"-163.75 ", True), ("DS", b"1e-5", True), ("DS", b" +3.0", True),
+        ("DS", b".5", True), ("DS", b"5.", True), ("DS", b"1.0000000000001", True),
+        ("DS", b"0.1\\-0.2\\3E2 ", True), ("DS", b"-0", True),
+        ("DS", b"12345678901234567", False), ("DS", b"NaN ", False), ("DS", b"1e400", False),
+        ("DS", b"1,5", False), ("DS", b"1.5\x00", False), ("DS", b"\\1", False),
+        ("DS", b"", False),
+        ("IS", b"27", True), ("IS", b" -0012", True), ("IS", b"1\\2\\3 ", True),
+        ("IS", b"+7", True),
+        ("IS", b"1234567890123", False), ("IS", b"1.0", False), ("IS", b"2147483648", True),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "keyword", ["SliceLocation", "ImagePositionPatient", "InstanceNumber", "EchoNumbers"]
+)
+def test_numbers_cleaned_without_pydicom_equal_pydicom_s(
+    keyword: str, vr: str, text: bytes, plain: bool
+) -> None:
+    """IS and DS values the cleaner converts itself (`plain`) give the JSON and column
+    values pydicom's conversion gives; the others are left to pydicom."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    from voxlake.ingest.deid import _context, _lean_encoding
+    from voxlake.ingest.header_json import _plain_numbers
+
+    tag = int(tag_for_keyword(keyword) or 0)
+    raw = RawDataElement(tag, vr, len(text), text, 0, False, True)
+    assert (_plain_numbers(raw) is not None) == plain
+    ds = make_dataset()
+    ds[tag] = raw
+    ctx = _context(ds, original_identifiers(ds), Pseudonymizer(SECRET), DeidConfig())
+    encoding = _lean_encoding(ds, ctx)
+    cleaner = HeaderCleaner(SECRET, DeidConfig(), _element_columns)
+    fast = cleaner._encoded(ds, tag, raw, raw, encoding, ctx)
+    slow = cleaner._encode(_clean_one(ds, tag, raw, raw, encoding, ctx))
+    assert repr(fast) == repr(slow)

@@ -19,7 +19,7 @@ import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import ImplicitVRLittleEndian
 
-from voxlake.config import IngestConfig
+from voxlake.config import DeidConfig, IngestConfig
 from voxlake.errors import NotDicomError
 from voxlake.ingest import header_template
 from voxlake.ingest.dicom_bytes import parse_dicom_bytes
@@ -98,6 +98,7 @@ def test_sample_series_are_read_from_templates_as_pydicom_reads_them(tiny_sample
     paths = [path for series in tiny_sample.series for path in series.files]
     parser = _compare_files(paths)
     assert parser.patched > len(paths) * 3 // 4  # the walk did the work
+    assert parser.compared > len(paths) // 2  # most by comparing bytes with the last walked
 
 
 @pytest.mark.parametrize("name", REAL)
@@ -115,16 +116,30 @@ def _rows(refs: list, **kwargs: Any) -> tuple[list, list, dict, list]:
     return batch.instances, batch.failures, batch.pixel_spans, batch.key_map
 
 
-@pytest.mark.parametrize("source", ["sample", *REAL])
+#: Private tags kept (searched for the patient's identifiers), dates cut to the year.
+_PRIVATE = DeidConfig(keep_private_tags=True, date_mode="year")
+
+
+@pytest.mark.parametrize(
+    ("source", "deid"),
+    [
+        *[(source, None) for source in ["sample", *REAL]],
+        ("sample", _PRIVATE),
+        ("dcm_qa_nih", _PRIVATE),
+    ],
+)
 def test_catalog_rows_are_the_same_with_or_without_templates(
-    tiny_sample, monkeypatch, source: str
+    tiny_sample, monkeypatch, source: str, deid: DeidConfig | None
 ) -> None:
+    """Rows made from templates (and, within a series, from the elements a file changes
+    against the last one walked) equal rows made by pydicom's parse of every file."""
     root = tiny_sample.root / "dicom" if source == "sample" else require_shared_data(source)
     refs = list(list_source(root))
-    with_templates = _rows(refs)
-    monkeypatch.setattr(header_template, "_patched", lambda template, data: None)
+    options = {} if deid is None else {"deid": deid}
+    with_templates = _rows(refs, **options)
+    monkeypatch.setattr(header_template, "_patched", lambda *args: None)
     monkeypatch.setattr(native, "_layout_key", lambda ds: None)  # and no cached layouts
-    _assert_same_rows(with_templates, _rows(refs))
+    _assert_same_rows(with_templates, _rows(refs, **options))
     assert with_templates[0]  # rows were made
 
 
@@ -234,3 +249,74 @@ def test_an_implicit_body_that_looks_explicit_is_left_to_pydicom() -> None:
     assert (parser.parsed, parser.patched) == (1, 1)
     _check(parser, _implicit_file(0x4142))  # "BA" where an explicit VR would be
     assert parser.patched == 1
+
+
+def _value_at(data: bytes, tag: int) -> tuple[int, int]:
+    """Offset and length of the value of top-level or file meta element `tag`."""
+    ds = pydicom.dcmread(io.BytesIO(data), defer_size=0)
+    where = ds.file_meta if tag >> 16 == 2 else ds
+    element = where.get_item(tag, keep_deferred=True)
+    if isinstance(element, RawDataElement):
+        return element.value_tell, element.length
+    return element.file_tell, len(data[element.file_tell :].split(b"\0", 1)[0])
+
+
+def _replaced(data: bytes, offset: int, new: bytes) -> bytes:
+    return data[:offset] + new + data[offset + len(new) :]
+
+
+def test_a_file_is_compared_with_the_last_and_its_changed_elements_named(tiny_sample) -> None:
+    first, second, third = (path.read_bytes() for path in tiny_sample.series[0].files[:3])
+    parser = TemplateParser(max_bytes=MAX)
+    parser.parse(first)
+    _check(parser, second)
+    reference = parser.generation
+    instance = int(pydicom.datadict.tag_for_keyword("InstanceNumber") or 0)
+    changed = set()
+    for data in (second, third):
+        offset, length = _value_at(data, instance)
+        variant = _replaced(data, offset, b"9".rjust(length))  # another value, same length
+        _check(parser, variant)
+        assert parser.generation == reference and parser.changed is not None
+        changed |= parser.changed
+    assert instance in changed
+    assert 0x00080018 in changed and 0x00020003 in changed  # SOPInstanceUID, in meta too
+    assert parser.compared >= 2
+
+
+_EXPLICIT, _BIG_ENDIAN = b"1.2.840.10008.1.2.1\0", b"1.2.840.10008.1.2.2\0"  # same length
+_CHARSET = 0x00080005
+
+
+def _vr_swapped(data: bytes, tag: int, vr: bytes) -> bytes:
+    offset, _ = _value_at(data, tag)
+    return _replaced(data, offset - 4, vr)  # an explicit short VR sits 4 bytes before
+
+
+@pytest.mark.parametrize(
+    ("what", "change"),
+    [
+        # a VR (outside any value), same file length: walked, then read by pydicom
+        ("VR", lambda data: _vr_swapped(data, 0x00080060, b"SH")),  # Modality CS -> SH
+        # values the comparison may not take over from the reference
+        ("transfer syntax", lambda data: data.replace(_EXPLICIT, _BIG_ENDIAN, 1)),
+        (
+            "character set",
+            lambda data: _replaced(data, _value_at(data, _CHARSET)[0], b"ISO_IR 101"),
+        ),
+    ],
+)
+def test_files_of_the_same_length_with_another_structure_are_not_compared(
+    tiny_sample, what: str, change: Any
+) -> None:
+    first, second = tiny_sample.series[0].files[:2]
+    base = _variant(first, _set(SpecificCharacterSet="ISO_IR 100"))
+    other = _variant(second, _set(SpecificCharacterSet="ISO_IR 100"))
+    data = change(other)
+    assert len(data) == len(other) and data != other, what
+    parser = TemplateParser(max_bytes=MAX)
+    parser.parse(base)
+    _check(parser, other)
+    compared = parser.compared
+    _check(parser, data)
+    assert parser.compared == compared, what

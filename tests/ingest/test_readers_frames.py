@@ -116,3 +116,33 @@ def test_philips_classic_scale_slope_and_diffusion():
     out = frame_columns(ds)
     assert out["philips_scale_slope"] == 0.25
     assert out["b_value"] == 800.0 and out["b_vector"] == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["dcm_qa_nih", "dcm_qa_ct", "icometrix_dicom2nifti"])
+def test_classic_frame_columns_do_not_read_the_elements_said_unread(name: str) -> None:
+    """The header pass reuses a classic image's frame columns for the next file of its
+    series when only CLASSIC_UNREAD elements differ: deleting them all from real images
+    (diffusion, Philips, GE, Siemens) must leave the columns as they were."""
+    from pathlib import Path
+
+    from voxlake.ingest.dicom_bytes import parse_dicom_bytes
+    from voxlake.ingest.frames import CLASSIC_UNREAD
+
+    from ..conftest import require_shared_data
+
+    root: Path = require_shared_data(name)
+    checked = 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            ds, _ = parse_dicom_bytes(path.read_bytes(), max_bytes=1 << 30)
+        except Exception:
+            continue  # not DICOM (the references beside the inputs)
+        expected = frame_columns(ds)
+        if expected["layout"] != "classic":
+            continue
+        present = [tag for tag in CLASSIC_UNREAD if tag in ds]
+        for tag in present:
+            del ds[tag]
+        assert frame_columns(ds) == expected, path
+        checked += bool(present)
+    assert checked > 10

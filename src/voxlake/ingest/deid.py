@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Mapping, MutableSequence
+from collections.abc import Collection, Mapping, MutableSequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -196,15 +196,18 @@ class _Context:
     lean: bool  # raw elements may be converted here (pydicom's conversion hooks unchanged)
 
 
-def original_identifiers(ds: Dataset) -> dict[str, str]:
+def original_identifiers(ds: Dataset, *, only: Collection[int] | None = None) -> dict[str, str]:
     """Return the raw identifiers the worker needs to compute keys (empty string when absent).
 
     Keys: PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, AccessionNumber,
-    FrameOfReferenceUID. Use them in memory only; never store them.
+    FrameOfReferenceUID (`only`: those of these tags). Use them in memory only; never store
+    them.
     """
     out = {}
     encoding = ds.original_character_set if _lean_conversion() else ""
     for kw, tag in _ID_TAGS:
+        if only is not None and tag not in only:
+            continue
         try:
             if tag not in ds:
                 out[kw] = ""

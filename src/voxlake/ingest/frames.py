@@ -25,11 +25,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-__all__ = ["FRAME_FORMAT_VERSION", "frame_columns"]
+__all__ = ["CLASSIC_UNREAD", "FRAME_FORMAT_VERSION", "frame_columns"]
 
 #: Version of the ``frames_json`` object layout.
 FRAME_FORMAT_VERSION = 1
 
+#: Public elements that vary from slice to slice and that :func:`frame_columns` does not
+#: read from a classic image (``layout`` "classic": its result depends on the others
+#: alone; ``tests/ingest/test_frames.py`` deletes them from real images to check it):
+#: SOP instance UID, dates and times of content and acquisition, acquisition and instance
+#: numbers, position, slice location, in-stack position, window, smallest and largest
+#: pixel values.
+CLASSIC_UNREAD: frozenset[int] = frozenset(
+    {
+        0x00080018, 0x00080022, 0x00080023, 0x0008002A, 0x00080032, 0x00080033,
+        0x00200012, 0x00200013, 0x00200032, 0x00201041, 0x00209057,
+        0x00281050, 0x00281051, 0x00280106, 0x00280107,
+    }
+)  # fmt: skip
 _PHILIPS_DD001 = "Philips MR Imaging DD 001"
 _PHILIPS_DD005 = "Philips MR Imaging DD 005"
 _SIEMENS_CSA = "SIEMENS CSA HEADER"

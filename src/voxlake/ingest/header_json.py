@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import re
 from collections.abc import Callable, Mapping, MutableSequence
+from dataclasses import dataclass
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
-from voxlake.ingest._deid_lean import _lean_raw
+from voxlake.ingest._deid_lean import _KEEP, _lean_plan, _lean_raw
 from voxlake.ingest._deid_values import _MARKED, _PATIENT_ID, _PATIENT_NAME, _is_bulk, _mark, _new
 from voxlake.ingest.deid import Pseudonymizer, _clean_one, _context, _lean_encoding
 
@@ -70,7 +73,7 @@ class HeaderCleaner:
         with the element, so a function of the element alone.
     """
 
-    __slots__ = ("_config", "_late_memo", "_memo", "_secret", "_values")
+    __slots__ = ("_config", "_late_memo", "_memo", "_reference", "_secret", "_values")
 
     def __init__(
         self,
@@ -83,11 +86,19 @@ class HeaderCleaner:
         self._values = values
         self._memo: dict[tuple[Any, ...], tuple[str | None, tuple[Any, ...]]] = {}
         self._late_memo: dict[tuple[Any, ...], list[_Encoded]] = {}
+        self._reference: _Cleaned | None = None
 
     def __repr__(self) -> str:
         return f"HeaderCleaner(secret=<hidden>, config={self._config!r})"
 
-    def clean(self, ds: Dataset, identifiers: Mapping[str, str]) -> tuple[str, list[Any]]:
+    def clean(
+        self,
+        ds: Dataset,
+        identifiers: Mapping[str, str],
+        *,
+        reference: int | None = None,
+        changed: frozenset[int] | None = None,
+    ) -> tuple[str, list[Any]]:
         """Return the header JSON of the de-identified `ds` and the non-empty `values`.
 
         Parameters
@@ -96,11 +107,30 @@ class HeaderCleaner:
             The original header, as :func:`deidentify` takes it.
         identifiers
             ``original_identifiers(ds)``.
+        reference, changed
+            From the :class:`~voxlake.ingest.header_template.TemplateParser` that read
+            `ds` (its ``generation`` and ``changed``): with `changed`, `ds` holds the
+            elements of the file numbered `reference` but for the `changed` tags, and
+            only those are cleaned again when that file was the last one cleaned with
+            `changed` None (and the character set, date shift and searched identifiers
+            are the same); without, `ds` is that file.
         """
         ctx = _context(ds, identifiers, Pseudonymizer(self._secret), self._config)
         encoding = _lean_encoding(ds, ctx)
         charset = encoding if isinstance(encoding, str) else tuple(encoding)
         days = ctx.offset.days
+        fingerprint = (charset, days, ctx.needles)
+        last = self._reference
+        if (
+            changed is not None
+            and last is not None
+            and last.reference == reference
+            and last.fingerprint == fingerprint
+            and _WHOLE.isdisjoint(changed)
+        ):
+            again = self._again(ds, last, changed, encoding, ctx)
+            if again is not None:
+                return again
         memo = self._memo
         done: list[_Encoded] = []
         late: list[tuple[int, DataElement | RawDataElement, tuple[Any, ...] | None]] = []
@@ -112,14 +142,46 @@ class HeaderCleaner:
                 continue
             found = memo.get(key) if key is not None else None
             if found is None:
-                found = self._encode(_clean_one(ds, tag, stored, raw, encoding, ctx))
+                found = self._encoded(ds, tag, stored, raw, encoding, ctx)
                 if key is not None:
                     _remember(memo, key, found)
             done.append((tag, *found))
         done.extend(self._finish(ds, late, encoding, ctx))
         done.sort(key=itemgetter(0))
-        members = [member for _, member, _ in done if member is not None]
-        return "{" + ",".join(members) + "}", [kept for _, _, kept in done if kept]
+        if changed is None and reference is not None:
+            position = {tag: i for i, (tag, _, _) in enumerate(done) if tag not in _LATE}
+            self._reference = _Cleaned(reference, fingerprint, done, position)
+        return _joined(done)
+
+    def _again(
+        self,
+        ds: Dataset,
+        last: _Cleaned,
+        changed: frozenset[int],
+        encoding: str | MutableSequence[str],
+        ctx: _Context,
+    ) -> tuple[str, list[Any]] | None:
+        """:meth:`clean` of `ds`, the reference file `last` was made of with other
+        values in the `changed` tags (cleaned again, through the memo); None if a
+        changed tag is not one of the reference's."""
+        done = list(last.done)
+        charset = encoding if isinstance(encoding, str) else tuple(encoding)
+        for tag in changed:
+            if tag >> 16 == 2:
+                continue  # file meta: not in the JSON
+            index = last.position.get(tag)
+            if index is None:
+                return None
+            stored = ds.get_item(tag, keep_deferred=True)
+            raw = _lean_raw(tag, stored) if encoding else None
+            key = _memo_key(tag, stored, raw, charset, ctx.offset.days)
+            found = self._memo.get(key) if key is not None else None
+            if found is None:
+                found = self._encoded(ds, tag, stored, raw, encoding, ctx)
+                if key is not None:
+                    _remember(self._memo, key, found)
+            done[index] = (tag, *found)
+        return _joined(done)
 
     def _finish(
         self,
@@ -153,10 +215,90 @@ class HeaderCleaner:
             _remember(self._late_memo, known, done)
         return done
 
+    def _encoded(
+        self,
+        ds: Dataset,
+        tag: int,
+        stored: DataElement | RawDataElement,
+        raw: RawDataElement | None,
+        encoding: str | MutableSequence[str],
+        ctx: _Context,
+    ) -> tuple[str | None, tuple[Any, ...]]:
+        """The JSON member and `values` of the de-identified element of `stored`."""
+        if raw is not None and raw.VR in _NUMBER_VRS:
+            numbers = _plain_numbers(raw)
+            if (
+                numbers is not None
+                and _lean_plan(tag, raw.VR, self._config.keep_descriptions) == _KEEP
+            ):
+                value = numbers[0] if len(numbers) == 1 else numbers
+                return _number_member(tag, raw.VR, numbers), self._values(
+                    cast(DataElement, _Number(raw.tag, raw.VR, value))
+                )
+        return self._encode(_clean_one(ds, tag, stored, raw, encoding, ctx))
+
     def _encode(self, elem: DataElement | None) -> tuple[str | None, tuple[Any, ...]]:
         if elem is None:
             return None, ()
         return _json_member(elem), self._values(elem)
+
+
+class _Number(NamedTuple):
+    """A kept IS or DS element with plain numbers, as `values` reads it (``tag``, ``VR``
+    and ``value``: the number, or a list of them, where pydicom's element holds the same
+    numbers as IS, DSfloat or a MultiValue of them)."""
+
+    tag: Any
+    VR: str
+    value: Any
+
+
+#: Numbers written as text, whose plain values are converted without pydicom.
+_NUMBER_VRS: Final = frozenset({"IS", "DS"})
+_INTEGER: Final = re.compile(rb" *[-+]?[0-9]+ *")
+_DECIMAL: Final = re.compile(rb" *[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)? *")
+
+
+def _plain_numbers(raw: RawDataElement) -> list[int] | list[float] | None:
+    """The values of an IS or DS element, when each is a plain, finite number no longer
+    than the standard allows (12 and 16 characters), which pydicom reads without a
+    warning; anything else, empty values and padding with NULs included, is left to it."""
+    data = raw.value
+    if not data:
+        return None
+    parts = data.split(b"\\")
+    if raw.VR == "IS":
+        if all(len(part) <= 12 and _INTEGER.fullmatch(part) for part in parts):
+            return [int(part) for part in parts]
+        return None
+    if all(len(part) <= 16 and _DECIMAL.fullmatch(part) for part in parts):
+        floats = [float(part) for part in parts]
+        if all(math.isfinite(value) for value in floats):
+            return floats
+    return None
+
+
+def _number_member(tag: int, vr: str, numbers: list[int] | list[float]) -> str:
+    """``"GGGGEEEE":{"Value":[...],"vr":"DS"}`` as :func:`_json_member` writes it (json
+    writes ints and finite floats with their ``repr``)."""
+    return f'"{tag:08X}":{{"Value":[{",".join(map(repr, numbers))}],"vr":"{vr}"}}'
+
+
+@dataclass(frozen=True, slots=True)
+class _Cleaned:
+    """What :meth:`HeaderCleaner.clean` made of a reference file: the encoded elements in
+    tag order and where each element of the file is among them (PatientName, PatientID
+    and the marks left out: set by the dataset as a whole)."""
+
+    reference: int
+    fingerprint: tuple[Any, ...]
+    done: list[_Encoded]
+    position: dict[int, int]
+
+
+def _joined(done: list[_Encoded]) -> tuple[str, list[Any]]:
+    members = [member for _, member, _ in done if member is not None]
+    return "{" + ",".join(members) + "}", [kept for _, _, kept in done if kept]
 
 
 def _encode_dataset(
@@ -188,6 +330,12 @@ def _remember(memo: dict[Any, Any], key: tuple[Any, ...], value: Any) -> None:
 
 #: Elements set by the dataset as a whole (PatientName takes PatientID's value).
 _LATE: Final = _MARKED | {_PATIENT_NAME, _PATIENT_ID}
+#: What pydicom reads to decide an ambiguous VR (US or SS, OB or OW) while converting
+#: another element: BitsAllocated, PixelRepresentation, LUTDescriptor and
+#: WaveformBitsAllocated.
+_VR_SOURCES: Final = frozenset({0x00280100, 0x00280103, 0x00283002, 0x54001004})
+#: Changed, a file is cleaned whole, not from its reference's elements.
+_WHOLE: Final = _LATE | _VR_SOURCES
 _MEMO_ENTRIES: Final = 1 << 15
 _MEMO_BYTES: Final = 256
 

@@ -181,6 +181,67 @@ def _element_columns(elem: pydicom.DataElement) -> tuple[tuple[str, Any], ...]:
     return () if columns is None else _typed_values(columns, elem.value)
 
 
+@dataclass
+class _Reference:
+    """The identifiers and frame columns of the file a :class:`TemplateParser` built the
+    next ones from (its ``generation``)."""
+
+    generation: int
+    ids: dict[str, str]
+    derived: dict[str, Any]
+
+
+@dataclass
+class _RowMemo:
+    """What the rows of one header task share: the last reference file's identifiers and
+    frame columns, and the keyed hashes of identifiers met before (never leaves the task)."""
+
+    reference: _Reference | None = None
+    keys: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def ids_and_derived(
+        self, ds: pydicom.Dataset, parser: TemplateParser
+    ) -> tuple[dict[str, str], dict[str, Any]]:
+        """``original_identifiers(ds)`` and ``frame_columns(ds)``; for a file built from
+        the reference, only what its changed elements change is made again."""
+        from voxlake.ingest.deid import original_identifiers
+        from voxlake.ingest.frames import CLASSIC_UNREAD, frame_columns
+
+        changed, last = parser.changed, self.reference
+        if changed is None or last is None or last.generation != parser.generation:
+            ids, derived = original_identifiers(ds), frame_columns(ds)
+            self.reference = (
+                _Reference(parser.generation, ids, derived) if changed is None else None
+            )
+            return dict(ids), dict(derived)
+        ids = dict(last.ids)
+        if not _id_tags().isdisjoint(changed):
+            ids.update(original_identifiers(ds, only=changed))
+        if last.derived["layout"] == "classic" and all(
+            tag in CLASSIC_UNREAD or tag >> 16 == 2 for tag in changed
+        ):
+            derived = {k: list(v) if isinstance(v, list) else v for k, v in last.derived.items()}
+        else:
+            derived = frame_columns(ds)
+        return ids, derived
+
+    def key(self, secret: str, kind: str, value: str) -> str:
+        """``keyed_hash(secret, kind, value)``, remembered."""
+        found = self.keys.get((kind, value))
+        if found is None:
+            if len(self.keys) >= 1 << 16:
+                self.keys.clear()
+            found = self.keys[(kind, value)] = keyed_hash(secret, kind, value)
+        return found
+
+
+@functools.cache
+def _id_tags() -> frozenset[int]:
+    from voxlake.ingest.deid import _ID_TAGS as ID_TAGS
+
+    return frozenset(tag for _, tag in ID_TAGS)
+
+
 def _instance_row(
     ref: FileRef,
     data: bytes,
@@ -191,11 +252,10 @@ def _instance_row(
     cleaner: HeaderCleaner,
     parser: TemplateParser,
     layouts: Layouts,
+    memo: _RowMemo,
     key_map: list[tuple[str, str, str]] | None = None,
     pixel_spans: dict[str, PixelSpan] | None = None,
 ) -> dict[str, Any]:
-    from voxlake.ingest.deid import original_identifiers
-    from voxlake.ingest.frames import frame_columns
     from voxlake.ingest.readers.native import pixel_span, span_columns
     from voxlake.ingest.readers.nifti import image_file_row, sniff_image_format
     from voxlake.ingest.sources import local_path_of
@@ -225,19 +285,21 @@ def _instance_row(
         meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS
     ):
         raise NotDicomError("DICOMDIR media directory (index, not an image)", code="dicomdir")
-    ids = original_identifiers(ds)
+    # from the original: private tags go in deidentify()
+    ids, derived = memo.ids_and_derived(ds, parser)
     if not ids.get("SOPInstanceUID") and not ids.get("SeriesInstanceUID"):
         raise HeaderError("missing SOPInstanceUID and SeriesInstanceUID", code="missing_uid")
-    derived = frame_columns(ds)  # from the original: private tags go in deidentify()
     # header_to_json(deidentify(ds)) and typed_columns() of it, without building it
-    header_json, filled = cleaner.clean(ds, ids)
+    header_json, filled = cleaner.clean(
+        ds, ids, reference=parser.generation, changed=parser.changed
+    )
     transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
 
     def key(kind: str, name: str) -> str | None:
         value = ids.get(name, "")
         if not value:
             return None
-        hashed = keyed_hash(secret, kind, value)
+        hashed = memo.key(secret, kind, value)
         if key_map is not None:
             key_map.append((kind, hashed, value.strip().rstrip("\0")))
         return hashed
@@ -287,6 +349,7 @@ def read_headers(
     cleaner = HeaderCleaner(secret, config.deid, _element_columns)
     parser = TemplateParser(max_bytes=config.max_file_bytes)  # ... and their structure
     layouts: Layouts = {}  # ... and their pixel layout
+    memo = _RowMemo()  # ... and their identifiers and frame columns
     for ref, read in read_ahead(refs, config):
         try:
             data = read.result()
@@ -300,6 +363,7 @@ def read_headers(
                 cleaner=cleaner,
                 parser=parser,
                 layouts=layouts,
+                memo=memo,
                 key_map=batch.key_map if config.key_map_url else None,
                 pixel_spans=batch.pixel_spans,
             )
