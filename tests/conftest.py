@@ -81,6 +81,16 @@ def s3_endpoint():
     It runs in its own process: moto keeps global state, so an in-process server that a
     fault test stops mid-request could otherwise wedge this one.
     """
+    yield from _moto_server()
+
+
+@pytest.fixture
+def other_s3_endpoint():
+    """A second S3 API (another moto server), for sources kept apart from the catalog."""
+    yield from _moto_server()
+
+
+def _moto_server():
     import subprocess
     import sys
     import time

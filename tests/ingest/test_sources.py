@@ -194,3 +194,57 @@ def test_runs_keep_sources_without_passwords_or_pacs_filter_values(given, kept):
     from voxlake.ingest.sources import recorded_source
 
     assert recorded_source(given) == kept
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_cli_sources_on_one_endpoint_catalog_and_store_on_another(
+    tiny_sample, s3_bucket, other_s3_endpoint, dask_client
+):
+    """`voxlake ingest` reads the sources with --storage-options and writes the catalog
+    and the store with their own options: two S3 endpoints with different buckets, as a
+    hospital's MinIO and a research bucket would be."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import boto3
+    import s3fs
+
+    from voxlake.storage import s3_options
+
+    bucket, options = s3_bucket
+    source_options = s3_options(other_s3_endpoint, key="testing", secret="testing")
+    boto3.client(
+        "s3", endpoint_url=other_s3_endpoint, aws_access_key_id="testing",
+        aws_secret_access_key="testing", region_name="us-east-1",
+    ).create_bucket(Bucket="hospital")  # fmt: skip
+    s3fs.S3FileSystem(**source_options).put(
+        str(tiny_sample.root / "dicom"), "hospital/dicom", recursive=True
+    )
+    catalog_url, store_url = f"s3://{bucket}/catalog", f"s3://{bucket}/volumes.zarr"
+    voxlake = str(Path(sys.executable).with_name("voxlake"))
+    command = [
+        voxlake, "ingest", "s3://hospital/dicom", "--catalog", catalog_url,
+        "--store", store_url, "--scheduler", dask_client.scheduler.address,
+        "--storage-options", json.dumps(source_options),
+    ]  # fmt: skip
+    env = {**os.environ, "VOXLAKE_SECRET": SECRET}
+    # The sources' options for all three: the catalog's bucket is not on that endpoint.
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode != 0
+    split = [
+        *command,
+        "--catalog-storage-options",
+        json.dumps(options),
+        "--store-storage-options",
+        json.dumps(options),
+    ]
+    done = subprocess.run(split, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    catalog = open_catalog(catalog_url, storage_options=options)
+    assert all(url.startswith("s3://hospital/dicom/") for url in catalog.instances.url)
+    assert len(catalog.volumes) == len(tiny_sample.series)
+    _check_volumes(catalog, tiny_sample, storage_options=options)

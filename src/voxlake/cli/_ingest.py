@@ -63,6 +63,11 @@ def _print_report(report: IngestReport) -> None:
     out.print(table)
 
 
+def _options_or(text: str | None, default: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON options in `text` (``{}``: none at all), or `default` when not given."""
+    return default if text is None else parse_storage_options(text) or {}
+
+
 def run_ingest(
     sources: list[str],
     *,
@@ -176,6 +181,17 @@ def ingest(
             "Default: the AWS_* environment variables."
         ),
     ] = None,
+    catalog_storage_options: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="JSON options for the catalog alone, when it lives elsewhere than the "
+            "sources (another endpoint or credentials). Default: --storage-options."
+        ),
+    ] = None,
+    store_storage_options: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="JSON options for the volume store alone. Default: --storage-options."),
+    ] = None,
 ) -> None:
     """Ingest DICOM into a catalog and a volume store with a Dask cluster.
 
@@ -214,8 +230,8 @@ def ingest(
         catalog=catalog,
         store=store,
         config=config,
-        catalog_storage_options=config.storage_options,
-        store_storage_options=config.storage_options,
+        catalog_storage_options=_options_or(catalog_storage_options, config.storage_options),
+        store_storage_options=_options_or(store_storage_options, config.storage_options),
     )
     if report.status != "completed":
         raise typer.Exit(1)
