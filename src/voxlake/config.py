@@ -145,7 +145,8 @@ class IngestConfig:
         of it, at least 16 and at most 64 files, so the workers share the listing evenly;
         each commit costs the driver about 80 ms and writes one small Parquet file.
     read_ahead
-        Files a header task reads ahead of the one it parses, in threads. None (default):
+        Files a header task reads ahead of the one it parses: in threads, or on local
+        disks by the kernel (``POSIX_FADV_WILLNEED``, where available). None (default):
         2 on local disks, 8 from object storage or a PACS (a round trip each), 1 inside
         zip and tar archives (always one reading thread there). 0 reads one file at a
         time. With a PACS, each worker keeps up to this many WADO-RS requests in flight:

@@ -3,6 +3,7 @@ failed read fails its own file only."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -59,10 +60,97 @@ def test_files_come_in_order_with_their_own_bytes(tmp_path: Path) -> None:
     assert all(data == Path(url).read_bytes() for url, data in got)
 
 
+class _Advice:
+    """Wraps ``os.posix_fadvise``: the files the kernel was asked to read, in order."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.paths: list[str] = []
+
+    def __call__(self, fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_WILLNEED and (offset, length) == (0, 0)
+        self.paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        self.real(fd, offset, length, advice)
+
+
+needs_fadvise = pytest.mark.skipif(
+    not hasattr(os, "posix_fadvise") or not Path("/proc/self/fd").is_dir(),
+    reason="POSIX_FADV_WILLNEED and /proc (Linux)",
+)
+
+
+@needs_fadvise
 @pytest.mark.parametrize("read_ahead", [None, 0, 1, 5])
-def test_reads_ahead_but_never_more_than_the_bound(
+def test_local_files_are_read_ahead_by_the_kernel_within_the_bound(
     tmp_path: Path, monkeypatch, read_ahead: int | None
 ) -> None:
+    """Local files: the next `depth` files are handed to the kernel to read
+    (POSIX_FADV_WILLNEED), and each is read in the caller's thread, no read thread."""
+    refs = _files(tmp_path, 30)
+    advice = _Advice(os.posix_fadvise)
+    monkeypatch.setattr(os, "posix_fadvise", advice)
+    depth = READ_AHEAD_FILES["local"] if read_ahead is None else read_ahead
+    lead = 0
+    done = []
+    for i, (ref, future) in enumerate(
+        file_reads.read_ahead(refs, IngestConfig(read_ahead=read_ahead))
+    ):
+        assert future.done()  # read already, here
+        done.append((ref.url, future.result()))
+        assert not [t for t in threading.enumerate() if t.name.startswith("voxlake-read-ahead")]
+        assert len(advice.paths) <= i + 1 + depth
+        lead = max(lead, len(advice.paths) - (i + 1))
+    assert done == [(ref.url, Path(ref.url).read_bytes()) for ref in refs]
+    assert advice.paths == [str(Path(ref.url).resolve()) for ref in refs]
+    assert lead == depth
+
+
+@needs_fadvise
+def test_local_files_opened_ahead_are_closed_when_the_caller_stops(tmp_path: Path) -> None:
+    refs = _files(tmp_path, 30)
+    before = len(os.listdir("/proc/self/fd"))
+    reads = file_reads.read_ahead(refs, IngestConfig(read_ahead=5))
+    for _ in range(3):
+        next(reads)
+    assert len(os.listdir("/proc/self/fd")) > before  # the next ones are open
+    reads.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+@needs_fadvise
+def test_local_reads_fail_in_their_own_turn(tmp_path: Path) -> None:
+    from voxlake.errors import SourceError
+
+    refs = _files(tmp_path, 6)
+    refs[4] = FileRef(url=str(tmp_path / "big.bin"), size=5000, mtime=0.0)
+    Path(refs[4].url).write_bytes(bytes(5000))
+    refs.insert(2, FileRef(url=str(tmp_path / "vanished.bin"), size=10, mtime=0.0))
+
+    def outcome(read) -> object:
+        try:
+            return len(read())
+        except SourceError as exc:
+            return (exc.code, exc.message)
+
+    advised = [
+        outcome(future.result)
+        for _, future in file_reads.read_ahead(refs, IngestConfig(max_file_bytes=4000))
+    ]
+    one_by_one = [
+        outcome(lambda ref=ref: file_reads.open_bytes(ref.url, max_bytes=4000)) for ref in refs
+    ]
+    assert advised == one_by_one  # the same errors as a plain read, each in its turn
+    assert [a if isinstance(a, int) else a[0] for a in advised] == [
+        1000, 1000, "unreadable", 1000, 1000, "file_too_large", 1000,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("read_ahead", [None, 0, 1, 5])
+def test_reads_ahead_in_threads_but_never_more_than_the_bound(
+    tmp_path: Path, monkeypatch, read_ahead: int | None
+) -> None:
+    """Where the kernel cannot be asked (no posix_fadvise), threads read local files."""
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
     refs = _files(tmp_path, 30)
     watch = _Watch(file_reads.open_bytes, delay=0.01)
     monkeypatch.setattr(file_reads, "open_bytes", watch)
@@ -92,9 +180,18 @@ def test_read_ahead_is_validated_and_read_from_the_environment(monkeypatch) -> N
     assert load_config(None).read_ahead == 3
 
 
-def test_bytes_in_flight_are_capped(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("advised", [True, False])
+def test_bytes_in_flight_are_capped(tmp_path: Path, monkeypatch, advised: bool) -> None:
     monkeypatch.setattr(file_reads, "READ_AHEAD_BYTES", 2500)
     refs = _files(tmp_path, 12, size=1000)
+    if advised and hasattr(os, "posix_fadvise"):
+        advice = _Advice(os.posix_fadvise)
+        monkeypatch.setattr(os, "posix_fadvise", advice)
+        for i, (_, future) in enumerate(file_reads.read_ahead(refs, IngestConfig())):
+            future.result()
+            assert len(advice.paths) <= i + 1 + 3  # as below
+        return
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
     watch = _Watch(file_reads.open_bytes, delay=0.01)
     monkeypatch.setattr(file_reads, "open_bytes", watch)
     for i, (_, future) in enumerate(file_reads.read_ahead(refs, IngestConfig())):
