@@ -12,12 +12,12 @@ import collections
 import contextlib
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from voxlake.errors import SourceError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from voxlake.config import IngestConfig
     from voxlake.ingest.dimse import Associations
@@ -159,25 +159,45 @@ def read_ahead(
         yield from _advised(refs, config.max_file_bytes, depth)
         return
     threads = 1 if kind == "archive" else max(1, depth)
-    upcoming = iter(refs)
-    pending: collections.deque[tuple[FileRef, Future[bytes]]] = collections.deque()
     with associations, ThreadPoolExecutor(threads, thread_name_prefix="voxlake-read-ahead") as pool:
+        yield from _bounded(refs, depth, lambda ref: pool.submit(read, ref))
 
-        def fill(target: int) -> None:
-            queued = sum(max(ref.size, 0) for ref, _ in pending)
-            while len(pending) < target and queued < READ_AHEAD_BYTES:
-                ref = next(upcoming, None)
-                if ref is None:
-                    return
-                pending.append((ref, pool.submit(read, ref)))
-                queued += max(ref.size, 0)
 
+_T = TypeVar("_T")
+
+
+def _bounded(
+    refs: list[FileRef],
+    depth: int,
+    start: Callable[[FileRef], _T],
+    drop: Callable[[_T], None] | None = None,
+) -> Iterator[tuple[FileRef, _T]]:
+    """``(ref, start(ref))`` in order, `start` called for at most `depth` files (and about
+    ``READ_AHEAD_BYTES`` by listed size) beyond the one handed out; `drop` gets what was
+    started for files never handed out (the caller stopped early)."""
+    upcoming = iter(refs)
+    pending: collections.deque[tuple[FileRef, _T]] = collections.deque()
+
+    def fill(target: int) -> None:
+        queued = sum(max(ref.size, 0) for ref, _ in pending)
+        while len(pending) < target and queued < READ_AHEAD_BYTES:
+            ref = next(upcoming, None)
+            if ref is None:
+                return
+            pending.append((ref, start(ref)))
+            queued += max(ref.size, 0)
+
+    try:
         fill(depth + 1)
         while pending:
-            ref, future = pending.popleft()
+            ref, started = pending.popleft()
             fill(depth)  # read ahead while the caller parses this one
-            yield ref, future
-            fill(1)  # with no read-ahead, the next file is read only now
+            yield ref, started
+            fill(1)  # with no read-ahead, the next file is started only now
+    finally:
+        if drop is not None:
+            for _, left in pending:
+                drop(left)
 
 
 def _advised(
@@ -186,45 +206,34 @@ def _advised(
     """:func:`read_ahead` for local files: the next `depth` files are opened and the
     kernel asked to read them (``POSIX_FADV_WILLNEED``, asynchronous); each file is read
     in the caller's thread in its turn, from the page cache once the kernel is done."""
+    for ref, opened in _bounded(refs, depth, _advise, drop=_close):
+        future: Future[bytes] = Future()
+        try:
+            if isinstance(opened, OSError):
+                raise _read_error(opened) from opened
+            with os.fdopen(opened, "rb") as handle:
+                future.set_result(_read_local(handle, max_bytes))
+        except SourceError as exc:  # first: a SourceError is an OSError too
+            future.set_exception(exc)
+        except OSError as exc:
+            future.set_exception(_read_error(exc))
+        yield ref, future
+
+
+def _advise(ref: FileRef) -> int | OSError:
+    """The open file of `ref`, which the kernel was asked to read (or why it cannot be
+    opened: raised in its turn)."""
     from voxlake.ingest.sources import local_path_of
 
-    upcoming = iter(refs)
-    pending: collections.deque[tuple[FileRef, int | OSError]] = collections.deque()
-
-    def fill(target: int) -> None:
-        queued = sum(max(ref.size, 0) for ref, _ in pending)
-        while len(pending) < target and queued < READ_AHEAD_BYTES:
-            ref = next(upcoming, None)
-            if ref is None:
-                return
-            try:
-                fd = os.open(str(local_path_of(ref.fetch_url)), os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                pending.append((ref, exc))  # raised in its turn
-                continue
-            with contextlib.suppress(OSError):  # a hint only: the read works without it
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            pending.append((ref, fd))
-            queued += max(ref.size, 0)
-
     try:
-        fill(depth + 1)
-        while pending:
-            ref, opened = pending.popleft()
-            fill(depth)  # the kernel reads the next ones while the caller parses this one
-            future: Future[bytes] = Future()
-            try:
-                if isinstance(opened, OSError):
-                    raise _read_error(opened) from opened
-                with os.fdopen(opened, "rb") as handle:
-                    future.set_result(_read_local(handle, max_bytes))
-            except SourceError as exc:  # first: a SourceError is an OSError too
-                future.set_exception(exc)
-            except OSError as exc:
-                future.set_exception(_read_error(exc))
-            yield ref, future
-            fill(1)  # with no read-ahead, the next file is opened only now
-    finally:
-        for _, left in pending:  # the caller stopped early
-            if not isinstance(left, OSError):
-                os.close(left)
+        fd = os.open(str(local_path_of(ref.fetch_url)), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc
+    with contextlib.suppress(OSError):  # a hint only: the read works without it
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    return fd
+
+
+def _close(opened: int | OSError) -> None:
+    if not isinstance(opened, OSError):
+        os.close(opened)
