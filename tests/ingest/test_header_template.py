@@ -320,3 +320,40 @@ def test_files_of_the_same_length_with_another_structure_are_not_compared(
     compared = parser.compared
     _check(parser, data)
     assert parser.compared == compared, what
+
+
+def test_the_parser_keeps_no_file_alive_between_files(tiny_sample) -> None:
+    """The reference a next file is compared with is its header's bytes, not the file:
+    after three 16 MiB files, the parser holds well under one."""
+    import gc
+    import tracemalloc
+
+    def big(number: int) -> bytes:
+        def change(ds: Any) -> None:
+            ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = (
+                2048,
+                4096,
+                16,
+                16,
+                15,
+            )
+            ds.PixelData = bytes([number]) * (2048 * 4096 * 2)
+            ds.InstanceNumber = str(number)
+
+        return _variant(tiny_sample.series[0].files[0], change)
+
+    parser = TemplateParser(max_bytes=MAX)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in (1, 2, 3):
+            data = big(number)
+            ds, _ = parser.parse(data)
+            assert ds.InstanceNumber == number
+            del data, ds
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert parser.compared == 2  # the second and third were compared, not walked
+    assert held < 4 << 20, held

@@ -224,7 +224,11 @@ def _elements(data: bytes, walked: list[_Walked], ds: Any) -> tuple[_Element, ..
                 return None
         elif not isinstance(element, DataElement) or element.file_tell != offset:
             return None
-        value = b"" if tag == _PIXEL_DATA else data[offset:value_end]
+        value = data[offset:value_end]
+        if tag == _PIXEL_DATA:  # never compared, and the template must not keep the pixels
+            value = b""
+            if isinstance(element, RawDataElement):
+                element = RawDataElement(*element[:3], None, *element[4:])
         out.append(_Element(tag, vr, offset, length, value, element))
     return tuple(out)
 
@@ -286,7 +290,8 @@ def _same(
     pixels = walked_body[-1][2]
     return _Same(
         size=len(data),
-        head=np.frombuffer(data, np.uint8, count=pixels - _META_START, offset=_META_START),
+        # a copy of the header's bytes: a view would keep the whole file (pixels too) alive
+        head=np.frombuffer(data[_META_START:pixels], np.uint8),
         starts=np.array([element.offset for element in elements], dtype=np.int64),
         ends=np.array([element.offset + len(element.value) for element in elements], np.int64),
         elements=elements,
@@ -412,7 +417,7 @@ def _patched(
         if found is not None:
             meta, body, changed = found
             if not same.dataset:  # what the next ones are copied from, never handed out
-                same.dataset.append(_dataset(template, data, {}, {}))
+                same.dataset.append(_dataset(template, data[:_META_START], {}, {}))
             return _dataset(template, data, meta, body, like=same.dataset[0]), changed, None
     walked = _walked(template, data)
     if walked is None:
