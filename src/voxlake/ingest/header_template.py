@@ -228,7 +228,7 @@ def _elements(data: bytes, walked: list[_Walked], ds: Any) -> tuple[_Element, ..
         if tag == _PIXEL_DATA:  # never compared, and the template must not keep the pixels
             value = b""
             if isinstance(element, RawDataElement):
-                element = RawDataElement(*element[:3], None, *element[4:])
+                element = element._replace(value=None)
         out.append(_Element(tag, vr, offset, length, value, element))
     return tuple(out)
 
