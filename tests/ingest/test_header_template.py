@@ -357,3 +357,34 @@ def test_the_parser_keeps_no_file_alive_between_files(tiny_sample) -> None:
         tracemalloc.stop()
     assert parser.compared == 2  # the second and third were compared, not walked
     assert held < 4 << 20, held
+
+
+def test_a_changed_private_creator_cleans_the_file_whole(tiny_sample, tmp_path, monkeypatch):
+    """In an implicit VR file pydicom finds a private element's VR through its creator:
+    a file whose creator alone changed (same length) must not reuse the reference's
+    cleaned private elements."""
+    first, second = tiny_sample.series[0].files[:2]
+
+    def private(creator: str, number: str) -> Any:
+        def change(ds: Any) -> None:
+            _implicit(ds)
+            ds.add_new(0x00290010, "LO", creator)
+            ds.add_new(0x00291008, "CS", "IMAGE NUM 4")  # CS under SIEMENS CSA HEADER
+            ds.InstanceNumber = number
+
+        return change
+
+    paths = []
+    for name, path, change in [
+        ("a.dcm", first, private("SIEMENS CSA HEADER", "1")),
+        ("b.dcm", second, private("SIEMENS CSA HEADEX", "2")),  # unknown: read as UN
+    ]:
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(_variant(path, change))
+    refs = list(list_source(tmp_path))
+    options = {"deid": _PRIVATE}
+    with_templates = _rows(refs, **options)
+    monkeypatch.setattr(header_template, "_patched", lambda *args: None)
+    _assert_same_rows(with_templates, _rows(refs, **options))
+    jsons = [row["header_json"] for row in with_templates[0]]
+    assert '"00291008"' in jsons[0] and jsons[0].count('"vr":"CS"') > jsons[1].count('"vr":"CS"')

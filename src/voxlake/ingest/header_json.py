@@ -127,6 +127,7 @@ class HeaderCleaner:
             and last.reference == reference
             and last.fingerprint == fingerprint
             and _WHOLE.isdisjoint(changed)
+            and not any(_is_creator(tag) for tag in changed)
         ):
             again = self._again(ds, last, changed, encoding, ctx)
             if again is not None:
@@ -334,8 +335,15 @@ _LATE: Final = _MARKED | {_PATIENT_NAME, _PATIENT_ID}
 #: another element: BitsAllocated, PixelRepresentation, LUTDescriptor and
 #: WaveformBitsAllocated.
 _VR_SOURCES: Final = frozenset({0x00280100, 0x00280103, 0x00283002, 0x54001004})
-#: Changed, a file is cleaned whole, not from its reference's elements.
+#: Changed, a file is cleaned whole, not from its reference's elements (so is a file
+#: whose private creator changed: pydicom finds a private element's VR through it).
 _WHOLE: Final = _LATE | _VR_SOURCES
+
+
+def _is_creator(tag: int) -> bool:
+    return bool(tag >> 16 & 1) and 0x10 <= tag & 0xFFFF <= 0xFF
+
+
 _MEMO_ENTRIES: Final = 1 << 15
 _MEMO_BYTES: Final = 256
 
