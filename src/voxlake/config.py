@@ -146,7 +146,8 @@ class IngestConfig:
         each commit costs the driver about 80 ms and writes one small Parquet file.
     read_ahead
         Files a header task reads ahead of the one it parses: in threads, or on local
-        disks by the kernel (``POSIX_FADV_WILLNEED``, where available). None (default):
+        disks by the kernel (``POSIX_FADV_WILLNEED``, where available; at most 64 files
+        open ahead). None (default):
         2 on local disks, 8 from object storage or a PACS (a round trip each), 1 inside
         zip and tar archives (always one reading thread there). 0 reads one file at a
         time. With a PACS, each worker keeps up to this many WADO-RS requests in flight:

@@ -281,3 +281,14 @@ def test_every_file_gets_its_row_whatever_the_read_ahead(tiny_sample, read_ahead
     config = IngestConfig(secret=SECRET, read_ahead=read_ahead)
     batch = read_headers(refs, secret=SECRET, config=config, run_id="r")
     assert [row["url"] for row in batch.instances] == [ref.url for ref in refs]
+
+
+@needs_fadvise
+def test_a_deep_read_ahead_keeps_few_files_open(tmp_path: Path) -> None:
+    refs = _files(tmp_path, 200, size=10)
+    before = len(os.listdir("/proc/self/fd"))
+    most = 0
+    for _, future in file_reads.read_ahead(refs, IngestConfig(read_ahead=10_000)):
+        future.result()
+        most = max(most, len(os.listdir("/proc/self/fd")) - before)
+    assert 0 < most <= file_reads._OPEN_AHEAD + 1

@@ -206,7 +206,9 @@ def _advised(
     """:func:`read_ahead` for local files: the next `depth` files are opened and the
     kernel asked to read them (``POSIX_FADV_WILLNEED``, asynchronous); each file is read
     in the caller's thread in its turn, from the page cache once the kernel is done."""
-    for ref, opened in _bounded(refs, depth, _advise, drop=_close):
+    # Each file read ahead holds a descriptor: a deep read-ahead of small files must not
+    # run the process out of them (a file that cannot be opened fails).
+    for ref, opened in _bounded(refs, min(depth, _OPEN_AHEAD), _advise, drop=_close):
         future: Future[bytes] = Future()
         try:
             if isinstance(opened, OSError):
@@ -218,6 +220,10 @@ def _advised(
         except OSError as exc:
             future.set_exception(_read_error(exc))
         yield ref, future
+
+
+#: Local files opened ahead at most, whatever the read-ahead asked for.
+_OPEN_AHEAD: Final = 64
 
 
 def _advise(ref: FileRef) -> int | OSError:
