@@ -388,3 +388,20 @@ def test_a_changed_private_creator_cleans_the_file_whole(tiny_sample, tmp_path, 
     _assert_same_rows(with_templates, _rows(refs, **options))
     jsons = [row["header_json"] for row in with_templates[0]]
     assert '"00291008"' in jsons[0] and jsons[0].count('"vr":"CS"') > jsons[1].count('"vr":"CS"')
+
+
+def test_walked_files_name_their_changes_against_the_template(tiny_sample) -> None:
+    """A walked file is numbered and its changes are against the template's; a file then
+    compared with it names its changes against it."""
+    first, second, third = tiny_sample.series[0].files[:3]
+    longer = _set(SOPInstanceUID="1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.16.17")  # moves offsets
+    parser = TemplateParser(max_bytes=MAX)
+    parser.parse(first.read_bytes())
+    template = parser.generation
+    assert (parser.base, parser.changed) == (None, None)
+    _check(parser, _variant(second, longer))
+    assert (parser.base, parser.generation) == (template, template + 1)
+    assert parser.changed is not None and 0x00080018 in parser.changed
+    _check(parser, _variant(third, longer))  # the same length as the walked one
+    assert parser.compared == 1 and parser.base == template + 1
+    assert parser.changed is not None and 0x00080018 not in parser.changed  # same UID

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping, MutableSequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeVar, cast
 
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -73,7 +73,7 @@ class HeaderCleaner:
         with the element, so a function of the element alone.
     """
 
-    __slots__ = ("_config", "_late_memo", "_memo", "_reference", "_secret", "_values")
+    __slots__ = ("_config", "_late_memo", "_memo", "_references", "_secret", "_values")
 
     def __init__(
         self,
@@ -86,7 +86,7 @@ class HeaderCleaner:
         self._values = values
         self._memo: dict[tuple[Any, ...], tuple[str | None, tuple[Any, ...]]] = {}
         self._late_memo: dict[tuple[Any, ...], list[_Encoded]] = {}
-        self._reference: _Cleaned | None = None
+        self._references = References[_Cleaned]()
 
     def __repr__(self) -> str:
         return f"HeaderCleaner(secret=<hidden>, config={self._config!r})"
@@ -97,6 +97,7 @@ class HeaderCleaner:
         identifiers: Mapping[str, str],
         *,
         reference: int | None = None,
+        base: int | None = None,
         changed: frozenset[int] | None = None,
     ) -> tuple[str, list[Any]]:
         """Return the header JSON of the de-identified `ds` and the non-empty `values`.
@@ -107,31 +108,32 @@ class HeaderCleaner:
             The original header, as :func:`deidentify` takes it.
         identifiers
             ``original_identifiers(ds)``.
-        reference, changed
+        reference, base, changed
             From the :class:`~voxlake.ingest.header_template.TemplateParser` that read
-            `ds` (its ``generation`` and ``changed``): with `changed`, `ds` holds the
-            elements of the file numbered `reference` but for the `changed` tags, and
-            only those are cleaned again when that file was the last one cleaned with
-            `changed` None (and the character set, date shift and searched identifiers
-            are the same); without, `ds` is that file.
+            `ds` (its ``generation``, ``base`` and ``changed``): `ds` is file number
+            `reference`; with `changed`, it holds the elements of file number `base` but
+            for the `changed` tags, and only those are cleaned again when that file's
+            result is remembered (and the character set, date shift and searched
+            identifiers are the same). The results of the last two numbered files are
+            remembered: the template and the file next ones are compared with.
         """
         ctx = _context(ds, identifiers, Pseudonymizer(self._secret), self._config)
         encoding = _lean_encoding(ds, ctx)
         charset = encoding if isinstance(encoding, str) else tuple(encoding)
         days = ctx.offset.days
         fingerprint = (charset, days, ctx.needles)
-        last = self._reference
+        last = self._references.get(base) if changed is not None else None
         if (
             changed is not None
             and last is not None
-            and last.reference == reference
             and last.fingerprint == fingerprint
             and _WHOLE.isdisjoint(changed)
             and not any(_is_creator(tag) for tag in changed)
         ):
             again = self._again(ds, last, changed, encoding, ctx)
             if again is not None:
-                return again
+                self._keep(reference, base, fingerprint, again)
+                return _joined(again)
         memo = self._memo
         done: list[_Encoded] = []
         late: list[tuple[int, DataElement | RawDataElement, tuple[Any, ...] | None]] = []
@@ -149,10 +151,15 @@ class HeaderCleaner:
             done.append((tag, *found))
         done.extend(self._finish(ds, late, encoding, ctx))
         done.sort(key=itemgetter(0))
-        if changed is None and reference is not None:
-            position = {tag: i for i, (tag, _, _) in enumerate(done) if tag not in _LATE}
-            self._reference = _Cleaned(reference, fingerprint, done, position)
+        self._keep(reference, base, fingerprint, done)
         return _joined(done)
+
+    def _keep(
+        self, reference: int | None, base: int | None, fingerprint: Any, done: list[_Encoded]
+    ) -> None:
+        if reference is not None and reference != base:  # a numbered file: remembered
+            position = {tag: i for i, (tag, _, _) in enumerate(done) if tag not in _LATE}
+            self._references.put(reference, _Cleaned(fingerprint, done, position))
 
     def _again(
         self,
@@ -161,10 +168,10 @@ class HeaderCleaner:
         changed: frozenset[int],
         encoding: str | MutableSequence[str],
         ctx: _Context,
-    ) -> tuple[str, list[Any]] | None:
-        """:meth:`clean` of `ds`, the reference file `last` was made of with other
-        values in the `changed` tags (cleaned again, through the memo); None if a
-        changed tag is not one of the reference's."""
+    ) -> list[_Encoded] | None:
+        """The encoded elements of `ds`, the file `last` was made of with other values in
+        the `changed` tags (cleaned again, through the memo); None if a changed tag is
+        not one of that file's."""
         done = list(last.done)
         charset = encoding if isinstance(encoding, str) else tuple(encoding)
         for tag in changed:
@@ -182,7 +189,7 @@ class HeaderCleaner:
                 if key is not None:
                     _remember(self._memo, key, found)
             done[index] = (tag, *found)
-        return _joined(done)
+        return done
 
     def _finish(
         self,
@@ -287,14 +294,39 @@ def _number_member(tag: int, vr: str, numbers: list[int] | list[float]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Cleaned:
-    """What :meth:`HeaderCleaner.clean` made of a reference file: the encoded elements in
+    """What :meth:`HeaderCleaner.clean` made of a numbered file: the encoded elements in
     tag order and where each element of the file is among them (PatientName, PatientID
     and the marks left out: set by the dataset as a whole)."""
 
-    reference: int
     fingerprint: tuple[Any, ...]
     done: list[_Encoded]
     position: dict[int, int]
+
+
+_V = TypeVar("_V")
+
+
+class References(Generic[_V]):
+    """What was made of the last two numbered files of a
+    :class:`~voxlake.ingest.header_template.TemplateParser` (the template and the
+    reference next files are compared with), by number; the least recently used goes."""
+
+    __slots__ = ("_by_number",)
+
+    def __init__(self) -> None:
+        self._by_number: dict[int, _V] = {}
+
+    def get(self, number: int | None) -> _V | None:
+        found = self._by_number.pop(number, None) if number is not None else None
+        if found is not None:
+            self._by_number[number] = found  # type: ignore[index]  # most recent last
+        return found
+
+    def put(self, number: int, value: _V) -> None:
+        self._by_number.pop(number, None)
+        self._by_number[number] = value
+        while len(self._by_number) > 2:
+            del self._by_number[next(iter(self._by_number))]
 
 
 def _joined(done: list[_Encoded]) -> tuple[str, list[Any]]:

@@ -25,10 +25,11 @@ Most next files need no walk either: a file of the same length as the last one r
 (the *reference*) whose bytes, up to its pixel values, differ from the reference's only
 inside element values has every element where the reference has it, which one numpy
 comparison of the bytes shows. Its dataset is the reference's elements with those values
-replaced (by the same rules as a walk), and the parser names the tags that changed
-(``TemplateParser.changed``), so that the header pass cleans and converts only those
-again (:class:`~voxlake.ingest.header_json.HeaderCleaner`); a CT slice changes six or
-seven of its 80 elements, an MR slice of a GE scanner 14 of 340.
+replaced (by the same rules as a walk). Walked or compared, the parser names the tags
+whose value changed against the template or the reference (``TemplateParser.changed``
+and ``.base``), so that the header pass cleans and converts only those again
+(:class:`~voxlake.ingest.header_json.HeaderCleaner`); a CT slice changes six or seven
+of its 80 elements, an MR slice of a GE scanner 14 of 340.
 
 ``tests/ingest/test_header_template.py`` checks that both ways give equal datasets and
 equal catalog rows.
@@ -404,11 +405,12 @@ def _same_layout(
 
 def _patched(
     template: _Template, same: _Same | None, data: bytes
-) -> tuple[pydicom.Dataset, frozenset[int] | None, _Same | None] | None:
+) -> tuple[pydicom.Dataset, frozenset[int], _Same | None, bool] | None:
     """The dataset pydicom would read from `data`, or None when it must read it.
 
-    With it, compared with `same`: the tags whose value differs from `same`'s; walked
-    against the template instead: None, and what the next file is compared with.
+    With it: the tags whose value differs, what the next file is compared with (None:
+    `same` still) and whether `data` was compared with `same` (the tags differ from
+    `same`'s) rather than walked against the template (they differ from the template's).
     """
     if len(data) < _META_START or data[128:_META_START] != b"DICM":
         return None
@@ -418,13 +420,14 @@ def _patched(
             meta, body, changed = found
             if not same.dataset:  # what the next ones are copied from, never handed out
                 same.dataset.append(_dataset(template, data[:_META_START], {}, {}))
-            return _dataset(template, data, meta, body, like=same.dataset[0]), changed, None
+            ds = _dataset(template, data, meta, body, like=same.dataset[0])
+            return ds, changed, None, True
     walked = _walked(template, data)
     if walked is None:
         return None
-    meta, body, walked_meta, walked_body = walked
+    meta, body, walked_meta, walked_body, changed = walked
     new_same = _same(data, walked_meta, walked_body, meta, body)
-    return _dataset(template, data, meta, body), None, new_same
+    return _dataset(template, data, meta, body), changed, new_same, False
 
 
 def _dataset(
@@ -472,9 +475,10 @@ def _copied(like: Any, elements: dict[Any, Any]) -> Any:
 
 def _walked(
     template: _Template, data: bytes
-) -> tuple[dict[Any, Any], dict[Any, Any], list[_Walked], list[_Walked]] | None:
+) -> tuple[dict[Any, Any], dict[Any, Any], list[_Walked], list[_Walked], frozenset[int]] | None:
     """The meta and body elements of a file with the template's elements (lengths and
-    offsets may differ) and the walk that found them, or None."""
+    offsets may differ), the walk that found them and the tags whose value differs from
+    the template's; or None."""
     walked_meta = _walk(data, _META_START, False, template.meta, meta=True)
     if walked_meta is None:
         return None
@@ -487,7 +491,7 @@ def _walked(
     body = _patch(data, template.body, walked_body[0], changeable=None)
     if meta is None or body is None:
         return None
-    return meta[0], body[0], walked_meta[0], walked_body[0]
+    return meta[0], body[0], walked_meta[0], walked_body[0], frozenset(meta[1] + body[1])
 
 
 #: File meta elements whose value may differ from the template's (the transfer syntax,
@@ -502,11 +506,12 @@ class TemplateParser:
     pydicom and those built from a template, ``compared`` those of them built from the
     reference by a comparison of their bytes.
 
-    A file read by pydicom or walked against the template becomes the *reference*, number
-    ``generation``, and ``changed`` is None; a next file of the same length whose bytes
-    differ only inside element values is built from the reference, and ``changed`` holds
-    the tags (file meta and body) whose value differs from the reference's: what depends
-    on the other elements alone is what it was for the reference.
+    Files are numbered: a file read by pydicom (the template) or walked against it (the
+    *reference* next files are compared with) gets a new ``generation``; a file compared
+    with the reference keeps the reference's. After each file, ``changed`` holds the tags
+    (file meta and body) whose value differs from those of file number ``base``: the
+    template for a walked file, the reference for a compared one; both None for a file
+    read by pydicom. What depends on the other elements alone is what it was for ``base``.
     """
 
     def __init__(self, *, max_bytes: int) -> None:
@@ -515,8 +520,10 @@ class TemplateParser:
         self.patched = 0
         self.compared = 0
         self.generation = 0
+        self.base: int | None = None
         self.changed: frozenset[int] | None = None
         self._template: _Template | None = None
+        self._template_number = 0
         self._same: _Same | None = None
 
     def parse(self, data: bytes) -> tuple[pydicom.Dataset, bool]:
@@ -525,15 +532,17 @@ class TemplateParser:
             found = _patched(self._template, self._same, data)
             if found is not None:
                 self.patched += 1
-                ds, self.changed, same = found
-                if self.changed is None:
-                    self._same = same
-                    self.generation += 1
-                else:
+                ds, self.changed, same, compared = found
+                if compared:
                     self.compared += 1
+                    self.base = self.generation
+                else:
+                    self._same = same
+                    self.base = self._template_number
+                    self.generation += 1
                 return ds, False
         # an unusable file must not leave the old template behind
-        self._template = self._same = self.changed = None
+        self._template = self._same = self.changed = self.base = None
         self.generation += 1
         ds, gzipped = parse_dicom_bytes(data, max_bytes=self.max_bytes)
         self.parsed += 1
@@ -541,4 +550,5 @@ class TemplateParser:
             found_template = _template(ds, data)
             if found_template is not None:
                 self._template, self._same = found_template
+                self._template_number = self.generation
         return ds, gzipped

@@ -182,48 +182,41 @@ def _element_columns(elem: pydicom.DataElement) -> tuple[tuple[str, Any], ...]:
 
 
 @dataclass
-class _Reference:
-    """The identifiers and frame columns of the file a :class:`TemplateParser` built the
-    next ones from (its ``generation``)."""
-
-    generation: int
-    ids: dict[str, str]
-    derived: dict[str, Any]
-
-
-@dataclass
 class _RowMemo:
-    """What the rows of one header task share: the last reference file's identifiers and
-    frame columns, and the keyed hashes of identifiers met before (never leaves the task)."""
+    """What the rows of one header task share: the identifiers and frame columns of the
+    last numbered files of its :class:`TemplateParser` (the template and the reference),
+    and the keyed hashes of identifiers met before (never leaves the task)."""
 
-    reference: _Reference | None = None
+    numbered: Any = field(default_factory=lambda: _references())
     keys: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def ids_and_derived(
         self, ds: pydicom.Dataset, parser: TemplateParser
     ) -> tuple[dict[str, str], dict[str, Any]]:
-        """``original_identifiers(ds)`` and ``frame_columns(ds)``; for a file built from
-        the reference, only what its changed elements change is made again."""
+        """``original_identifiers(ds)`` and ``frame_columns(ds)``; for a file built from a
+        numbered one, only what its changed elements change is made again."""
         from voxlake.ingest.deid import original_identifiers
         from voxlake.ingest.frames import CLASSIC_UNREAD, frame_columns
 
-        changed, last = parser.changed, self.reference
-        if changed is None or last is None or last.generation != parser.generation:
+        changed = parser.changed
+        last = self.numbered.get(parser.base) if changed is not None else None
+        if changed is None or last is None:
             ids, derived = original_identifiers(ds), frame_columns(ds)
-            self.reference = (
-                _Reference(parser.generation, ids, derived) if changed is None else None
-            )
-            return dict(ids), dict(derived)
-        ids = dict(last.ids)
-        if not _id_tags().isdisjoint(changed):
-            ids.update(original_identifiers(ds, only=changed))
-        if last.derived["layout"] == "classic" and all(
-            tag in CLASSIC_UNREAD or tag >> 16 == 2 for tag in changed
-        ):
-            derived = {k: list(v) if isinstance(v, list) else v for k, v in last.derived.items()}
         else:
-            derived = frame_columns(ds)
-        return ids, derived
+            base_ids, base_derived = last
+            ids = dict(base_ids)
+            if not _id_tags().isdisjoint(changed):
+                ids.update(original_identifiers(ds, only=changed))
+            if base_derived["layout"] == "classic" and all(
+                tag in CLASSIC_UNREAD or tag >> 16 == 2 for tag in changed
+            ):
+                derived = dict(base_derived)
+            else:
+                derived = frame_columns(ds)
+        if parser.generation != parser.base:  # a numbered file
+            self.numbered.put(parser.generation, (ids, derived))
+        # copies: rows must share no list
+        return dict(ids), {k: list(v) if isinstance(v, list) else v for k, v in derived.items()}
 
     def key(self, secret: str, kind: str, value: str) -> str:
         """``keyed_hash(secret, kind, value)``, remembered."""
@@ -233,6 +226,12 @@ class _RowMemo:
                 self.keys.clear()
             found = self.keys[(kind, value)] = keyed_hash(secret, kind, value)
         return found
+
+
+def _references() -> Any:
+    from voxlake.ingest.header_json import References
+
+    return References()
 
 
 @functools.cache
@@ -291,7 +290,7 @@ def _instance_row(
         raise HeaderError("missing SOPInstanceUID and SeriesInstanceUID", code="missing_uid")
     # header_to_json(deidentify(ds)) and typed_columns() of it, without building it
     header_json, filled = cleaner.clean(
-        ds, ids, reference=parser.generation, changed=parser.changed
+        ds, ids, reference=parser.generation, base=parser.base, changed=parser.changed
     )
     transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
 
