@@ -6,7 +6,8 @@ then measures on the same files and the same machine:
 - voxlake ingest with 1 and 2 local Dask workers (fresh catalog and store each time);
 - the header-only catalog pass: `voxlake ingest --headers-only` with 2 workers (files/s
   per core of wall time, cluster start included) and `read_headers` in one process
-  (files/s per core of CPU time);
+  (files/s per core of CPU time), and on real scanner files (../shared's dcm_qa_nih,
+  when it is there) against a plain pydicom header read of the same files;
 - dcm2niix ``-z n`` (uncompressed NIfTI) and ``-z y`` (gzip), one process per series;
 - the naive loop users write: pydicom read, sort by position, stack, ``np.save``.
 
@@ -229,6 +230,43 @@ def run_header_pass(folders: list[Path]) -> tuple[float, int, Any]:
     return elapsed, len(refs), batch
 
 
+#: Real scanner files for the header pass (GE and Siemens MR whose UIDs change length
+#: from file to file): in ../shared beside the repository, when it is there.
+REAL_HEADERS = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "dcm_qa_nih" / "In"
+)
+
+
+def run_real_header_pass(root: Path = REAL_HEADERS) -> tuple[float, float, int] | None:
+    """CPU seconds of `read_headers` on real files in one process, and of the peer: a
+    plain pydicom header read (``dcmread(stop_before_pixels=True)``, no de-identification,
+    hash or catalog row) of the same files; medians of 3, files in the page cache. None
+    when the files are not there."""
+    import pydicom
+
+    from voxlake.config import IngestConfig
+    from voxlake.ingest.headers import read_headers
+    from voxlake.ingest.sources import list_source
+
+    if not root.is_dir():
+        return None
+    refs = [ref for ref in list_source(root) if not ref.url.endswith(".txt")]  # READMEs
+    paths = [ref.url for ref in refs]
+    config = IngestConfig(secret="benchmark")
+    read_headers(refs, secret="benchmark", config=config, run_id="warm-up")  # and the cache
+    ours, theirs = [], []
+    for _ in range(3):
+        start = time.process_time()
+        batch = read_headers(refs, secret="benchmark", config=config, run_id="bench")
+        ours.append(time.process_time() - start)
+        start = time.process_time()
+        for path in paths:
+            pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        theirs.append(time.process_time() - start)
+    assert len(batch.instances) == len(refs), batch.failures
+    return float(np.median(ours)), float(np.median(theirs)), len(refs)
+
+
 def run_volume_stage(batch: Any, work: Path, codec: str | None) -> tuple[float, int]:
     """The volume tasks of ``batch``'s series in this process, in CPU time (with the
     pixel spans the header pass recorded, as an ingest run hands them over)."""
@@ -365,6 +403,7 @@ def main() -> None:
     times = {name: float(np.median([r[name] for r in rounds])) for name in rounds[0]}
     cpu1, cpu2 = float(np.median(cpu[1])), float(np.median(cpu[2]))
     header_s, header_files, batch = run_header_pass(folders)
+    real = run_real_header_pass()
     volume_s, volume_slices = run_volume_stage(batch, args.work, args.codec)
     baseline = worker_baseline_rss()
     largest = 120 * 512 * 512 * 2  # every generated series: 120 int16 slices of 512 x 512
@@ -378,6 +417,13 @@ def main() -> None:
         f"{n_files / times['voxlake headers only'] / cores:.0f} files/s per core"
     )
     print(f"header-only pass (1 process, CPU time): {header_files / header_s:.0f} files/s per core")
+    if real is not None:
+        ours, theirs, n_real = real
+        print(
+            f"header-only pass on real MR (dcm_qa_nih, {n_real} files, 1 process, CPU time):"
+            f" {n_real / ours:.0f} files/s per core; plain pydicom header read"
+            f" {n_real / theirs:.0f} files/s per core ({theirs / ours:.2f}x)"
+        )
     print(f"volume stage (1 process, CPU time): {volume_slices / volume_s:.0f} slices/s per core")
     print(f"CPU seconds (driver + workers): 1 worker {cpu1:.1f}, 2 workers {cpu2:.1f}")
     if args.rounds > 1:
