@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping, MutableSequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -28,6 +28,7 @@ from pydicom.tag import BaseTag
 from voxlake.ingest._deid_lean import _KEEP, _lean_plan, _lean_raw
 from voxlake.ingest._deid_values import _MARKED, _PATIENT_ID, _PATIENT_NAME, _is_bulk, _mark, _new
 from voxlake.ingest.deid import Pseudonymizer, _clean_one, _context, _lean_encoding
+from voxlake.ingest.header_template import References
 
 if TYPE_CHECKING:
     from voxlake.config import DeidConfig
@@ -130,11 +131,10 @@ class HeaderCleaner:
             and _WHOLE.isdisjoint(changed)
             and not any(_is_creator(tag) for tag in changed)
         ):
-            again = self._again(ds, last, changed, encoding, ctx)
+            again = self._again(ds, last, changed, encoding, charset, ctx)
             if again is not None:
                 self._keep(reference, base, fingerprint, again)
                 return _joined(again)
-        memo = self._memo
         done: list[_Encoded] = []
         late: list[tuple[int, DataElement | RawDataElement, tuple[Any, ...] | None]] = []
         for tag, stored in sorted((int(key), stored) for key, stored in ds.items()):
@@ -143,12 +143,7 @@ class HeaderCleaner:
             if tag in _LATE:  # set by the dataset as a whole: see _finish
                 late.append((tag, stored, key))
                 continue
-            found = memo.get(key) if key is not None else None
-            if found is None:
-                found = self._encoded(ds, tag, stored, raw, encoding, ctx)
-                if key is not None:
-                    _remember(memo, key, found)
-            done.append((tag, *found))
+            done.append((tag, *self._remembered(ds, tag, stored, raw, key, encoding, ctx)))
         done.extend(self._finish(ds, late, encoding, ctx))
         done.sort(key=itemgetter(0))
         self._keep(reference, base, fingerprint, done)
@@ -167,13 +162,13 @@ class HeaderCleaner:
         last: _Cleaned,
         changed: frozenset[int],
         encoding: str | MutableSequence[str],
+        charset: Any,
         ctx: _Context,
     ) -> list[_Encoded] | None:
         """The encoded elements of `ds`, the file `last` was made of with other values in
         the `changed` tags (cleaned again, through the memo); None if a changed tag is
         not one of that file's."""
         done = list(last.done)
-        charset = encoding if isinstance(encoding, str) else tuple(encoding)
         for tag in changed:
             if tag >> 16 == 2:
                 continue  # file meta: not in the JSON
@@ -183,13 +178,26 @@ class HeaderCleaner:
             stored = ds.get_item(tag, keep_deferred=True)
             raw = _lean_raw(tag, stored) if encoding else None
             key = _memo_key(tag, stored, raw, charset, ctx.offset.days)
-            found = self._memo.get(key) if key is not None else None
-            if found is None:
-                found = self._encoded(ds, tag, stored, raw, encoding, ctx)
-                if key is not None:
-                    _remember(self._memo, key, found)
-            done[index] = (tag, *found)
+            done[index] = (tag, *self._remembered(ds, tag, stored, raw, key, encoding, ctx))
         return done
+
+    def _remembered(
+        self,
+        ds: Dataset,
+        tag: int,
+        stored: DataElement | RawDataElement,
+        raw: RawDataElement | None,
+        key: tuple[Any, ...] | None,
+        encoding: str | MutableSequence[str],
+        ctx: _Context,
+    ) -> tuple[str | None, tuple[Any, ...]]:
+        """:meth:`_encoded`, through the memo when the element has a `key`."""
+        found = self._memo.get(key) if key is not None else None
+        if found is None:
+            found = self._encoded(ds, tag, stored, raw, encoding, ctx)
+            if key is not None:
+                _remember(self._memo, key, found)
+        return found
 
     def _finish(
         self,
@@ -301,32 +309,6 @@ class _Cleaned:
     fingerprint: tuple[Any, ...]
     done: list[_Encoded]
     position: dict[int, int]
-
-
-_V = TypeVar("_V")
-
-
-class References(Generic[_V]):
-    """What was made of the last two numbered files of a
-    :class:`~voxlake.ingest.header_template.TemplateParser` (the template and the
-    reference next files are compared with), by number; the least recently used goes."""
-
-    __slots__ = ("_by_number",)
-
-    def __init__(self) -> None:
-        self._by_number: dict[int, _V] = {}
-
-    def get(self, number: int | None) -> _V | None:
-        found = self._by_number.pop(number, None) if number is not None else None
-        if found is not None:
-            self._by_number[number] = found  # type: ignore[index]  # most recent last
-        return found
-
-    def put(self, number: int, value: _V) -> None:
-        self._by_number.pop(number, None)
-        self._by_number[number] = value
-        while len(self._by_number) > 2:
-            del self._by_number[next(iter(self._by_number))]
 
 
 def _joined(done: list[_Encoded]) -> tuple[str, list[Any]]:

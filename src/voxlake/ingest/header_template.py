@@ -40,8 +40,8 @@ from __future__ import annotations
 import copy
 import io
 import struct
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import numpy as np
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     import pydicom
     from pydicom.tag import BaseTag
 
-__all__ = ["TemplateParser"]
+__all__ = ["References", "TemplateParser"]
 
 _UNDEFINED: Final = 0xFFFFFFFF
 _PIXEL_DATA: Final = 0x7FE00010
@@ -108,9 +108,6 @@ class _Same:
     n_meta: int
     meta: dict[Any, Any]
     body: dict[Any, Any]
-    #: A dataset of the template whose attributes the next files' are copied from (built
-    #: for the first of them; in a list: the rest is frozen).
-    dataset: list[pydicom.Dataset] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +116,10 @@ class _Template:
     body: tuple[_Element, ...]
     implicit: bool
     encoding: Any
+    #: An empty dataset of the template's encoding whose attributes the datasets of the
+    #: files read from it are copied from (pydicom sets about 60, each through
+    #: ``Dataset.__setattr__``); never handed out.
+    prototype: pydicom.Dataset
 
 
 def _tag_at(data: bytes, pos: int) -> int:
@@ -260,7 +261,11 @@ def _template(ds: pydicom.Dataset, data: bytes) -> tuple[_Template, _Same | None
     if meta is None or body is None:
         return None
     template = _Template(
-        meta=meta, body=body, implicit=bool(implicit), encoding=ds.original_character_set
+        meta=meta,
+        body=body,
+        implicit=bool(implicit),
+        encoding=ds.original_character_set,
+        prototype=_prototype(bool(implicit), ds.original_character_set),
     )
     # The template's own elements as a file read from it holds them (the pixel data
     # deferred), to compare the next file with.
@@ -418,10 +423,7 @@ def _patched(
         found = _same_layout(same, data)
         if found is not None:
             meta, body, changed = found
-            if not same.dataset:  # what the next ones are copied from, never handed out
-                same.dataset.append(_dataset(template, data[:_META_START], {}, {}))
-            ds = _dataset(template, data, meta, body, like=same.dataset[0])
-            return ds, changed, None, True
+            return _dataset(template, data, meta, body), changed, None, True
     walked = _walked(template, data)
     if walked is None:
         return None
@@ -431,35 +433,33 @@ def _patched(
 
 
 def _dataset(
-    template: _Template,
-    data: bytes,
-    meta: dict[Any, Any],
-    body: dict[Any, Any],
-    *,
-    like: pydicom.Dataset | None = None,
+    template: _Template, data: bytes, meta: dict[Any, Any], body: dict[Any, Any]
 ) -> pydicom.Dataset:
-    """The dataset of `data` with these elements; `like`: one built here for the same
-    template, whose attributes are copied instead of set one by one (pydicom sets about
-    60, each through ``Dataset.__setattr__``)."""
+    """The dataset of `data` with these elements: the template's prototype, copied."""
+    like = template.prototype
+    ds: pydicom.Dataset = _copied(like, body)
+    ds.__dict__.update(
+        preamble=data[:128], buffer=io.BytesIO(data), file_meta=_copied(like.file_meta, meta)
+    )
+    return ds
+
+
+def _prototype(implicit: bool, encoding: Any) -> pydicom.Dataset:
+    """An empty dataset as pydicom sets one up for a little-endian file of this VR
+    encoding and character set."""
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 
-    if like is not None:
-        ds: pydicom.Dataset = _copied(like, body)
-        ds.__dict__.update(
-            preamble=data[:128], buffer=io.BytesIO(data), file_meta=_copied(like.file_meta, meta)
-        )
-        return ds
-    dataset = Dataset(body)
-    dataset.set_original_encoding(template.implicit, True, template.encoding)
+    dataset = Dataset()
+    dataset.set_original_encoding(implicit, True, encoding)
     ds = FileDataset(
-        io.BytesIO(data),
+        io.BytesIO(b""),
         dataset,
-        preamble=data[:128],
-        file_meta=FileMetaDataset(meta),
-        is_implicit_VR=template.implicit,
+        preamble=bytes(128),
+        file_meta=FileMetaDataset(),
+        is_implicit_VR=implicit,
         is_little_endian=True,
     )
-    ds.set_original_encoding(template.implicit, True, template.encoding)
+    ds.set_original_encoding(implicit, True, encoding)
     return ds
 
 
@@ -552,3 +552,29 @@ class TemplateParser:
                 self._template, self._same = found_template
                 self._template_number = self.generation
         return ds, gzipped
+
+
+_V = TypeVar("_V")
+
+
+class References(Generic[_V]):
+    """What was made of the last two numbered files of a :class:`TemplateParser` (the
+    template and the reference next files are compared with), by number; the least
+    recently used goes."""
+
+    __slots__ = ("_by_number",)
+
+    def __init__(self) -> None:
+        self._by_number: dict[int, _V] = {}
+
+    def get(self, number: int | None) -> _V | None:
+        if number is None or number not in self._by_number:
+            return None
+        found = self._by_number[number] = self._by_number.pop(number)  # most recent last
+        return found
+
+    def put(self, number: int, value: _V) -> None:
+        self._by_number.pop(number, None)
+        self._by_number[number] = value
+        while len(self._by_number) > 2:
+            del self._by_number[next(iter(self._by_number))]

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from voxlake.config import IngestConfig
     from voxlake.ingest.header_json import HeaderCleaner
-    from voxlake.ingest.header_template import TemplateParser
+    from voxlake.ingest.header_template import References, TemplateParser
     from voxlake.ingest.readers.native import Layouts, PixelSpan
     from voxlake.ingest.sources import FileRef
 
@@ -187,7 +187,9 @@ class _RowMemo:
     last numbered files of its :class:`TemplateParser` (the template and the reference),
     and the keyed hashes of identifiers met before (never leaves the task)."""
 
-    numbered: Any = field(default_factory=lambda: _references())
+    numbered: References[tuple[dict[str, str], dict[str, Any]]] = field(
+        default_factory=lambda: _references()
+    )
     keys: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def ids_and_derived(
@@ -210,7 +212,7 @@ class _RowMemo:
             if base_derived["layout"] == "classic" and all(
                 tag in CLASSIC_UNREAD or tag >> 16 == 2 for tag in changed
             ):
-                derived = dict(base_derived)
+                derived = base_derived  # never changed: rows get copies below
             else:
                 derived = frame_columns(ds)
         if parser.generation != parser.base:  # a numbered file
@@ -228,8 +230,8 @@ class _RowMemo:
         return found
 
 
-def _references() -> Any:
-    from voxlake.ingest.header_json import References
+def _references() -> References[Any]:
+    from voxlake.ingest.header_template import References
 
     return References()
 
