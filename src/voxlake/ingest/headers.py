@@ -181,15 +181,19 @@ def _element_columns(elem: pydicom.DataElement) -> tuple[tuple[str, Any], ...]:
     return () if columns is None else _typed_values(columns, elem.value)
 
 
+def _references() -> References[Any]:
+    from voxlake.ingest.header_template import References
+
+    return References()
+
+
 @dataclass
 class _RowMemo:
     """What the rows of one header task share: the identifiers and frame columns of the
     last numbered files of its :class:`TemplateParser` (the template and the reference),
     and the keyed hashes of identifiers met before (never leaves the task)."""
 
-    numbered: References[tuple[dict[str, str], dict[str, Any]]] = field(
-        default_factory=lambda: _references()
-    )
+    numbered: References[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=_references)
     keys: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def ids_and_derived(
@@ -222,18 +226,11 @@ class _RowMemo:
 
     def key(self, secret: str, kind: str, value: str) -> str:
         """``keyed_hash(secret, kind, value)``, remembered."""
+        # At most six per file: no larger than the batch's rows, and dropped with them.
         found = self.keys.get((kind, value))
         if found is None:
-            if len(self.keys) >= 1 << 16:
-                self.keys.clear()
             found = self.keys[(kind, value)] = keyed_hash(secret, kind, value)
         return found
-
-
-def _references() -> References[Any]:
-    from voxlake.ingest.header_template import References
-
-    return References()
 
 
 @functools.cache
