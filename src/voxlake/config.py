@@ -181,7 +181,13 @@ class IngestConfig:
     preprocess
         Optional preprocessing steps (``[ingest.preprocess]`` in TOML).
     storage_options
-        fsspec options for sources.
+        fsspec options for sources. ``voxlake ingest`` uses them for the catalog and the
+        store too, unless the two keys below are set.
+    catalog_storage_options
+        Options for the catalog alone (delta-rs or fsspec style), when it lives elsewhere
+        than the sources: another endpoint or other credentials. ``{}``: none at all.
+    store_storage_options
+        Options for the volume store alone (fsspec). ``{}``: none at all.
     key_map_url
         Optional location (local path or ``s3://``) of a Delta table mapping every key
         (``patient_key``, ``study_key``, ``accession_key``, ...) back to the original
@@ -209,6 +215,8 @@ class IngestConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     storage_options: dict[str, Any] | None = None
+    catalog_storage_options: dict[str, Any] | None = None
+    store_storage_options: dict[str, Any] | None = None
     key_map_url: str | None = None
 
     def __post_init__(self) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -164,14 +166,17 @@ def test_s3_source_into_s3_catalog_and_store(tiny_sample, s3_bucket, dask_client
     samples = list(stream)
     assert sorted(s["volume_id"] for s in samples) == sorted(catalog.volumes.volume_id)
     assert all(s["image"].shape == (1, 8, 8, 8) for s in samples)
-    # A re-run against S3 reads nothing again.
+    # A re-run against S3 reads nothing again (the options from the config this time).
     again = ingest(
         [f"s3://{bucket}/archive/dicom"],
         catalog=catalog_url,
         store=store_url,
-        config=IngestConfig(secret=SECRET, storage_options=options),
-        catalog_storage_options=options,
-        store_storage_options=options,
+        config=IngestConfig(
+            secret=SECRET,
+            storage_options=options,
+            catalog_storage_options=options,
+            store_storage_options=options,
+        ),
         client=dask_client,
     )
     assert again.files_skipped == again.files_seen and again.volumes_written == 0
@@ -199,16 +204,13 @@ def test_runs_keep_sources_without_passwords_or_pacs_filter_values(given, kept):
 @pytest.mark.s3
 @pytest.mark.slow
 def test_cli_sources_on_one_endpoint_catalog_and_store_on_another(
-    tiny_sample, s3_bucket, other_s3_endpoint, dask_client
+    tiny_sample, s3_bucket, other_s3_endpoint, dask_client, tmp_path
 ):
     """`voxlake ingest` reads the sources with --storage-options and writes the catalog
     and the store with their own options: two S3 endpoints with different buckets, as a
     hospital's MinIO and a research bucket would be."""
-    import json
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     import boto3
     import s3fs
@@ -248,3 +250,31 @@ def test_cli_sources_on_one_endpoint_catalog_and_store_on_another(
     assert all(url.startswith("s3://hospital/dicom/") for url in catalog.instances.url)
     assert len(catalog.volumes) == len(tiny_sample.series)
     _check_volumes(catalog, tiny_sample, storage_options=options)
+    # The same split from a config file's [ingest] table: a re-run that adds nothing.
+    config = tmp_path / "voxlake.toml"
+    config.write_text(
+        "[ingest]\n"
+        f"storage_options = {_toml(source_options)}\n"
+        f"catalog_storage_options = {_toml(options)}\n"
+        f"store_storage_options = {_toml(options)}\n"
+    )
+    again = subprocess.run(
+        [*command, "--config", str(config)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    runs = open_catalog(catalog_url, storage_options=options).runs
+    assert len(runs) == 2
+    latest = runs.iloc[-1]
+    assert latest.files_skipped == latest.files_seen == len(catalog.instances)
+    assert latest.volumes_written == 0
+
+
+def _toml(value: Any) -> str:
+    """`value` (str, bool, int, dict) as a TOML inline value."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    return str(value)

@@ -63,9 +63,14 @@ def _print_report(report: IngestReport) -> None:
     out.print(table)
 
 
-def _options_or(text: str | None, default: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The JSON options in `text` (``{}``: none at all), or `default` when not given."""
-    return default if text is None else parse_storage_options(text) or {}
+def _options_or(
+    text: str | None, configured: dict[str, Any] | None, shared: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The JSON options in `text` (``{}``: none at all); when not given, the configured
+    options of that target, else the shared ones (``--storage-options``)."""
+    if text is not None:
+        return parse_storage_options(text) or {}
+    return shared if configured is None else configured
 
 
 def run_ingest(
@@ -185,12 +190,16 @@ def ingest(
         Optional[str],  # noqa: UP045
         typer.Option(
             help="JSON options for the catalog alone, when it lives elsewhere than the "
-            "sources (another endpoint or credentials). Default: --storage-options."
+            "sources (another endpoint or credentials). Default: the config file's "
+            "catalog_storage_options, else --storage-options."
         ),
     ] = None,
     store_storage_options: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="JSON options for the volume store alone. Default: --storage-options."),
+        typer.Option(
+            help="JSON options for the volume store alone. Default: the config file's "
+            "store_storage_options, else --storage-options."
+        ),
     ] = None,
 ) -> None:
     """Ingest DICOM into a catalog and a volume store with a Dask cluster.
@@ -230,8 +239,12 @@ def ingest(
         catalog=catalog,
         store=store,
         config=config,
-        catalog_storage_options=_options_or(catalog_storage_options, config.storage_options),
-        store_storage_options=_options_or(store_storage_options, config.storage_options),
+        catalog_storage_options=_options_or(
+            catalog_storage_options, config.catalog_storage_options, config.storage_options
+        ),
+        store_storage_options=_options_or(
+            store_storage_options, config.store_storage_options, config.storage_options
+        ),
     )
     if report.status != "completed":
         raise typer.Exit(1)

@@ -62,7 +62,8 @@ def ingest(
     client
         An existing ``distributed.Client``; default: a cluster from ``config``.
     catalog_storage_options, store_storage_options
-        Options for remote catalog (delta-rs) and store (fsspec).
+        Options for remote catalog (delta-rs) and store (fsspec); default:
+        ``config.catalog_storage_options`` and ``config.store_storage_options``.
     progress
         Called with :class:`ProgressEvent` s.
 
@@ -83,6 +84,10 @@ def ingest(
             hint="pass store=... (--store), or set headers_only (--headers-only) to "
             "catalog the files without building volumes",
         )
+    if catalog_storage_options is None:
+        catalog_storage_options = config.catalog_storage_options
+    if store_storage_options is None:
+        store_storage_options = config.store_storage_options
     run = _Run(
         [os.fspath(s) for s in sources],
         catalog=_absolute(catalog),
