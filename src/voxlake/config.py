@@ -152,6 +152,12 @@ class IngestConfig:
         zip and tar archives (always one reading thread there). 0 reads one file at a
         time. With a PACS, each worker keeps up to this many WADO-RS requests in flight:
         lower it to spare a busy server.
+    pacs_cache_bytes
+        Bytes of PACS instances (DICOMweb, DIMSE) each worker keeps on its local disk
+        between the header and the volume stage of a run, so that the PACS sends each
+        instance once: the volume task of a series runs where its instances were kept.
+        Beyond it (or with less than 1 GiB free there) an instance is retrieved again
+        by its volume task. Removed at the end of the run. 0: keep nothing.
     on_error
         ``"quarantine"`` records a failure row and goes on; ``"raise"`` stops the run.
     headers_only
@@ -204,6 +210,7 @@ class IngestConfig:
     dashboard_address: str = ":8787"
     batch_size: int = 1024
     read_ahead: int | None = None
+    pacs_cache_bytes: int = 8 * 1024**3
     on_error: Literal["quarantine", "raise"] = "quarantine"
     headers_only: bool = False
     max_voxels: int = 2_000_000_000
@@ -226,6 +233,10 @@ class IngestConfig:
             raise ConfigError("batch_size must be at least 1", batch_size=self.batch_size)
         if self.read_ahead is not None and self.read_ahead < 0:
             raise ConfigError("read_ahead must be 0 or more", read_ahead=self.read_ahead)
+        if self.pacs_cache_bytes < 0:
+            raise ConfigError(
+                "pacs_cache_bytes must be 0 or more", pacs_cache_bytes=self.pacs_cache_bytes
+            )
         if self.on_error not in ("quarantine", "raise"):
             raise ConfigError(f"on_error must be 'quarantine' or 'raise', not {self.on_error!r}")
 

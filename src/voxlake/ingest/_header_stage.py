@@ -17,7 +17,11 @@ from voxlake.ingest.report import ProgressEvent
 from voxlake.ingest.sources import iter_file_batches
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import pandas as pd
+
+    from voxlake.ingest.sources import FileRef
 
 
 def _merge_batches(batches: list[HeaderBatch]) -> HeaderBatch:
@@ -31,7 +35,46 @@ def _merge_batches(batches: list[HeaderBatch]) -> HeaderBatch:
         merged.bytes_read += batch.bytes_read
         merged.key_map += batch.key_map
         merged.pixel_spans.update(batch.pixel_spans)
+        merged.kept.update(batch.kept)
     return merged
+
+
+#: Files of one PACS series in one header task at most (beyond, it is split).
+PACS_SERIES_TASK_FILES = 4096
+
+
+def _series_of(locator: str) -> str:
+    """``.../studies/S/series/R`` of a PACS instance's locator (DICOMweb or DIMSE)."""
+    return locator.rsplit("/instances/", 1)[0]
+
+
+def header_tasks(refs: list[FileRef], size: int) -> Iterator[list[FileRef]]:
+    """The files of header tasks of about `size` files each.
+
+    A PACS series stays in one task (up to :data:`PACS_SERIES_TASK_FILES` files), with
+    other small series as long as the task stays within `size`: its worker keeps the
+    instances it retrieved, and the series' volume task runs there without asking the
+    PACS again (:mod:`voxlake.ingest.fetched`).
+    """
+    files = [ref for ref in refs if ref.locator is None]
+    for start in range(0, len(files), size):
+        yield files[start : start + size]
+    series: dict[str, list[FileRef]] = {}
+    for ref in refs:
+        if ref.locator is not None:
+            series.setdefault(_series_of(ref.locator), []).append(ref)
+    task: list[FileRef] = []
+    for group in series.values():
+        if len(group) > PACS_SERIES_TASK_FILES:
+            for start in range(0, len(group), PACS_SERIES_TASK_FILES):
+                yield group[start : start + PACS_SERIES_TASK_FILES]
+            continue
+        if task and len(task) + len(group) > size:
+            yield task
+            task = []
+        task += group
+    if task:
+        yield task
 
 
 class HeaderStage(RunState):
@@ -111,11 +154,11 @@ class HeaderStage(RunState):
                 ]
                 self.count_failures(rows)
                 self.commit({"failures": rows}, "listing")
-            for start in range(0, len(fresh), task_size):
+            for task in header_tasks(fresh, task_size):
                 pending.add(
                     client.submit(
                         read_headers,
-                        fresh[start : start + task_size],
+                        task,
                         secret=self.secret,
                         config=self.config,
                         run_id=self.run_id,
@@ -138,6 +181,7 @@ class HeaderStage(RunState):
         self.report.instances += len(batch.instances)
         if not self.config.headers_only:  # no volume task of this run will read them
             self.pixel_spans.update(batch.pixel_spans)
+            self.kept.update(batch.kept)
         self.count_failures(batch.failures)
         self._absorb(self.foreign.poll(), ok)
         # A file that now parses clears its old failure; one that now fails loses its row.

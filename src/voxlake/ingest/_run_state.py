@@ -88,6 +88,8 @@ class RunState:
         # Catalog URL -> real address, for sources whose address must not be stored
         # (PACS locators hold original UIDs). In memory only, for this run.
         self.locators: dict[str, str] = {}
+        # Catalog URL -> the worker keeping its bytes (PACS instances retrieved once).
+        self.kept: dict[str, str] = {}
         # Checked before anything is written: the key map never goes under catalog or store.
         self.key_map = (
             KeyMapWriter(config.key_map_url, catalog_url=catalog, store_url=store or None)

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
+from collections import Counter
 from typing import Any
 
 from voxlake.catalog.concurrent import ForeignRows
 from voxlake.catalog.query import open_catalog
 from voxlake.errors import VoxlakeError
+from voxlake.ingest import fetched
 from voxlake.ingest._run_state import RETRYABLE_CODES, VOLUME_COMMIT_SECONDS, RunState, sql_list
 from voxlake.ingest.headers import failure_row
 from voxlake.ingest.readers.dicom import build_volume
 from voxlake.ingest.readers.native import STORED_SPAN_COLUMNS, stored_spans, with_pixel_spans
 from voxlake.ingest.report import ProgressEvent
 from voxlake.ingest.series import VolumePlan, iter_volume_plans
+
+logger = logging.getLogger(__name__)
 
 _PLAN_COLUMNS = [
     "url", "content_hash", "patient_key", "study_key", "series_key", "instance_key",
@@ -104,6 +109,12 @@ class VolumeStage(RunState):
         return futures
 
     def _submit(self, client: Any, plan: VolumePlan) -> Any:
+        # Where the series' PACS instances were kept (most of them): a placement, not a
+        # restriction, so the volume is still built when that worker is gone.
+        holders = Counter(self.kept[s.url] for s in plan.slices if s.url in self.kept)
+        placement: dict[str, Any] = {}
+        if holders:
+            placement = {"workers": [holders.most_common(1)[0][0]], "allow_other_workers": True}
         return client.submit(
             build_volume,
             self._locate(plan),
@@ -116,6 +127,7 @@ class VolumeStage(RunState):
             preprocess=self.config.preprocess if self.config.preprocess.enabled else None,
             key=f"volume-{plan.volume_id}-{plan.revision}-{self.run_id}",
             pure=False,
+            **placement,
         )
 
     def _locate(self, plan: VolumePlan) -> VolumePlan:
@@ -128,6 +140,16 @@ class VolumeStage(RunState):
             dataclasses.replace(s, url=self.locators.get(s.url, s.url)) for s in plan.slices
         )
         return dataclasses.replace(plan, slices=slices)
+
+    def drop_kept(self, client: Any) -> None:
+        """Remove the PACS instances the workers kept for this run (best effort: a
+        worker that is gone took its local directory with it)."""
+        if not self.kept:
+            return
+        try:
+            client.run(fetched.drop, self.run_id, workers=sorted(set(self.kept.values())))
+        except Exception as exc:  # a worker gone meanwhile: nothing of it to remove
+            logger.warning("could not remove kept PACS instances: %s", type(exc).__name__)
 
     def volumes(self, futures: dict[Any, VolumePlan]) -> None:
         """Commit the volumes of ``futures`` (from :meth:`plan_and_submit`) as they complete."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from voxlake.catalog.schema import DICOM_COLUMNS, Column
 from voxlake.catalog.tables import rows_to_table
 from voxlake.errors import HeaderError, NotDicomError, VoxlakeError
+from voxlake.ingest import fetched
 from voxlake.ingest.dicom_bytes import PIXEL_KEYWORDS
 from voxlake.ingest.file_reads import read_ahead
 from voxlake.ingest.hashing import content_hash
@@ -47,6 +48,8 @@ class HeaderBatch:
     ``IngestConfig.key_map_url`` is set (the driver writes them there and nowhere else).
     ``pixel_spans`` maps the URL of each local, native single-frame file to where its
     pixel values lie (in memory only: the driver hands them to this run's volume tasks).
+    ``kept`` maps the URL of each PACS instance whose bytes the task kept on its worker
+    (:mod:`voxlake.ingest.fetched`) to that worker's address.
     """
 
     instances: list[dict[str, Any]] = field(default_factory=list)
@@ -54,6 +57,7 @@ class HeaderBatch:
     bytes_read: int = 0
     key_map: list[tuple[str, str, str]] = field(default_factory=list)
     pixel_spans: dict[str, PixelSpan] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
 
 
 def failure_row(
@@ -348,6 +352,10 @@ def read_headers(
     parser = TemplateParser(max_bytes=config.max_file_bytes)  # ... and their structure
     layouts: Layouts = {}  # ... and their pixel layout
     memo = _RowMemo()  # ... and their identifiers and frame columns
+    # PACS instances are kept on this worker for the volume tasks (retrieved once).
+    keeper = None
+    if config.pacs_cache_bytes and not config.headers_only and any(r.locator for r in refs):
+        keeper = fetched.worker_address()
     for ref, read in read_ahead(refs, config):
         try:
             data = read.result()
@@ -366,6 +374,12 @@ def read_headers(
                 pixel_spans=batch.pixel_spans,
             )
             batch.instances.append(row)
+            if (
+                keeper is not None
+                and ref.locator is not None
+                and fetched.keep(run_id, ref.locator, data, budget=config.pacs_cache_bytes)
+            ):
+                batch.kept[ref.url] = keeper
         except Exception as exc:  # a parser bug on hostile bytes must not stop the run either
             if config.on_error == "raise":
                 raise
@@ -418,3 +432,4 @@ def _drop_rows_the_catalog_cannot_hold(
     batch.instances = kept
     urls = {row["url"] for row in kept}
     batch.pixel_spans = {u: s for u, s in batch.pixel_spans.items() if u in urls}
+    batch.kept = {u: w for u, w in batch.kept.items() if u in urls}

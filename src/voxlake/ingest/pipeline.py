@@ -102,10 +102,13 @@ def ingest(
         with dask_client(config, client=client) as dask:
             run.report.dashboard_link = getattr(dask, "dashboard_link", None)
             run.progress(ProgressEvent("cluster", 0, None, message=run.report.dashboard_link))
-            run.headers(dask)
-            run.check_sources()
-            if not config.headers_only:
-                run.volumes(run.plan_and_submit(dask))
+            try:
+                run.headers(dask)
+                run.check_sources()
+                if not config.headers_only:
+                    run.volumes(run.plan_and_submit(dask))
+            finally:
+                run.drop_kept(dask)
     except KeyboardInterrupt:
         run.finish("interrupted", "interrupted by the user")
         raise

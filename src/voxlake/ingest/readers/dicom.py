@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from voxlake.errors import DecodeError, VoxlakeError
+from voxlake.ingest import fetched
 from voxlake.ingest.dicom_bytes import parse_dicom_bytes
 from voxlake.ingest.file_reads import open_bytes
 from voxlake.ingest.hashing import hash_matches
@@ -109,11 +110,18 @@ class FrameDecoder:
     A context manager: DIMSE instances are fetched on associations kept open until it exits.
     """
 
-    def __init__(self, *, max_file_bytes: int, storage_options: dict[str, Any] | None) -> None:
+    def __init__(
+        self,
+        *,
+        max_file_bytes: int,
+        storage_options: dict[str, Any] | None,
+        run_id: str | None = None,
+    ) -> None:
         from voxlake.ingest.dimse import Associations
 
         self.max_file_bytes = max_file_bytes
         self.storage_options = storage_options
+        self.run_id = run_id  # PACS instances the run's header tasks kept are read there
         self.syntaxes: set[str] = set()
         self._files: OrderedDict[str, tuple[pydicom.Dataset, str]] = OrderedDict()
         self._mosaics: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -129,10 +137,12 @@ class FrameDecoder:
         if url in self._files:
             self._files.move_to_end(url)
             return self._files[url]
-        data = open_bytes(
-            url, max_bytes=self.max_file_bytes, storage_options=self.storage_options,
-            associations=self._associations,
-        )  # fmt: skip
+        data = fetched.recall(self.run_id, url) if self.run_id else None
+        if data is None:
+            data = open_bytes(
+                url, max_bytes=self.max_file_bytes, storage_options=self.storage_options,
+                associations=self._associations,
+            )  # fmt: skip
         if content_hash and not hash_matches(data, content_hash):
             raise DecodeError("the file changed after its header was read", code="source_changed")
         ds, _ = parse_dicom_bytes(data, max_bytes=self.max_file_bytes)
@@ -388,6 +398,7 @@ def build_volume(
         except VoxlakeError:
             pass  # unreadable leftover: rebuild below (the writer replaces it)
     kwargs: dict[str, Any] = {
+        "run_id": run_id,
         "store_url": store_url,
         "path": path,
         "store_config": store_config,
@@ -417,6 +428,7 @@ def _write(
     plan: VolumePlan,
     dtype: np.dtype[Any],
     *,
+    run_id: str,
     store_url: str,
     path: str,
     store_config: StoreConfig,
@@ -442,7 +454,9 @@ def _write(
             syntaxes: set[str] | None = None
         else:
             decoder = stack.enter_context(
-                FrameDecoder(max_file_bytes=max_file_bytes, storage_options=storage_options)
+                FrameDecoder(
+                    max_file_bytes=max_file_bytes, storage_options=storage_options, run_id=run_id
+                )
             )
             slabs = _dicom_slabs(plan, dtype, decoder)
             syntaxes = decoder.syntaxes
