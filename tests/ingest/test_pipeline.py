@@ -236,7 +236,7 @@ def test_header_tasks_are_split_but_committed_a_batch_at_a_time(tmp_path, tiny_s
         )
     assert report.failures == 0, report.failures_by_code
     assert report.instances == files
-    header_tasks = [t for t in stream.data if "read_headers" in str(t["key"])]
+    header_tasks = [t for t in stream.data if "catalog_headers" in str(t["key"])]
     listed = report.files_seen
     expected_tasks = (listed // 64) * 4 + -(-(listed % 64) // 16)
     assert len(header_tasks) == expected_tasks

@@ -8,11 +8,14 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from voxlake.catalog.concurrent import ForeignRows
 from voxlake.catalog.query import open_catalog
+from voxlake.catalog.tables import rows_to_table
 from voxlake.errors import CatalogError, SourceError, VoxlakeError
 from voxlake.ingest._run_state import APPEND_ATTEMPTS, RETRYABLE_CODES, RunState, sql_list
-from voxlake.ingest.headers import HeaderBatch, failure_row, read_headers
+from voxlake.ingest.headers import HeaderBatch, catalog_headers, failure_row
 from voxlake.ingest.report import ProgressEvent
 from voxlake.ingest.sources import iter_file_batches
 
@@ -28,15 +31,19 @@ def _merge_batches(batches: list[HeaderBatch]) -> HeaderBatch:
     """One batch holding the rows of several header tasks (committed together)."""
     if len(batches) == 1:
         return batches[0]
-    merged = HeaderBatch()
+    merged = HeaderBatch(table=pa.concat_tables([_table(b) for b in batches]))
     for batch in batches:
-        merged.instances += batch.instances
         merged.failures += batch.failures
         merged.bytes_read += batch.bytes_read
         merged.key_map += batch.key_map
         merged.pixel_spans.update(batch.pixel_spans)
         merged.kept.update(batch.kept)
     return merged
+
+
+def _table(batch: HeaderBatch) -> pa.Table:
+    """The batch's instance rows as the catalog's Arrow table."""
+    return batch.table if batch.table is not None else rows_to_table("instances", batch.instances)
 
 
 #: Files of one PACS series in one header task at most (beyond, it is split).
@@ -124,7 +131,7 @@ class HeaderStage(RunState):
         def collect(batch: HeaderBatch, *, flush: bool = False) -> None:
             nonlocal done
             results.append(batch)
-            rows = sum(len(b.instances) + len(b.failures) for b in results)
+            rows = sum(_table(b).num_rows + len(b.failures) for b in results)
             if rows >= self.config.batch_size or flush:
                 done += self._commit_headers(_merge_batches(results), ok, bad)
                 results.clear()
@@ -157,7 +164,7 @@ class HeaderStage(RunState):
             for task in header_tasks(fresh, task_size):
                 pending.add(
                     client.submit(
-                        read_headers,
+                        catalog_headers,
                         task,
                         secret=self.secret,
                         config=self.config,
@@ -177,35 +184,39 @@ class HeaderStage(RunState):
     def _commit_headers(self, batch: HeaderBatch, ok: dict[str, Any], bad: dict[str, Any]) -> int:
         if self.key_map is not None and batch.key_map:
             self.key_map.write(batch.key_map, run_id=self.run_id)  # before keys reach the catalog
+        table = _table(batch)
+        urls = table.column("url").to_pylist()
         self.report.bytes_read += batch.bytes_read
-        self.report.instances += len(batch.instances)
+        self.report.instances += len(urls)
         if not self.config.headers_only:  # no volume task of this run will read them
             self.pixel_spans.update(batch.pixel_spans)
             self.kept.update(batch.kept)
         self.count_failures(batch.failures)
         self._absorb(self.foreign.poll(), ok)
         # A file that now parses clears its old failure; one that now fails loses its row.
-        healed = [r["url"] for r in batch.instances if r["url"] in bad]
+        healed = [u for u in urls if u in bad]
         broken = [r["subject"] for r in batch.failures if r["subject"] in ok]
         if healed:
             self.writer.delete("failures", f"subject IN ({sql_list(healed)})", run_id=self.run_id)
         if broken:
             self.writer.delete("instances", f"url IN ({sql_list(broken)})", run_id=self.run_id)
         # The poll above is current unless this run just changed `instances` itself.
-        fresh = self._append_new(batch.instances, ok, polled=not broken)
-        appended = {r["url"] for r in fresh}
-        changed = [r for r in batch.instances if r["url"] in ok and r["url"] not in appended]
+        appended = self._append_new(table, urls, ok, polled=not broken)
+        changed = table.filter(
+            pa.array([u in ok and u not in appended for u in urls], type=pa.bool_())
+        )
         self.commit({"instances": changed, "failures": batch.failures}, "headers")
-        if (fresh or healed or broken) and not (changed or batch.failures):
+        if (appended or healed or broken) and not (changed.num_rows or batch.failures):
             self.report.catalog_version = self.writer.record_commit(
                 run_id=self.run_id, operation="headers"
             )
-        return len(batch.instances) + len(batch.failures)
+        return len(urls) + len(batch.failures)
 
     def _append_new(
-        self, rows: list[dict[str, Any]], ok: dict[str, Any], *, polled: bool
-    ) -> list[dict[str, Any]]:
-        """Append the rows of files no run has catalogued; return them.
+        self, table: pa.Table, urls: list[str], ok: dict[str, Any], *, polled: bool
+    ) -> set[str]:
+        """Append the rows (`table`, whose URLs are `urls`) of files no run has
+        catalogued; return their URLs.
 
         The append lands only if nobody committed to ``instances`` since the poll that
         decided what is new; otherwise the rows another run added meanwhile are absorbed
@@ -215,15 +226,24 @@ class HeaderStage(RunState):
         for attempt in range(1, APPEND_ATTEMPTS + 1):
             if attempt > 1 or not polled:
                 self._absorb(self.foreign.poll(), ok)
-            fresh = [r for r in rows if r["url"] not in ok]
-            if not fresh:
-                return []
+            new = [u not in ok for u in urls]
+            if not any(new):
+                return set()
+            fresh = table.filter(pa.array(new, type=pa.bool_()))
             version = self.writer.append_if_current(
                 "instances", fresh, run_id=self.run_id, version=self.foreign.version
             )
             if version is not None:
-                ok.update((r["url"], (int(r["size"]), float(r["mtime"]))) for r in fresh)
-                return fresh
+                ok.update(
+                    (u, (int(s), float(m)))
+                    for u, s, m in zip(
+                        fresh.column("url").to_pylist(),
+                        fresh.column("size").to_pylist(),
+                        fresh.column("mtime").to_pylist(),
+                        strict=True,
+                    )
+                )
+                return {u for u, n in zip(urls, new, strict=True) if n}
             time.sleep(random.uniform(0.01, 0.05) * attempt)  # another run committed: look again
         raise CatalogError(
             f"could not append to 'instances' in {APPEND_ATTEMPTS} attempts: other writers"
