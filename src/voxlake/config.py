@@ -151,7 +151,8 @@ class IngestConfig:
         2 on local disks, 8 from object storage or a PACS (a round trip each), 1 inside
         zip and tar archives (always one reading thread there). 0 reads one file at a
         time. With a PACS, each worker keeps up to this many WADO-RS requests in flight:
-        lower it to spare a busy server.
+        lower it to spare a busy server. Volume tasks read one-slice files from object
+        storage or a PACS as far ahead (None: 8).
     pacs_cache_bytes
         Bytes of PACS instances (DICOMweb, DIMSE) each worker keeps on its local disk
         between the header and the volume stage of a run, so that the PACS sends each

@@ -27,12 +27,14 @@ class _Watch:
         self.lock = threading.Lock()
         self.now = self.most = 0
         self.started: list[str] = []
+        self.threads: list[str] = []
 
     def __call__(self, url: str, **kwargs):
         with self.lock:
             self.now += 1
             self.most = max(self.most, self.now)
             self.started.append(url)
+            self.threads.append(threading.current_thread().name)
         try:
             time.sleep(self.delay)
             return self.real(url, **kwargs)
@@ -292,3 +294,53 @@ def test_a_deep_read_ahead_keeps_few_files_open(tmp_path: Path) -> None:
         future.result()
         most = max(most, len(os.listdir("/proc/self/fd")) - before)
     assert 0 < most <= file_reads._OPEN_AHEAD + 1
+
+
+@pytest.mark.s3
+@pytest.mark.integration
+@pytest.mark.parametrize("order", ["planned", "slab by slab"])
+def test_volume_tasks_read_remote_slices_ahead_within_the_bound(
+    tiny_sample, s3_bucket, monkeypatch, order
+) -> None:
+    """A volume task reads slices on object storage a few files ahead of the one it
+    decodes, in threads, and never holds more than twice that many unasked files: also
+    when the frames are asked for out of the planned order, as a 4D series does."""
+    import numpy as np
+    import pydicom
+    import s3fs
+
+    from voxlake.ingest.readers import dicom
+    from voxlake.ingest.series import SliceRef
+
+    bucket, options = s3_bucket
+    series = max(tiny_sample.series, key=lambda s: len(s.files))
+    fs = s3fs.S3FileSystem(**options)
+    urls = []
+    for path in series.files:
+        fs.put(str(path), f"{bucket}/slices/{path.name}")
+        urls.append(f"s3://{bucket}/slices/{path.name}")
+    assert len(urls) >= 8
+    watch = _Watch(dicom.open_bytes, delay=0.01)
+    monkeypatch.setattr(dicom, "open_bytes", watch)
+    depth = 3
+    asked = list(range(len(urls)))
+    if order == "slab by slab":  # two "time points", two slices each at a time
+        half = len(urls) // 2
+        asked = [t * half + z0 + dz for z0 in range(0, half, 2) for t in (0, 1) for dz in (0, 1)
+                 if z0 + dz < half]  # fmt: skip
+        asked += range(2 * half, len(urls))
+    assert sorted(asked) == list(range(len(urls)))
+    threads = set()
+    with dicom.FrameDecoder(max_file_bytes=1 << 24, storage_options=options) as decoder:
+        decoder.read_ahead(urls, depth)
+        for n, i in enumerate(asked, start=1):
+            ref = SliceRef(urls[i], 0, 1.0, 0.0, "", "")
+            ds = pydicom.dcmread(series.files[i])
+            pixels = decoder.frame(ref, rows=ds.Rows, columns=ds.Columns)
+            assert np.array_equal(pixels, ds.pixel_array)
+            assert len(watch.started) - n <= 2 * depth  # started but not asked for yet
+            time.sleep(0.02)  # "decoding": the reads ahead run meanwhile
+        threads = set(watch.threads)
+    assert sorted(watch.started) == sorted(urls)  # each file read once
+    assert any(name.startswith("voxlake-volume-read") for name in threads)
+    assert watch.most <= depth + 1  # the threads and the decoding thread

@@ -125,6 +125,7 @@ class VolumeStage(RunState):
             storage_options=self.config.storage_options,
             store_storage_options=self.store_options,
             preprocess=self.config.preprocess if self.config.preprocess.enabled else None,
+            read_ahead=self.config.read_ahead,
             key=f"volume-{plan.volume_id}-{plan.revision}-{self.run_id}",
             pure=False,
             **placement,

@@ -25,7 +25,15 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["DISK_RESERVE", "drop", "keep", "kept_bytes", "recall", "worker_address"]
+__all__ = [
+    "DISK_RESERVE",
+    "current_worker",
+    "drop",
+    "keep",
+    "kept_bytes",
+    "recall",
+    "worker_address",
+]
 
 #: Free disk space a kept instance never takes.
 DISK_RESERVE: Final = 1 << 30
@@ -35,7 +43,9 @@ _lock = threading.Lock()
 _used: dict[str, int] = {}  # bytes kept per run in this process
 
 
-def _worker() -> Any:
+def current_worker() -> Any:
+    """The Dask worker running the calling task, or None (outside a worker, and in threads
+    a task starts itself: capture it in the task's own thread)."""
     try:
         from distributed import get_worker
 
@@ -46,14 +56,14 @@ def _worker() -> Any:
 
 def worker_address() -> str | None:
     """The address of the Dask worker running the caller (None outside one)."""
-    worker = _worker()
+    worker = current_worker()
     return None if worker is None else str(worker.address)
 
 
 def _folder(run_id: str, dask_worker: Any = None) -> Path | None:
     """The run's folder on this worker (``client.run`` passes `dask_worker`: outside a
     task, Dask does not tell a function which worker runs it)."""
-    worker = dask_worker or _worker()
+    worker = dask_worker or current_worker()
     if worker is None:
         return None
     return Path(worker.local_directory) / _FOLDER / run_id
@@ -87,9 +97,10 @@ def keep(run_id: str, locator: str, data: bytes, *, budget: int) -> bool:
     return True
 
 
-def recall(run_id: str, locator: str) -> bytes | None:
-    """The bytes kept for `locator` in this run on this worker, or None."""
-    folder = _folder(run_id)
+def recall(run_id: str, locator: str, dask_worker: Any = None) -> bytes | None:
+    """The bytes kept for `locator` in this run on this worker (`dask_worker`, default
+    the one running the calling task), or None."""
+    folder = _folder(run_id, dask_worker)
     if folder is None:
         return None
     try:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from voxlake.volumes.reader import volume_attributes
 from voxlake.volumes.writer import VolumeWriter, WriteResult
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     import pydicom
 
@@ -107,7 +108,8 @@ def _transfer_syntax(ds: pydicom.Dataset) -> str:
 class FrameDecoder:
     """Decode frames of DICOM files, keeping the last two parsed files (and mosaics).
 
-    A context manager: DIMSE instances are fetched on associations kept open until it exits.
+    A context manager: DIMSE instances are fetched on associations kept open until it
+    exits, and files read ahead (:meth:`read_ahead`) in threads that stop with it.
     """
 
     def __init__(
@@ -122,27 +124,70 @@ class FrameDecoder:
         self.max_file_bytes = max_file_bytes
         self.storage_options = storage_options
         self.run_id = run_id  # PACS instances the run's header tasks kept are read there
+        # ... on this task's worker (known in the task's thread, not in read-ahead threads)
+        self._worker = fetched.current_worker() if run_id else None
         self.syntaxes: set[str] = set()
         self._files: OrderedDict[str, tuple[pydicom.Dataset, str]] = OrderedDict()
         self._mosaics: OrderedDict[str, np.ndarray] = OrderedDict()
         self._associations = Associations()
+        # Read-ahead: the files in the order their frames will be asked for, and reads
+        # started for files not asked for yet.
+        self._order: dict[str, int] = {}
+        self._upcoming: list[str] = []
+        self._depth = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[str, Future[bytes]] = {}
+        self._asked: set[str] = set()
 
     def __enter__(self) -> FrameDecoder:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self._associations.close()
 
-    def _dataset(self, url: str, *, content_hash: str = "") -> tuple[pydicom.Dataset, str]:
-        if url in self._files:
-            self._files.move_to_end(url)
-            return self._files[url]
-        data = fetched.recall(self.run_id, url) if self.run_id else None
+    def read_ahead(self, urls: Sequence[str], depth: int) -> None:
+        """Read the files at `urls`, in the order their frames will be asked for, up to
+        `depth` files ahead of the one being decoded (threads; each remote file costs a
+        round trip). At most twice `depth` files are held read but not yet asked for (a
+        4D series asks for its files out of this order, slab by slab)."""
+        if depth <= 0 or len(urls) < 2:
+            return
+        self._upcoming = list(dict.fromkeys(urls))
+        self._order = {url: i for i, url in enumerate(self._upcoming)}
+        self._depth = depth
+        self._pool = ThreadPoolExecutor(depth, thread_name_prefix="voxlake-volume-read")
+
+    def _read(self, url: str) -> bytes:
+        data = None
+        if self.run_id and self._worker is not None:
+            data = fetched.recall(self.run_id, url, self._worker)
         if data is None:
             data = open_bytes(
                 url, max_bytes=self.max_file_bytes, storage_options=self.storage_options,
                 associations=self._associations,
             )  # fmt: skip
+        return data
+
+    def _bytes(self, url: str) -> bytes:
+        """The bytes of `url`, read ahead when they were; start reading the next files."""
+        started = self._ahead.pop(url, None)
+        position = self._order.get(url)
+        if self._pool is not None and position is not None:
+            self._asked.add(url)
+            for later in self._upcoming[position + 1 : position + 1 + self._depth]:
+                if len(self._ahead) >= 2 * self._depth:
+                    break
+                if later not in self._ahead and later not in self._asked:
+                    self._ahead[later] = self._pool.submit(self._read, later)
+        return started.result() if started is not None else self._read(url)
+
+    def _dataset(self, url: str, *, content_hash: str = "") -> tuple[pydicom.Dataset, str]:
+        if url in self._files:
+            self._files.move_to_end(url)
+            return self._files[url]
+        data = self._bytes(url)
         if content_hash and not hash_matches(data, content_hash):
             raise DecodeError("the file changed after its header was read", code="source_changed")
         ds, _ = parse_dicom_bytes(data, max_bytes=self.max_file_bytes)
@@ -379,8 +424,12 @@ def build_volume(
     storage_options: dict[str, Any] | None = None,
     store_storage_options: dict[str, Any] | None = None,
     preprocess: PreprocessConfig | None = None,
+    read_ahead: int | None = None,
 ) -> dict[str, Any]:
     """Decode, rescale and write one planned volume; return its ``volumes`` row.
+
+    Files on object storage or a PACS are read `read_ahead` files ahead (None: as many
+    as a header task reads ahead from there, ``READ_AHEAD_FILES["remote"]``).
 
     With ``preprocess`` steps that need the whole volume (resample, clip, crop, N4) the
     volume is assembled in memory, processed, then written; otherwise it streams slab by
@@ -406,6 +455,7 @@ def build_volume(
         "storage_options": storage_options,
         "store_storage_options": store_storage_options,
         "preprocess": preprocess,
+        "read_ahead": read_ahead,
     }
     try:
         result, attrs, plan = _write(plan, np.dtype(plan.dtype), **kwargs)
@@ -424,6 +474,20 @@ def build_volume(
     return volume_row(plan, result, {**attrs, "store_url": store_url}, run_id=run_id)
 
 
+def _reads_ahead(plan: VolumePlan, read_ahead: int | None) -> tuple[list[str], int]:
+    """The files of `plan` to read ahead, and how far: one-slice files that are neither
+    local (the page cache serves them, most through their pixel spans) nor archive
+    members (one reader at a time). Multi-frame files are not read ahead: their size is
+    not known here, and one read serves many slices."""
+    from voxlake.ingest.file_reads import READ_AHEAD_FILES
+
+    urls = [ref.url for ref in plan.slices]
+    if len(set(urls)) != len(urls):
+        return [], 0
+    remote = [url for url in urls if local_path_of(url) is None and "::" not in url]
+    return remote, READ_AHEAD_FILES["remote"] if read_ahead is None else read_ahead
+
+
 def _write(
     plan: VolumePlan,
     dtype: np.dtype[Any],
@@ -436,6 +500,7 @@ def _write(
     storage_options: dict[str, Any] | None,
     store_storage_options: dict[str, Any] | None,
     preprocess: PreprocessConfig | None = None,
+    read_ahead: int | None = None,
 ) -> tuple[WriteResult, dict[str, Any], VolumePlan]:
     from voxlake.ingest.preprocess import apply_preprocessing, needs_whole_volume
 
@@ -458,6 +523,7 @@ def _write(
                     max_file_bytes=max_file_bytes, storage_options=storage_options, run_id=run_id
                 )
             )
+            decoder.read_ahead(*_reads_ahead(plan, read_ahead))
             slabs = _dicom_slabs(plan, dtype, decoder)
             syntaxes = decoder.syntaxes
         if whole:
