@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import time
 from collections import Counter
 
 import numpy as np
@@ -52,6 +53,16 @@ def test_kept_bytes_are_read_back_on_their_worker_only(dask_client):
     assert not any(_kept_folders(dask_client, run).values())
     assert on(first, fetched.recall, run, "a") is None
     assert on(first, fetched.kept_bytes, run) == 0
+    # A folder another run left (its driver killed) goes when it is stale, not before.
+    on(first, fetched.keep, "old-run", "a", data, budget=2500)
+    on(first, fetched.keep, "recent-run", "a", data, budget=2500)
+    old = dask_client.run(fetched._folder, "old-run", workers=[first])[first]
+    os.utime(old, (0, time.time() - fetched.STALE_SECONDS - 60))
+    assert on(first, fetched.keep, run, "a", data, budget=2500)  # the run's folder is new
+    assert _kept_folders(dask_client, "old-run") == {first: False, second: False}
+    assert _kept_folders(dask_client, "recent-run")[first]
+    for leftover in ("recent-run", run):
+        dask_client.run(fetched.drop, leftover)
     # Outside a Dask worker nothing is kept.
     assert not fetched.keep(run, "a", data, budget=1 << 20)
     assert fetched.recall(run, "a") is None

@@ -12,8 +12,10 @@ id>``, mode 0700: the files are the PACS's originals, identifying), at most
 ``IngestConfig.pacs_cache_bytes`` per worker process and never the disk's last
 :data:`DISK_RESERVE` bytes; an instance that does not fit is simply retrieved again. The
 driver removes the run's folder from every worker when the run ends; a driver killed
-mid-run leaves it until the worker closes (Dask removes a worker's local directory then).
-Outside a Dask worker nothing is kept.
+mid-run leaves it until the worker closes (Dask removes a worker's local directory then)
+or until a later run keeps instances on that worker more than :data:`STALE_SECONDS`
+after it last changed (removing a live run's folder would only make its volume tasks
+retrieve again). Outside a Dask worker nothing is kept.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Final
 
 __all__ = [
     "DISK_RESERVE",
+    "STALE_SECONDS",
     "current_worker",
     "drop",
     "keep",
@@ -37,6 +40,8 @@ __all__ = [
 
 #: Free disk space a kept instance never takes.
 DISK_RESERVE: Final = 1 << 30
+#: Folders of other runs unchanged for this long are removed (left by killed drivers).
+STALE_SECONDS: Final = 2 * 24 * 3600
 _FOLDER: Final = "voxlake-fetched"
 
 _lock = threading.Lock()
@@ -84,6 +89,8 @@ def keep(run_id: str, locator: str, data: bytes, *, budget: int) -> bool:
             return False
         _used[run_id] = _used.get(run_id, 0) + len(data)
     try:
+        if not folder.exists():
+            _remove_stale(folder.parent)
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if shutil.disk_usage(folder).free < len(data) + DISK_RESERVE:
             raise OSError("no room")
@@ -95,6 +102,25 @@ def keep(run_id: str, locator: str, data: bytes, *, budget: int) -> bool:
             _used[run_id] -= len(data)
         return False
     return True
+
+
+def _remove_stale(root: Path) -> None:
+    """Remove the folders under `root` unchanged for :data:`STALE_SECONDS`."""
+    import time
+
+    try:
+        folders = list(root.iterdir())
+    except OSError:
+        return
+    for folder in folders:
+        try:
+            stale = time.time() - folder.stat().st_mtime > STALE_SECONDS
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            with _lock:
+                _used.pop(folder.name, None)
 
 
 def recall(run_id: str, locator: str, dask_worker: Any = None) -> bytes | None:
