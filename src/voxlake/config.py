@@ -142,8 +142,9 @@ class IngestConfig:
         Where a local cluster serves its dashboard (``":0"`` picks a free port).
     batch_size
         Files per catalog commit of header rows. Each header-parsing task takes a quarter
-        of it, at least 16 and at most 64 files, so the workers share the listing evenly;
-        each commit costs the driver about 80 ms and writes one small Parquet file.
+        of it, at least 16 and at most 256 files (fewer files than this are split so
+        that every worker gets two tasks); each commit costs the driver about 80 ms and
+        writes one small Parquet file.
     read_ahead
         Files a header task reads ahead of the one it parses: in threads, or on local
         disks by the kernel (``POSIX_FADV_WILLNEED``, where available; at most 64 files

@@ -46,6 +46,22 @@ def _table(batch: HeaderBatch) -> pa.Table:
     return batch.table if batch.table is not None else rows_to_table("instances", batch.instances)
 
 
+def header_task_size(files: int, *, batch_size: int, workers: int) -> int:
+    """Files per header task, for `files` new files of one listing batch.
+
+    Each task costs the driver about 10 ms (submit, schedule, fetch and unpickle its
+    result) and its worker a few, so tasks are a quarter of a commit batch, up to 256
+    files: that keeps the driver from limiting a large cluster. Fewer files than a
+    commit batch (a small run, a re-run with few changes, the end of the listing) are
+    split so that each worker gets two tasks of at least 16 files, lest one worker parse
+    while the others idle.
+    """
+    largest = min(256, max(16, batch_size // 4))
+    if files >= batch_size:
+        return largest
+    return min(largest, max(16, -(-files // (2 * max(1, workers)))))
+
+
 #: Files of one PACS series in one header task at most (beyond, it is split).
 PACS_SERIES_TASK_FILES = 4096
 
@@ -122,10 +138,8 @@ class HeaderStage(RunState):
         pending = as_completed()
         submitted = 0
         done = 0
-        # Tasks are a quarter of a commit batch, at most 64 files: with few, large tasks
-        # one worker would still parse while the other idles. Results are committed a
-        # batch at a time, so the number of Delta commits does not grow.
-        task_size = min(64, max(16, self.config.batch_size // 4))
+        # Results are committed a batch at a time, whatever the tasks' size.
+        workers = len(client.scheduler_info().get("workers", {}))
         results: list[HeaderBatch] = []
 
         def collect(batch: HeaderBatch, *, flush: bool = False) -> None:
@@ -161,7 +175,8 @@ class HeaderStage(RunState):
                 ]
                 self.count_failures(rows)
                 self.commit({"failures": rows}, "listing")
-            for task in header_tasks(fresh, task_size):
+            size = header_task_size(len(fresh), batch_size=self.config.batch_size, workers=workers)
+            for task in header_tasks(fresh, size):
                 pending.add(
                     client.submit(
                         catalog_headers,
