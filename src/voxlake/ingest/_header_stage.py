@@ -46,7 +46,7 @@ def _table(batch: HeaderBatch) -> pa.Table:
     return batch.table if batch.table is not None else rows_to_table("instances", batch.instances)
 
 
-def header_task_size(files: int, *, batch_size: int, workers: int) -> int:
+def header_task_size(files: int, *, batch_size: int, threads: int) -> int:
     """Files per header task, for `files` new files of one listing batch.
 
     Each task costs the driver about 10 ms (submit, schedule, fetch and unpickle its
@@ -56,13 +56,13 @@ def header_task_size(files: int, *, batch_size: int, workers: int) -> int:
     does not notice it (256-file tasks left each worker's peak 15 MB higher, 2.05x the
     largest volume of the benchmark instead of 1.8x). Fewer files than a commit batch
     (a small run, a re-run with few changes, the end of the listing) are split so that
-    each worker gets two tasks of at least 16 files, lest one worker parse while the
-    others idle.
+    each worker thread gets two tasks of at least 16 files, lest one worker parse while
+    the others idle.
     """
     largest = min(128, max(16, batch_size // 8))
     if files >= batch_size:
         return largest
-    return min(largest, max(16, -(-files // (2 * max(1, workers)))))
+    return min(largest, max(16, -(-files // (2 * max(1, threads)))))
 
 
 #: Files of one PACS series in one header task at most (beyond, it is split).
@@ -142,7 +142,7 @@ class HeaderStage(RunState):
         submitted = 0
         done = 0
         # Results are committed a batch at a time, whatever the tasks' size.
-        workers = len(client.scheduler_info().get("workers", {}))
+        threads = sum(client.nthreads().values())  # of all workers: one task each at a time
         results: list[HeaderBatch] = []
 
         def collect(batch: HeaderBatch, *, flush: bool = False) -> None:
@@ -178,7 +178,7 @@ class HeaderStage(RunState):
                 ]
                 self.count_failures(rows)
                 self.commit({"failures": rows}, "listing")
-            size = header_task_size(len(fresh), batch_size=self.config.batch_size, workers=workers)
+            size = header_task_size(len(fresh), batch_size=self.config.batch_size, threads=threads)
             for task in header_tasks(fresh, size):
                 pending.add(
                     client.submit(
