@@ -23,8 +23,14 @@ logger = logging.getLogger(__name__)
 #: fresh mmap whose pages fault in one by one, and the header pass runs 1.4x slower than
 #: in a plain process (docs/performance.md). With these, buffers up to 4 MiB reuse heap
 #: memory (at most 8 MiB kept free at its top) while slabs and volumes (larger) are still
-#: mapped and returned to the system when freed, so worker memory stays bounded.
-WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 8 << 20, "MALLOC_MMAP_THRESHOLD_": 4 << 20}
+#: mapped and returned to the system when freed, so worker memory stays bounded. Arrow
+#: allocates from the same heap (its default, mimalloc, kept each header task's table
+#: memory: 8 MB more per worker after a 256-file task, carried into the volume stage).
+WORKER_MALLOC_ENV = {
+    "MALLOC_TRIM_THRESHOLD_": 8 << 20,
+    "MALLOC_MMAP_THRESHOLD_": 4 << 20,
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+}
 
 
 #: What the local cluster's workers import before they start: once, in the forkserver

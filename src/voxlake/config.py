@@ -141,8 +141,8 @@ class IngestConfig:
     dashboard_address
         Where a local cluster serves its dashboard (``":0"`` picks a free port).
     batch_size
-        Files per catalog commit of header rows. Each header-parsing task takes an eighth
-        of it, at least 16 and at most 128 files (fewer files than this are split so
+        Files per catalog commit of header rows. Each header-parsing task takes a quarter
+        of it, at least 16 and at most 256 files (fewer files than this are split so
         that every worker gets two tasks); each commit costs the driver about 80 ms and
         writes one small Parquet file.
     read_ahead

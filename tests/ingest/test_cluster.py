@@ -17,9 +17,11 @@ from ..conftest import SECRET
 pytestmark = pytest.mark.integration
 
 
-def _header_faults(refs: list) -> tuple[dict[str, str | None], float]:
-    """In a worker: its malloc settings, and minor page faults per file of a header pass
-    (after one warm-up pass, which imports and sizes the heap)."""
+def _header_faults(refs: list) -> tuple[dict[str, str | None], float, str]:
+    """In a worker: its malloc settings, minor page faults per file of a header pass
+    (after one warm-up pass, which imports and sizes the heap), and Arrow's allocator."""
+    import pyarrow as pa
+
     from voxlake.ingest.headers import read_headers
 
     config = IngestConfig(secret=SECRET)
@@ -28,14 +30,16 @@ def _header_faults(refs: list) -> tuple[dict[str, str | None], float]:
     batch = read_headers(refs, secret=SECRET, config=config, run_id="faults")
     faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
     assert len(batch.instances) == len(refs)
-    return {k: os.environ.get(k) for k in WORKER_MALLOC_ENV}, faults / len(refs)
+    pool = pa.default_memory_pool().backend_name
+    return {k: os.environ.get(k) for k in WORKER_MALLOC_ENV}, faults / len(refs), pool
 
 
 @pytest.mark.parametrize("workers", [1, 2])  # spawned; forked from the forkserver
 def test_workers_reuse_file_buffers_instead_of_faulting_in_fresh_pages(tmp_path, workers):
     """Dask's default MALLOC_TRIM_THRESHOLD_ switches off glibc's adaptive mmap threshold,
     so every 512 KiB file read became a fresh mapping (128 page faults per file, 1.4x the
-    header pass's CPU). The local cluster's workers keep reusing heap buffers."""
+    header pass's CPU). The local cluster's workers keep reusing heap buffers, and give
+    Arrow the same allocator."""
     import dask
     import distributed  # noqa: F401  (loads its configuration)
 
@@ -49,9 +53,11 @@ def test_workers_reuse_file_buffers_instead_of_faulting_in_fresh_pages(tmp_path,
     default = dask.config.get("distributed.nanny.pre-spawn-environ")
     config = IngestConfig(secret=SECRET, workers=workers, dashboard_address=":0")
     with dask_client(config) as client:
-        for environ, faults in client.run(_header_faults, refs).values():
+        for environ, faults, pool in client.run(_header_faults, refs).values():
             assert environ == {k: str(v) for k, v in WORKER_MALLOC_ENV.items()}
             assert faults < 16, f"{faults:.0f} minor page faults per file"  # 128 with Dask's
+            # Arrow on the same heap: mimalloc kept each header task's table memory.
+            assert pool == "system"
     assert dask.config.get("distributed.nanny.pre-spawn-environ") == default  # restored
 
 

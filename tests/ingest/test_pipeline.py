@@ -248,18 +248,18 @@ def test_header_tasks_are_split_but_committed_a_batch_at_a_time(tmp_path, tiny_s
 def test_header_task_size_keeps_the_driver_light_and_every_worker_busy():
     from voxlake.ingest._header_stage import header_task_size
 
-    # A full listing batch: an eighth of a commit batch, at most 128 files a task (each
+    # A full listing batch: a quarter of a commit batch, at most 256 files a task (each
     # task costs the driver ~10 ms), however many workers there are.
-    assert header_task_size(1024, batch_size=1024, threads=2) == 128
-    assert header_task_size(1024, batch_size=1024, threads=64) == 128
-    assert header_task_size(4096, batch_size=4096, threads=2) == 128
-    assert header_task_size(512, batch_size=512, threads=2) == 64
+    assert header_task_size(1024, batch_size=1024, threads=2) == 256
+    assert header_task_size(1024, batch_size=1024, threads=64) == 256
+    assert header_task_size(4096, batch_size=4096, threads=2) == 256
+    assert header_task_size(512, batch_size=512, threads=2) == 128
     assert header_task_size(64, batch_size=64, threads=2) == 16
-    # Fewer files: two tasks per worker, 16 files at least.
+    # Fewer files: two tasks per worker thread, 16 files at least.
     assert header_task_size(300, batch_size=1024, threads=2) == 75
     assert header_task_size(300, batch_size=1024, threads=4) == 38
     assert header_task_size(20, batch_size=1024, threads=2) == 16
-    assert header_task_size(300, batch_size=1024, threads=0) == 128  # no worker yet
+    assert header_task_size(300, batch_size=1024, threads=0) == 150  # no worker yet
 
 
 def _failure_deletes(catalog: str, run_id: str) -> list[str]:

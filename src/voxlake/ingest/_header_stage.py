@@ -50,16 +50,17 @@ def header_task_size(files: int, *, batch_size: int, threads: int) -> int:
     """Files per header task, for `files` new files of one listing batch.
 
     Each task costs the driver about 10 ms (submit, schedule, fetch and unpickle its
-    result) and its worker a few, so tasks are an eighth of a commit batch, up to 128
-    files: that keeps the driver from limiting a large cluster (64-file tasks cost the
-    driver twice as much), while a task's high-water mark stays where the volume stage
-    does not notice it (256-file tasks left each worker's peak 15 MB higher, 2.05x the
-    largest volume of the benchmark instead of 1.8x). Fewer files than a commit batch
+    result) and its worker a few, so tasks are a quarter of a commit batch, up to 256
+    files: that keeps the driver from limiting a large cluster (64-file tasks cost it
+    twice as much). A task's high-water mark stays in its worker into the volume stage:
+    256-file tasks are affordable because workers give Arrow the system allocator
+    (``voxlake.cluster.WORKER_MALLOC_ENV``); with mimalloc they left each worker's peak
+    15 MB higher (2.05x the benchmark's largest volume). Fewer files than a commit batch
     (a small run, a re-run with few changes, the end of the listing) are split so that
     each worker thread gets two tasks of at least 16 files, lest one worker parse while
     the others idle.
     """
-    largest = min(128, max(16, batch_size // 8))
+    largest = min(256, max(16, batch_size // 4))
     if files >= batch_size:
         return largest
     return min(largest, max(16, -(-files // (2 * max(1, threads)))))
