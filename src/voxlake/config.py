@@ -293,6 +293,7 @@ _ENV_INGEST = {
     "VOXLAKE_SCHEDULER": ("scheduler", str),
     "VOXLAKE_BATCH_SIZE": ("batch_size", int),
     "VOXLAKE_READ_AHEAD": ("read_ahead", int),
+    "VOXLAKE_PACS_CACHE_BYTES": ("pacs_cache_bytes", int),
     "VOXLAKE_MEMORY_LIMIT": ("memory_limit", str),
 }
 

@@ -68,6 +68,36 @@ def test_kept_bytes_are_read_back_on_their_worker_only(dask_client):
     assert fetched.recall(run, "a") is None
 
 
+def test_the_budget_is_validated_and_read_from_the_environment_and_the_command_line(
+    monkeypatch,
+):
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from voxlake.cli import _ingest, app
+    from voxlake.config import load_config
+    from voxlake.errors import ConfigError
+
+    assert IngestConfig().pacs_cache_bytes == 8 << 30
+    with pytest.raises(ConfigError, match="pacs_cache_bytes"):
+        IngestConfig(pacs_cache_bytes=-1)
+    assert load_config(None, env={"VOXLAKE_PACS_CACHE_BYTES": "1000"}).pacs_cache_bytes == 1000
+    seen = []
+
+    def run_ingest(*args, config, **kwargs):  # the command's run, without a cluster
+        seen.append(config)
+        return SimpleNamespace(status="completed")
+
+    monkeypatch.setattr(_ingest, "run_ingest", run_ingest)
+    env = {"VOXLAKE_SECRET": "s", "VOXLAKE_PACS_CACHE_BYTES": "1000"}
+    command = ["ingest", "src", "--catalog", "cat", "--store", "vol.zarr"]
+    for flags, expected in (([], 1000), (["--pacs-cache-bytes", "0"], 0)):
+        result = CliRunner().invoke(app, [*command, *flags], env=env)
+        assert result.exit_code == 0, result.output
+        assert seen[-1].pacs_cache_bytes == expected  # the flag wins over the environment
+
+
 def _pacs_ref(series: str, index: int) -> FileRef:
     locator = f"dimse://PACS@host:104/studies/1.2/series/{series}/instances/{index}?class=1"
     return FileRef(f"dimse://PACS@host:104/instances/{series}-{index}", 0, 0.0, locator=locator)

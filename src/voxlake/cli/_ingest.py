@@ -168,6 +168,13 @@ def ingest(
             " 1 in archives; 0: none). Lower it to spare a PACS."
         ),
     ] = None,
+    pacs_cache_bytes: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="Bytes of PACS instances each worker keeps on its local disk so the PACS"
+            " sends each once (default 8 GiB; 0: none, every instance retrieved twice)."
+        ),
+    ] = None,
     secret: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="De-identification secret (default: $VOXLAKE_SECRET)."),
@@ -225,6 +232,7 @@ def ingest(
         ("memory_limit", memory_limit),
         ("batch_size", batch_size),
         ("read_ahead", read_ahead),
+        ("pacs_cache_bytes", pacs_cache_bytes),
         ("secret", secret),
         ("storage_options", parse_storage_options(storage_options)),
     ):
