@@ -330,7 +330,6 @@ def test_volume_tasks_read_remote_slices_ahead_within_the_bound(
                  if z0 + dz < half]  # fmt: skip
         asked += range(2 * half, len(urls))
     assert sorted(asked) == list(range(len(urls)))
-    threads = set()
     with dicom.FrameDecoder(max_file_bytes=1 << 24, storage_options=options) as decoder:
         decoder.read_ahead(urls, depth)
         for n, i in enumerate(asked, start=1):

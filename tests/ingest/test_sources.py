@@ -9,7 +9,6 @@ import shutil
 import tarfile
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -215,6 +214,7 @@ def test_cli_sources_on_one_endpoint_catalog_and_store_on_another(
     import boto3
     import s3fs
 
+    from voxlake._docgen import _toml_value
     from voxlake.storage import s3_options
 
     bucket, options = s3_bucket
@@ -254,9 +254,9 @@ def test_cli_sources_on_one_endpoint_catalog_and_store_on_another(
     config = tmp_path / "voxlake.toml"
     config.write_text(
         "[ingest]\n"
-        f"storage_options = {_toml(source_options)}\n"
-        f"catalog_storage_options = {_toml(options)}\n"
-        f"store_storage_options = {_toml(options)}\n"
+        f"storage_options = {_toml_value(source_options)}\n"
+        f"catalog_storage_options = {_toml_value(options)}\n"
+        f"store_storage_options = {_toml_value(options)}\n"
     )
     again = subprocess.run(
         [*command, "--config", str(config)], capture_output=True, text=True, env=env, timeout=300
@@ -267,14 +267,3 @@ def test_cli_sources_on_one_endpoint_catalog_and_store_on_another(
     latest = runs.iloc[-1]
     assert latest.files_skipped == latest.files_seen == len(catalog.instances)
     assert latest.volumes_written == 0
-
-
-def _toml(value: Any) -> str:
-    """`value` (str, bool, int, dict) as a TOML inline value."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a TOML basic string
-    return str(value)

@@ -21,7 +21,7 @@ import numpy as np
 from voxlake.errors import DecodeError, VoxlakeError
 from voxlake.ingest import fetched
 from voxlake.ingest.dicom_bytes import parse_dicom_bytes
-from voxlake.ingest.file_reads import open_bytes
+from voxlake.ingest.file_reads import READ_AHEAD_FILES, open_bytes
 from voxlake.ingest.hashing import hash_matches
 from voxlake.ingest.readers.native import native_frame, read_span
 from voxlake.ingest.readers.nifti import IMAGE_FORMATS, open_image, read_image_slab
@@ -479,8 +479,6 @@ def _reads_ahead(plan: VolumePlan, read_ahead: int | None) -> tuple[list[str], i
     local (the page cache serves them, most through their pixel spans) nor archive
     members (one reader at a time). Multi-frame files are not read ahead: their size is
     not known here, and one read serves many slices."""
-    from voxlake.ingest.file_reads import READ_AHEAD_FILES
-
     urls = [ref.url for ref in plan.slices]
     if len(set(urls)) != len(urls):
         return [], 0
