@@ -172,3 +172,69 @@ def test_a_header_task_and_a_volume_build_reuse_their_associations(pacs, monkeyp
             decoder._dataset(ref.fetch_url)
         assert len(opened) == 1 and not released  # one association, kept open
     assert released == opened
+
+
+def test_an_instance_over_the_cap_is_cut_off_as_it_arrives_not_after(
+    pacs, orthanc_loaded, tiny_sample, monkeypatch
+):
+    """pynetdicom gathers an instance in memory before the C-STORE handler sees it: the
+    cap must stop the transfer while the data arrives, and the scope's next C-GET gets a
+    fresh association."""
+    import requests
+
+    big = pydicom.dcmread(tiny_sample.series[0].files[0])
+    # A study of its own, removed at the end: the PACS is shared by this module's tests.
+    big.StudyInstanceUID, big.SeriesInstanceUID, big.SOPInstanceUID = (
+        pydicom.uid.generate_uid() for _ in range(3)
+    )
+    big.Rows = big.Columns = 1024
+    big.PixelData = np.arange(1024 * 1024, dtype=np.uint16).tobytes()  # 2 MiB
+    buffer = io.BytesIO()
+    big.save_as(buffer, enforce_file_format=True)
+    size = len(buffer.getvalue())
+    posted = requests.post(f"{orthanc_loaded}/instances", data=buffer.getvalue(),
+                           headers={"Content-Type": "application/dicom"}, timeout=30)  # fmt: skip
+    posted.raise_for_status()
+    try:
+        _cut_off_and_fetched_again(pacs, big, size, monkeypatch)
+    finally:
+        requests.delete(
+            f"{orthanc_loaded}/studies/{posted.json()['ParentStudy']}", timeout=30
+        ).raise_for_status()
+
+
+def _cut_off_and_fetched_again(pacs, big, size, monkeypatch):  # type: ignore[no-untyped-def]
+    import time
+
+    from voxlake.ingest import dimse
+
+    (ref,) = list_source(f"{pacs}?SOPInstanceUID={big.SOPInstanceUID}", secret=SECRET)
+
+    # P-DATA bytes received while the association transfers data (state Sta6): what
+    # pynetdicom assembles into messages. After an abort it ignores what still arrives.
+    seen = [0]
+    on_data = dimse._Getter._on_data
+
+    def counting(self, event):  # type: ignore[no-untyped-def]
+        state = event.assoc.dul.state_machine.current_state
+        if event.data[:1] == b"\x04" and state == "Sta6":
+            seen[0] += len(event.data)
+        on_data(self, event)
+
+    monkeypatch.setattr(dimse._Getter, "_on_data", counting)
+    cap = 64 << 10
+    with dimse.Associations() as scope:
+        began = time.monotonic()
+        with pytest.raises(SourceError) as info:
+            open_bytes(ref.fetch_url, max_bytes=cap, associations=scope)
+        # Not after the DIMSE timeout (30 s): the C-GET's wait for its next message is
+        # woken when the transfer is cut off.
+        assert time.monotonic() - began < 15
+        assert info.value.code == "file_too_large"
+        # Stopped a few PDUs (16 KiB each) past the cap and its room for commands, far
+        # short of the 2 MiB the PACS was sending.
+        assert cap < seen[0] < cap + dimse._COMMAND_ROOM + (256 << 10) < size // 4
+        seen[0] = 0
+        data = open_bytes(ref.fetch_url, max_bytes=1 << 30, associations=scope)
+    assert len(data) >= size - 1024 and pydicom.dcmread(io.BytesIO(data)).Rows == 1024
+    assert seen[0] > size  # the same count, on the association that replaced it

@@ -32,6 +32,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -256,6 +257,14 @@ def list_instances(
         assoc.release()
 
 
+#: First byte of a P-DATA-TF PDU (DICOM PS3.8 9.3.5).
+_P_DATA = b"\x04"
+#: What a C-GET's PDUs carry besides the instance: command sets and PDV headers.
+_COMMAND_ROOM = 64 << 10
+#: Seconds the network thread waits, past the cap, for the C-GET's thread to abort.
+_ABORT_WAIT = 10.0
+
+
 class _Getter:
     """One association for C-GET of one SOP class, with the C-STORE handler that catches
     what the PACS sends back on it."""
@@ -270,9 +279,39 @@ class _Getter:
         self.received: list[bytes] = []
         self.too_large = False
         self.max_bytes = 0
+        self.received_bytes = 0  # P-DATA of the C-GET under way
         role = build_role(sop_class, scp_role=True)
-        handlers = [(evt.EVT_C_STORE, self._on_store)]
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_DATA_RECV, self._on_data)]
         self.assoc = _associate(ae, peer, ext_neg=[role], evt_handlers=handlers)
+
+    def _on_data(self, event: Any) -> None:
+        """Count the C-GET's data as each PDU arrives (in pynetdicom's network thread).
+
+        pynetdicom gathers a whole instance in memory before ``_on_store`` sees it, so the
+        cap is also applied here: once the PDUs of this C-GET carry more than the cap
+        (plus room for command sets and PDU headers), the C-GET's wait for its next
+        message is ended at once, and this thread reads nothing more until the waiting
+        thread has aborted the association (pynetdicom does that, and logs it as a DIMSE
+        timeout). ``_on_store`` still applies the exact cap to what arrives whole.
+        """
+        data = event.data
+        if data[:1] != _P_DATA or not self.max_bytes or self.too_large:
+            return
+        self.received_bytes += len(data)
+        if self.received_bytes <= self.max_bytes + self.max_bytes // 1000 + _COMMAND_ROOM:
+            return
+        self.too_large = True
+        assoc = event.assoc
+        try:
+            # The waiting thread takes this as "no response". Aborting from here instead
+            # would also wake pynetdicom's association thread, which could take it first.
+            assoc.dimse.msg_queue.put((None, None))
+        except AttributeError:  # another pynetdicom: the wait ends at the DIMSE timeout
+            assoc.abort(block=False)
+            return
+        deadline = time.monotonic() + _ABORT_WAIT
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def _on_store(self, event: Any) -> int:
         data = event.encoded_dataset(include_meta=True)
@@ -285,6 +324,7 @@ class _Getter:
     def get(self, study: str, series: str, sop: str, max_bytes: int) -> tuple[list[bytes], Any]:
         """The instances the PACS sent for one C-GET, and its statuses."""
         self.received, self.too_large, self.max_bytes = [], False, max_bytes
+        self.received_bytes = 0
         identifier = _query("IMAGE", {}, ())
         identifier.StudyInstanceUID, identifier.SeriesInstanceUID = study, series
         identifier.SOPInstanceUID = sop
@@ -386,6 +426,8 @@ def fetch_instance(
             received, statuses = getter.get(study, series, sop, max_bytes)
         except Exception:
             associations.drop(getter)
+            if getter.too_large:
+                break
             if reused:  # the PACS may have closed it while idle: once more on a new one
                 continue
             raise
@@ -393,6 +435,8 @@ def fetch_instance(
             break
         associations.drop(getter)  # no answer on a kept association: the same
     if getter.too_large:
+        if not getter.assoc.is_established:  # aborted mid-transfer
+            associations.drop(getter)
         raise SourceError(f"instance larger than the {max_bytes} byte cap", code="file_too_large")
     if len(received) != 1:
         codes = ", ".join(f"0x{s.Status:04X}" for s in statuses if s and "Status" in s)
