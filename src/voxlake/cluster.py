@@ -50,6 +50,7 @@ WORKER_PRELOAD = (
     # Not pandas (pyarrow imports it at a worker's first conversion of rows): imported
     # here, it left the forked workers faulting in fresh pages for every file read
     # (tests/ingest/test_cluster.py).
+    "voxlake._gc_freeze",  # last: freezes what the imports above made
 )
 
 

@@ -61,22 +61,27 @@ def test_workers_reuse_file_buffers_instead_of_faulting_in_fresh_pages(tmp_path,
     assert dask.config.get("distributed.nanny.pre-spawn-environ") == default  # restored
 
 
-def _started_with() -> tuple[int, list[str]]:
+def _started_with() -> tuple[int, list[str], int]:
+    import gc
     import sys
 
-    return os.getppid(), [name for name in WORKER_PRELOAD if name in sys.modules]
+    modules = [name for name in WORKER_PRELOAD if name in sys.modules]
+    return os.getppid(), modules, gc.get_freeze_count()
 
 
 def test_workers_start_from_a_forkserver_with_the_ingest_modules_imported():
     """Two or more local workers are forked from one forkserver that imported the ingest
-    modules once, instead of each spawned worker importing them again."""
+    modules once, instead of each spawned worker importing them again, and froze what
+    those imports made, so that the workers' collections leave it alone (and shared)."""
     import dask
 
     method = dask.config.get("distributed.worker.multiprocessing-method")
     with dask_client(IngestConfig(secret=SECRET, workers=2, dashboard_address=":0")) as client:
         started = list(client.run(_started_with).values())
-    parents = {parent for parent, _ in started}
+    parents = {parent for parent, _, _ in started}
     assert len(started) == 2
     assert len(parents) == 1 and os.getpid() not in parents  # one forkserver, not this process
-    assert all(modules == list(WORKER_PRELOAD) for _, modules in started)
+    assert all(modules == list(WORKER_PRELOAD) for _, modules, _ in started)
+    # pydicom, zarr, pyarrow and distributed alone make tens of thousands of objects.
+    assert all(frozen > 20_000 for _, _, frozen in started)
     assert dask.config.get("distributed.worker.multiprocessing-method") == method  # restored
