@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -150,6 +151,66 @@ ORTHANC = "/usr/sbin/Orthanc"
 ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
+def _require_orthanc() -> None:
+    if not (os.path.exists(ORTHANC) and os.path.exists(ORTHANC_DICOMWEB)):
+        message = "Orthanc with the DICOMweb plugin is not installed"
+        if os.environ.get("VOXLAKE_REQUIRE_PACS") == "1":
+            pytest.fail(message + " (VOXLAKE_REQUIRE_PACS=1)")
+        pytest.skip(message)
+
+
+@contextlib.contextmanager
+def _run_orthanc(root: Path, settings: dict, base: str, **request_options):  # type: ignore[no-untyped-def]
+    """Start Orthanc with the DICOMweb plugin and ``settings`` (its HTTP server at
+    ``base``); yield ``base`` once it answers; stop it on leaving."""
+    import json
+    import subprocess
+    import time
+
+    import requests
+
+    config = {
+        "Name": "VOXLAKE-TEST",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "idx"),
+        "Plugins": [ORTHANC_DICOMWEB],
+        "RemoteAccessAllowed": False,
+        "DicomWeb": {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "EnableWado": True,
+            "Host": "127.0.0.1",
+            "Ssl": base.startswith("https"),
+        },
+        **settings,
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "wb")
+    # DCMTK (Orthanc's DICOM stack) leaves Nagle's algorithm on unless told otherwise.
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log, env=env)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if requests.get(f"{base}/system", timeout=1, **request_options).ok:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
+        time.sleep(0.1)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory):
     """A real Orthanc PACS with its DICOMweb plugin on a loopback port (session-wide); its
@@ -158,64 +219,174 @@ def orthanc(tmp_path_factory):
     Skips when Orthanc is not installed (Debian packages orthanc, orthanc-dicomweb), except
     in CI where VOXLAKE_REQUIRE_PACS=1 turns the skip into a failure.
     """
-    import json
-    import subprocess
-    import time
-
-    import requests
-
-    if not (os.path.exists(ORTHANC) and os.path.exists(ORTHANC_DICOMWEB)):
-        message = "Orthanc with the DICOMweb plugin is not installed"
-        if os.environ.get("VOXLAKE_REQUIRE_PACS") == "1":
-            pytest.fail(message + " (VOXLAKE_REQUIRE_PACS=1)")
-        pytest.skip(message)
-    root = tmp_path_factory.mktemp("orthanc")
+    _require_orthanc()
     port, dicom_port = _free_port(), _free_port()
-    config = {
-        "Name": "VOXLAKE-TEST",
-        "StorageDirectory": str(root / "db"),
-        "IndexDirectory": str(root / "idx"),
-        "Plugins": [ORTHANC_DICOMWEB],
+    settings = {
         "HttpPort": port,
-        "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "DicomServerEnabled": True,
         "DicomAet": "ORTHANC",
         "DicomPort": dicom_port,
         # voxlake's default calling AE title, known to the PACS as a real one must be.
         "DicomModalities": {"voxlake": ["VOXLAKE", "127.0.0.1", 11112]},
-        "DicomWeb": {
-            "Enable": True,
-            "Root": "/dicom-web/",
-            "EnableWado": True,
-            "Host": "127.0.0.1",
-            "Ssl": False,
-        },
     }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "wb")
-    # DCMTK (Orthanc's DICOM stack) leaves Nagle's algorithm on unless told otherwise.
-    env = {**os.environ, "TCP_NODELAY": "1"}
-    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
+    root = tmp_path_factory.mktemp("orthanc")
+    with _run_orthanc(root, settings, f"http://127.0.0.1:{port}") as base:
+        yield base
+
+
+#: The user the HTTPS Orthanc knows (``orthanc_tls``).
+ORTHANC_USER = ("voxlake", "a-test-password")
+
+
+@pytest.fixture(scope="session")
+def orthanc_tls(tmp_path_factory, tiny_sample):
+    """A second Orthanc, exposed as a hospital would expose DICOMweb: HTTP basic
+    authentication (user ``ORTHANC_USER``) behind HTTPS whose certificate a private
+    authority signed. Yields ``(https_base_url, ca_pem_path)``; it holds the tiny sample's
+    first study.
+
+    The HTTPS is a TLS terminator in this process (as nginx or stunnel in front of a
+    PACS): the Debian build of Orthanc 1.10 crashes on its own HTTPS connections.
+    """
+    import requests
+
+    _require_orthanc()
+    root = tmp_path_factory.mktemp("orthanc-tls")
+    port = _free_port()
+    settings = {
+        "HttpPort": port,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {ORTHANC_USER[0]: ORTHANC_USER[1]},
+        "DicomServerEnabled": False,
+    }
+    study = tiny_sample.series[0].spec.study_instance_uid
+    with _run_orthanc(root, settings, f"http://127.0.0.1:{port}", auth=ORTHANC_USER) as plain:
+        for series in tiny_sample.series:
+            if series.spec.study_instance_uid != study:
+                continue
+            for path in series.files:
+                requests.post(f"{plain}/instances", data=path.read_bytes(), timeout=30,
+                              headers={"Content-Type": "application/dicom"}, auth=ORTHANC_USER
+                              ).raise_for_status()  # fmt: skip
+        ca, server = _certificates(root)
+        with _TlsTerminator(port, server) as tls_port:
+            yield f"https://127.0.0.1:{tls_port}", ca
+
+
+class _TlsTerminator:
+    """HTTPS on a loopback port in front of a plain TCP server: each connection is
+    decrypted here and relayed to ``backend_port``, byte for byte, both ways."""
+
+    def __init__(self, backend_port: int, cert_chain: Path) -> None:
+        import socket
+        import ssl
+
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(cert_chain)
+        self._backend = backend_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+
+    def __enter__(self) -> int:
+        import threading
+
+        threading.Thread(target=self._accept, daemon=True).start()
+        return int(self._listener.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client) -> None:  # type: ignore[no-untyped-def]
+        import select
+        import socket
+        import ssl
+
         try:
-            if requests.get(f"{base}/system", timeout=1).ok:
-                break
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+            tls = self._context.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError):  # a client that does not trust the certificate
+            client.close()
+            return
+        backend = socket.create_connection(("127.0.0.1", self._backend))
+        peers = {tls: backend, backend: tls}
+        try:
+            while True:
+                ready = [tls] if tls.pending() else select.select(list(peers), [], [], 60)[0]
+                if not ready:
+                    return
+                for source in ready:
+                    try:
+                        data = source.recv(1 << 16)
+                    except ssl.SSLWantReadError:  # a partial TLS record: wait for the rest
+                        continue
+                    if not data:
+                        return
+                    peers[source].sendall(data)
+        except OSError:
+            return
+        finally:
+            tls.close()
+            backend.close()
+
+
+def _certificates(folder: Path) -> tuple[Path, Path]:
+    """A private certificate authority (``ca.pem``) and a server certificate it signed for
+    127.0.0.1 and localhost, with its key (``server.pem``, as Orthanc reads them)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    ca_key, key = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in "ab")
+    ca = (
+        x509.CertificateBuilder().subject_name(name("voxlake test CA")).issuer_name(
+            name("voxlake test CA")).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    server = (
+        x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    pem = serialization.Encoding.PEM
+    ca_path, server_path = folder / "ca.pem", folder / "server.pem"
+    ca_path.write_bytes(ca.public_bytes(pem))
+    server_path.write_bytes(
+        server.public_bytes(pem)
+        + key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    )  # fmt: skip
+    return ca_path, server_path
 
 
 @pytest.fixture(scope="session")

@@ -86,3 +86,59 @@ def test_unreachable_pacs_is_a_clear_error(tmp_path, dask_client):
             client=dask_client,
         )
     assert info.value.code == "source_unreachable"
+
+
+def test_ingest_over_https_with_a_private_authority_and_credentials(
+    orthanc_tls, tiny_sample, tmp_path, dask_client
+):
+    """As a hospital exposes DICOMweb: HTTPS signed by its own authority, basic auth."""
+    from ..conftest import ORTHANC_USER
+
+    base, ca = orthanc_tls
+    study_uid = tiny_sample.series[0].spec.study_instance_uid
+    in_study = [s for s in tiny_sample.series if s.spec.study_instance_uid == study_uid]
+    options = {"verify": str(ca), "auth": list(ORTHANC_USER)}
+    config = IngestConfig(secret=SECRET, storage_options=options)
+    report = ingest(
+        [f"dicomweb+{base}/dicom-web?StudyInstanceUID={study_uid}"],
+        catalog=tmp_path / "cat", store=tmp_path / "vol.zarr", config=config, client=dask_client,
+    )  # fmt: skip
+    assert report.failures == 0, report.failures_by_code
+    assert report.volumes_written == len(in_study)
+    by_series = open_catalog(tmp_path / "cat").volumes.set_index("series_key")
+    for series in in_study:
+        row = by_series.loc[keyed_hash(SECRET, "series", series.spec.series_instance_uid)]
+        data, _ = read_volume(row.store_url, row.store_path)
+        assert np.array_equal(data, series.expected_volume())
+    # The password never reaches the catalog.
+    catalog = open_catalog(tmp_path / "cat")
+    text = catalog.runs.to_json(date_format="iso") + catalog.instances.to_json(date_format="iso")
+    assert ORTHANC_USER[1] not in text
+
+
+def test_https_and_credential_errors_say_what_to_change(orthanc_tls, tiny_sample):
+    from voxlake.errors import SourceError
+
+    from ..conftest import ORTHANC_USER
+
+    base, ca = orthanc_tls
+    study = tiny_sample.series[0].spec.study_instance_uid
+    source = f"dicomweb+{base}/dicom-web?StudyInstanceUID={study}"
+    tries = {
+        "untrusted": {"auth": list(ORTHANC_USER)},  # the system's authorities only
+        "anonymous": {"verify": str(ca)},
+        "wrong password": {"verify": str(ca), "auth": [ORTHANC_USER[0], "not-it"]},
+    }
+    errors = {}
+    for name, options in tries.items():
+        with pytest.raises(SourceError) as info:
+            list(list_source(source, secret=SECRET, storage_options=options))
+        errors[name] = info.value
+    assert all(e.code == "source_unreachable" for e in errors.values())
+    assert "TLS" in errors["untrusted"].message and '"verify"' in errors["untrusted"].hint
+    for name in ("anonymous", "wrong password"):
+        assert "HTTP 401" in errors[name].message and '"auth"' in errors[name].hint
+        assert "not-it" not in errors[name].message + errors[name].hint
+    good = {"verify": str(ca), "auth": list(ORTHANC_USER)}
+    files = sum(len(s.files) for s in tiny_sample.series if s.spec.study_instance_uid == study)
+    assert len(list(list_source(source, secret=SECRET, storage_options=good))) == files

@@ -17,7 +17,9 @@ driver and the workers during a run. A volume whose instances were not listed in
 current run (the source was not given again) fails with ``source_unavailable``.
 
 Authentication: ``storage_options={"headers": {"Authorization": "Bearer ..."}}`` or
-``{"auth": ["user", "password"]}``; ``{"verify": False}`` for self-signed test servers.
+``{"auth": ["user", "password"]}``. HTTPS certificates are checked against the system's
+trusted authorities; ``{"verify": "/path/to/ca.pem"}`` names the hospital's own authority
+instead (``{"verify": False}`` turns the check off, for test servers only).
 """
 
 from __future__ import annotations
@@ -68,6 +70,37 @@ def _request_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+_AUTH_HINT = (
+    'give credentials in --storage-options: {"auth": ["user", "password"]} or '
+    '{"headers": {"Authorization": "Bearer ..."}}'
+)
+_TLS_HINT = (
+    "the server's certificate is not signed by an authority this machine trusts: name "
+    'yours in --storage-options, {"verify": "/path/to/ca.pem"}'
+)
+
+
+def _request_error(what: str, exc: Exception, code: str | None) -> SourceError:
+    """A clear error for a request that got no answer (a TLS failure says how to fix it)."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.SSLError):
+        return SourceError(
+            f"{what}: the TLS handshake failed (SSLError)", code=code, hint=_TLS_HINT
+        )
+    return SourceError(f"{what}: {type(exc).__name__}", code=code)
+
+
+def _status_error(what: str, status: int, code: str | None) -> SourceError:
+    """A clear error for an HTTP answer other than success (refused credentials say so)."""
+    if status in (401, 403):
+        refused = "needs credentials" if status == 401 else "refused these credentials"
+        return SourceError(
+            f"{what} failed with HTTP {status}: the server {refused}", code=code, hint=_AUTH_HINT
+        )
+    return SourceError(f"{what} failed with HTTP {status}", code=code)
+
+
 def _value(item: dict[str, Any], tag: str) -> str:
     try:
         return str(item[tag]["Value"][0])
@@ -94,16 +127,11 @@ def list_instances(
         try:
             response = requests.get(f"{root}/instances", params=params, headers=headers, **options)
         except requests.RequestException as exc:
-            raise SourceError(
-                f"DICOMweb server unreachable: {type(exc).__name__}", code="source_unreachable"
-            ) from exc
+            raise _request_error("DICOMweb server unreachable", exc, "source_unreachable") from exc
         if response.status_code == 204:
             return
         if response.status_code != 200:
-            raise SourceError(
-                f"QIDO-RS search failed with HTTP {response.status_code}",
-                code="source_unreachable",
-            )
+            raise _status_error("QIDO-RS search", response.status_code, "source_unreachable")
         items = response.json() or []
         for item in items:
             study, series, sop = (_value(item, tag) for tag in _TAGS.values())
@@ -140,9 +168,9 @@ def fetch_instance(
         )
         body = response.raw.read(max_bytes + 1, decode_content=True)
     except requests.RequestException as exc:
-        raise SourceError(f"WADO-RS retrieve failed: {type(exc).__name__}") from exc
+        raise _request_error("WADO-RS retrieve failed", exc, None) from exc
     if response.status_code != 200:
-        raise SourceError(f"WADO-RS retrieve failed with HTTP {response.status_code}")
+        raise _status_error("WADO-RS retrieve", response.status_code, None)
     if len(body) > max_bytes:
         raise SourceError(f"instance larger than the {max_bytes} byte cap", code="file_too_large")
     content_type = response.headers.get("Content-Type", "")
