@@ -274,6 +274,18 @@ def orthanc_tls(tmp_path_factory, tiny_sample):
             yield f"https://127.0.0.1:{tls_port}", ca
 
 
+@pytest.fixture(scope="session")
+def orthanc_dimse_tls(orthanc_loaded, orthanc_dimse, tmp_path_factory):
+    """DICOM over TLS in front of the Orthanc above (a TLS terminator on another loopback
+    port, as a hospital's TLS proxy for DIMSE would be). Yields ``(dimse_url, ca_pem)``."""
+    import urllib.parse
+
+    peer = urllib.parse.urlsplit(orthanc_dimse)
+    _, server = ca_and_server = _certificates(tmp_path_factory.mktemp("dimse-tls"))
+    with _TlsTerminator(int(peer.port or 0), server) as port:
+        yield f"dimse://{peer.username}@127.0.0.1:{port}", ca_and_server[0]
+
+
 class _TlsTerminator:
     """HTTPS on a loopback port in front of a plain TCP server: each connection is
     decrypted here and relayed to ``backend_port``, byte for byte, both ways."""

@@ -238,3 +238,29 @@ def _cut_off_and_fetched_again(pacs, big, size, monkeypatch):  # type: ignore[no
         data = open_bytes(ref.fetch_url, max_bytes=1 << 30, associations=scope)
     assert len(data) >= size - 1024 and pydicom.dcmread(io.BytesIO(data)).Rows == 1024
     assert seen[0] > size  # the same count, on the association that replaced it
+
+
+def test_dicom_over_tls_with_a_private_authority(orthanc_dimse_tls, tiny_sample, tmp_path,
+                                                  dask_client):  # fmt: skip
+    url, ca = orthanc_dimse_tls
+    series = tiny_sample.series[0]
+    query = f"{url}?SeriesInstanceUID={series.spec.series_instance_uid}"
+    options = {"tls_ca": str(ca)}
+    config = IngestConfig(secret=SECRET, storage_options=options)
+    report = ingest([query], catalog=tmp_path / "cat", store=tmp_path / "vol.zarr",
+                    config=config, client=dask_client)  # fmt: skip
+    assert report.failures == 0, report.failures_by_code
+    (row,) = open_catalog(tmp_path / "cat").volumes.itertuples()
+    data, _ = read_volume(row.store_url, row.store_path)
+    assert np.array_equal(data, series.expected_volume())
+    # The port speaks TLS only: plain DIMSE gets nowhere, nor does TLS that trusts only
+    # the system's authorities; the hint says what to set.
+    for wrong in ({}, {"tls": True}):
+        with pytest.raises(SourceError) as info:
+            list(list_source(query, secret=SECRET, storage_options=wrong))
+        assert info.value.code == "source_unreachable"
+    assert "tls_ca" in str(info.value.hint)
+    with pytest.raises(ConfigError, match="tls_key needs tls_cert"):
+        list(list_source(query, secret=SECRET, storage_options={"tls_key": str(ca)}))
+    with pytest.raises(ConfigError, match="no such file"):
+        list(list_source(query, secret=SECRET, storage_options={"tls_ca": str(tmp_path / "x")}))
