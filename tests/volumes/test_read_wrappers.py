@@ -57,6 +57,20 @@ def test_patch_bounds_clip_and_pad() -> None:
         patch_bounds((10, 20, 30), (10, 0, 0), (4, 4, 4))
 
 
+#: zarr 3.2 and later merge a shard's nearby chunk reads into fewer requests
+#: (``Store.get_ranges``); zarr 3.1 reads chunk by chunk.
+COALESCED = hasattr(__import__("zarr.abc.store").abc.store.Store, "get_ranges")
+
+
+def _assert_requests(requests: int, whole: int, chunks: int) -> None:
+    """``whole`` reads of whole objects (shard indexes, whole shards) and one read per
+    stored chunk, or, where zarr merges chunk reads, at least one and at most that."""
+    if COALESCED:
+        assert whole + min(chunks, 1) <= requests <= whole + chunks
+    else:
+        assert requests == whole + chunks
+
+
 def test_random_patches_fetch_exactly_the_chunks_they_touch(
     stored: tuple[Path, np.ndarray],
 ) -> None:
@@ -79,8 +93,11 @@ def test_random_patches_fetch_exactly_the_chunks_they_touch(
         shards_touched = {c[0] * 64 // 128 for c in touched}
         expected = sum(sizes[c] for c in touched) + index_bytes * len(shards_touched)
         # Exactly the touched chunks plus one index read per shard: never a whole shard.
-        assert counting.bytes_read == expected
-        assert counting.requests == len(shards_touched) + sum(sizes[c] > 0 for c in touched)
+        # zarr 3.2 and later also read the gaps between nearby chunks (up to 1 MiB) to
+        # merge requests: that is zarr's policy, and voxlake's own reader, which the
+        # stream uses, still reads exact chunks (tests/volumes/test_sharded.py).
+        assert counting.bytes_read == expected or (COALESCED and counting.bytes_read > expected)
+        _assert_requests(counting.requests, len(shards_touched), sum(sizes[c] > 0 for c in touched))
         assert all(counting.by_key.get(f"{PATH}/0/{f}", 0) < b for f, b in shard_bytes.items())
         assert counting.bytes_read <= 27 * 64**3 * 2 + 2 * index_bytes
 
@@ -96,7 +113,7 @@ def test_whole_volume_reads_fetch_each_shard_once(stored: tuple[Path, np.ndarray
     # Shard 0 is read whole (one request); shard 1 is cut by the end of the volume, so its
     # index and its 12 existing chunks are read: still every stored byte exactly once.
     assert counting.bytes_read == on_disk
-    assert counting.requests == 1 + 1 + 12
+    _assert_requests(counting.requests, 1 + 1, 12)
 
 
 def test_chunk_cache_is_lru_by_bytes_and_never_exceeds_its_cap() -> None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from zarr.storage import WrapperStore
+from voxlake.volumes._wrapper import ReadWrapper
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Hashable, Iterable
@@ -114,7 +114,7 @@ class ChunkCache:
             )
 
 
-class CachingStore(WrapperStore[Any]):
+class CachingStore(ReadWrapper):
     """Serve repeated reads of a read-only zarr store from a :class:`ChunkCache`.
 
     Parameters
@@ -128,6 +128,8 @@ class CachingStore(WrapperStore[Any]):
     max_bytes
         Cap of the new cache when ``cache`` is None.
     """
+
+    coalesce = False  # cached chunk by chunk
 
     def __init__(
         self, store: Store, cache: ChunkCache | None = None, *, max_bytes: int = 256 << 20

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from zarr.storage import WrapperStore
+from voxlake.volumes._wrapper import ReadWrapper
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["CountingStore"]
 
 
-class CountingStore(WrapperStore[Any]):
+class CountingStore(ReadWrapper):
     """Wrap a zarr store and count the requests and bytes of every read.
 
     Parameters

@@ -11,9 +11,9 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from zarr.storage import WrapperStore
+from voxlake.volumes._wrapper import ReadWrapper
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
@@ -101,7 +101,7 @@ class RetryPolicy:
         return float(ceiling * (1.0 - self.jitter * random.random()))
 
 
-class RetryingStore(WrapperStore[Any]):
+class RetryingStore(ReadWrapper):
     """Retry the reads of a zarr store on transient errors (see :func:`is_transient`).
 
     Parameters

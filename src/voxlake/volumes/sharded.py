@@ -76,6 +76,14 @@ def _decoder(codec: Any) -> Callable[[memoryview, np.ndarray], None] | None:
     return None
 
 
+def _setting(value: Any) -> str:
+    """A codec setting as text: zarr 3.1 holds enums (``ShardingCodecIndexLocation.end``),
+    zarr 3.2 and later plain strings (``"end"``); None stays empty."""
+    if value is None:
+        return ""
+    return str(getattr(value, "value", value))
+
+
 def _sharding(array: Any) -> Any:
     codecs: tuple[Any, ...] = tuple(getattr(array.metadata, "codecs", ()))
     if len(codecs) != 1 or type(codecs[0]).__name__ != "ShardingCodec":
@@ -158,15 +166,16 @@ class ShardedReader(_ShardedArray):
             return False
         if [type(c).__name__ for c in index] != ["BytesCodec", "Crc32cCodec"]:
             return False
-        if str(getattr(sharding.index_location, "value", "")) != "end":
+        if _setting(sharding.index_location) != "end":
             return False
         little = sys.byteorder == "little"
-        endians = {str(getattr(getattr(c, "endian", None), "value", "little")) for c in inner[:1]}
+        endians = {_setting(getattr(c, "endian", None)) or "little" for c in inner[:1]}
         dtype = np.dtype(array.dtype)
         if dtype.kind not in "iufb" or not little or endians != {"little"}:
             return False
         grid: Any = getattr(array.metadata, "chunk_grid", None)
-        if type(grid).__name__ != "RegularChunkGrid":
+        # zarr 3.1 names it RegularChunkGrid, 3.2 and later RegularChunkGridMetadata.
+        if type(grid).__name__ not in ("RegularChunkGrid", "RegularChunkGridMetadata"):
             return False
         return all(s % c == 0 for s, c in zip(grid.chunk_shape, sharding.chunk_shape, strict=True))
 
@@ -402,9 +411,9 @@ def _encoder(codec: Any) -> Callable[[np.ndarray], bytes] | None:
     if name == "BloscCodec":
         from numcodecs import Blosc
 
-        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[str(codec.shuffle.value)]
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[_setting(codec.shuffle)]
         blosc = Blosc(
-            cname=str(codec.cname.value),
+            cname=_setting(codec.cname),
             clevel=int(codec.clevel),
             shuffle=shuffle,
             blocksize=int(codec.blocksize),
@@ -420,8 +429,13 @@ def _encoder(codec: Any) -> Callable[[np.ndarray], bytes] | None:
 
 
 def _morton_order(per_shard: tuple[int, ...]) -> list[tuple[int, ...]]:
-    from zarr.core.indexing import morton_order_iter
+    """The chunks of a shard in the order zarr writes them (Morton order)."""
+    try:  # zarr 3.1
+        from zarr.core.indexing import morton_order_iter
+    except ImportError:  # zarr 3.2 and later
+        from zarr.core.indexing import morton_order_coords  # type: ignore[attr-defined]
 
+        return [tuple(int(i) for i in c) for c in morton_order_coords(tuple(per_shard))]
     return list(morton_order_iter(per_shard))
 
 
