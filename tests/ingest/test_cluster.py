@@ -85,3 +85,14 @@ def test_workers_start_from_a_forkserver_with_the_ingest_modules_imported():
     # pydicom, zarr, pyarrow and distributed alone make tens of thousands of objects.
     assert all(frozen > 20_000 for _, _, frozen in started)
     assert dask.config.get("distributed.worker.multiprocessing-method") == method  # restored
+
+
+def test_the_freeze_module_freezes_nothing_outside_the_forkserver() -> None:
+    """Imported elsewhere (a tool that imports every module), it must leave the process's
+    collector alone: frozen objects are never collected."""
+    import subprocess
+    import sys
+
+    code = "import gc, voxlake._gc_freeze; print(gc.get_freeze_count())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
