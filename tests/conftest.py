@@ -180,7 +180,7 @@ def _run_orthanc(root: Path, settings: dict, base: str, **request_options):  # t
             "Root": "/dicom-web/",
             "EnableWado": True,
             "Host": "127.0.0.1",
-            "Ssl": base.startswith("https"),
+            "Ssl": False,  # HTTPS, where a test wants it, is a terminator in front
         },
         **settings,
     }
@@ -281,9 +281,9 @@ def orthanc_dimse_tls(orthanc_loaded, orthanc_dimse, tmp_path_factory):
     import urllib.parse
 
     peer = urllib.parse.urlsplit(orthanc_dimse)
-    _, server = ca_and_server = _certificates(tmp_path_factory.mktemp("dimse-tls"))
+    ca, server = _certificates(tmp_path_factory.mktemp("dimse-tls"))
     with _TlsTerminator(int(peer.port or 0), server) as port:
-        yield f"dimse://{peer.username}@127.0.0.1:{port}", ca_and_server[0]
+        yield f"dimse://{peer.username}@127.0.0.1:{port}", ca
 
 
 class _TlsTerminator:
@@ -352,7 +352,7 @@ class _TlsTerminator:
 
 def _certificates(folder: Path) -> tuple[Path, Path]:
     """A private certificate authority (``ca.pem``) and a server certificate it signed for
-    127.0.0.1 and localhost, with its key (``server.pem``, as Orthanc reads them)."""
+    127.0.0.1 and localhost, with its key (``server.pem``, for :class:`_TlsTerminator`)."""
     import datetime as dt
     import ipaddress
 

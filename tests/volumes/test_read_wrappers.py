@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from zarr.abc.store import Store
 from zarr.storage import WrapperStore
 
 from voxlake.volumes import open_store, open_volume, volume_path, write_volume
@@ -59,7 +60,7 @@ def test_patch_bounds_clip_and_pad() -> None:
 
 #: zarr 3.2 and later merge a shard's nearby chunk reads into fewer requests
 #: (``Store.get_ranges``); zarr 3.1 reads chunk by chunk.
-COALESCED = hasattr(__import__("zarr.abc.store").abc.store.Store, "get_ranges")
+COALESCED = hasattr(Store, "get_ranges")
 
 
 def _assert_requests(requests: int, whole: int, chunks: int) -> None:

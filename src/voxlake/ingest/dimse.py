@@ -136,6 +136,9 @@ class _Options:
             return None
         import ssl
 
+        for name, path in zip(("tls_ca", "tls_cert", "tls_key"), self.tls, strict=True):
+            if path and not os.path.isfile(path):  # checked per association, not per instance
+                raise ConfigError(f"{name}: no such file: {path}")
         ca, cert, key = self.tls
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
         if cert:
@@ -153,9 +156,6 @@ def _options(storage_options: dict[str, Any] | None) -> _Options:
     if options.get("tls") or any(files):
         if files[2] and not files[1]:
             raise ConfigError("tls_key needs tls_cert", hint="the client certificate it goes with")
-        for name, path in zip(("tls_ca", "tls_cert", "tls_key"), files, strict=True):
-            if path and not os.path.isfile(str(path)):
-                raise ConfigError(f"{name}: no such file: {path}")
         tls = tuple(str(f) if f else None for f in files)
     return _Options(calling, float(options.get("timeout", 60)), tls)  # type: ignore[arg-type]
 
@@ -476,9 +476,7 @@ def fetch_instance(
         if not reused or received or getter.too_large or all(statuses):
             break
         associations.drop(getter)  # no answer on a kept association: the same
-    if getter.too_large:
-        if not getter.assoc.is_established:  # aborted mid-transfer
-            associations.drop(getter)
+    if getter.too_large:  # an aborted association is replaced by the scope's next getter()
         raise SourceError(f"instance larger than the {max_bytes} byte cap", code="file_too_large")
     if len(received) != 1:
         codes = ", ".join(f"0x{s.Status:04X}" for s in statuses if s and "Status" in s)

@@ -435,7 +435,7 @@ def _morton_order(per_shard: tuple[int, ...]) -> list[tuple[int, ...]]:
     except ImportError:  # zarr 3.2 and later
         from zarr.core.indexing import morton_order_coords  # type: ignore[attr-defined]
 
-        return [tuple(int(i) for i in c) for c in morton_order_coords(tuple(per_shard))]
+        return list(morton_order_coords(tuple(per_shard)))
     return list(morton_order_iter(per_shard))
 
 
