@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,6 +12,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_REAL = REPO.parent / "shared" / "data" / "real"
 SECRET = "test-secret-do-not-use"
+
+#: Whether torch (the ``train`` extra) is installed. Without it, tests/training is not
+#: collected and the tests marked :data:`needs_torch` skip; VOXLAKE_REQUIRE_TORCH=1 (CI's
+#: main job) makes its absence an error instead.
+TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not TORCH, reason="needs torch (pip install 'voxlake[train]')")
+collect_ignore = [] if TORCH else ["training"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not TORCH and os.environ.get("VOXLAKE_REQUIRE_TORCH") == "1":
+        raise pytest.UsageError("torch is not installed (VOXLAKE_REQUIRE_TORCH=1)")
 
 
 def require_shared_data(*parts: str) -> Path:

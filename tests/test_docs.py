@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs_torch
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md"))
 PAGES = [REPO / "README.md", REPO / "notebooks" / "README.md", *DOCS]
@@ -109,6 +111,7 @@ def test_cli_reference_is_current():
     assert current == render_cli_markdown(), "run: voxlake docs cli --out docs/cli.md"
 
 
+@needs_torch  # the page documents TrainConfig too
 def test_configuration_reference_is_current():
     from voxlake._docgen import render_config_markdown
 
@@ -118,6 +121,7 @@ def test_configuration_reference_is_current():
     )
 
 
+@needs_torch  # TrainConfig's keys among them
 def test_every_configuration_key_is_described():
     from voxlake._docgen import attribute_docs
     from voxlake.config import _SECTIONS, IngestConfig

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import needs_torch
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 BIN = Path(sys.executable).parent
@@ -95,6 +97,7 @@ def kernel_path(monkeypatch):
     monkeypatch.delenv("VOXLAKE_SECRET", raising=False)  # the notebooks bring their own
 
 
+@needs_torch  # the third notebook trains
 @pytest.mark.slow
 @pytest.mark.integration
 def test_notebooks_run_in_order_and_draw_every_picture(tmp_path, kernel_path):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs_torch
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -37,6 +39,7 @@ def voxlake_lines() -> list[tuple[str, str]]:
     return found
 
 
+@needs_torch  # the walkthrough ends with `voxlake train`
 @pytest.mark.slow
 @pytest.mark.integration
 def test_walkthrough_runs_exactly_as_written(tmp_path):

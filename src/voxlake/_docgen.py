@@ -168,6 +168,11 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
         "Test suite only: `1` makes the PACS tests (DICOMweb, DIMSE) fail instead of skip when"
         " Orthanc and its DICOMweb plugin are not installed (CI sets it)."
     ),
+    "VOXLAKE_REQUIRE_TORCH": (
+        "Test suite only: `1` makes a run without torch (the `train` extra) an error instead"
+        " of leaving out the training tests (CI sets it for `make test`, not for"
+        " `make test-latest`)."
+    ),
 }
 
 

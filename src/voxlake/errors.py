@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "HeaderError",
+    "MissingExtraError",
     "NotDicomError",
     "SecretMissingError",
     "SourceError",
@@ -86,6 +87,14 @@ class SecretMissingError(ConfigError):
     """No de-identification secret was configured."""
 
     default_code = "secret_missing"
+
+
+class MissingExtraError(VoxlakeError, ImportError):
+    """A feature needs a package of one of voxlake's extras that is not installed (the
+    hint names the extra)."""
+
+    default_code = "missing_extra"
+    stage = "config"
 
 
 class SourceError(VoxlakeError, OSError):

@@ -20,7 +20,7 @@ from voxlake.ingest.sources import list_source
 from voxlake.keys import keyed_hash
 from voxlake.volumes import read_volume
 
-from ..conftest import SECRET
+from ..conftest import SECRET, needs_torch
 
 pytestmark = pytest.mark.integration
 
@@ -131,6 +131,7 @@ def test_worker_caps_decompression_even_when_the_header_lies():
         path.unlink()
 
 
+@needs_torch  # streams the volumes back
 @pytest.mark.s3
 @pytest.mark.slow
 def test_s3_source_into_s3_catalog_and_store(tiny_sample, s3_bucket, dask_client):

@@ -8,6 +8,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+try:
+    import torch  # noqa: F401  (the train extra)
+except ModuleNotFoundError as exc:
+    if exc.name != "torch":
+        raise
+    from voxlake.errors import MissingExtraError
+
+    raise MissingExtraError(
+        "voxlake.training needs PyTorch, which is not installed",
+        hint="install torch first (pip install torch==2.13.0 for the CPU build, or the "
+        "CUDA build your cluster uses), then pip install 'voxlake[train]'",
+    ) from exc
+
 from voxlake.training.collate import collate_samples
 from voxlake.training.datasets import VolumeStream
 from voxlake.training.device import normalize_on_device
