@@ -235,6 +235,18 @@ def test_every_command_has_help_with_an_example(path):
         parse(example)
 
 
+def test_readme_lists_every_command():
+    """The README's command table has a row for every command that runs."""
+    table = (REPO / "README.md").read_text().split("## Commands", 1)[1].split("\n## ", 1)[0]
+    listed = set()
+    for row in re.findall(r"^\| `voxlake ([^`]+)`", table, re.M):
+        first, *rest = row.split()
+        listed.add(first)  # a command, or a group followed by its command (or commands)
+        listed.update(f"{first} {name}" for name in rest[0].split("\\|") if rest)
+    missing = [" ".join(path) for path, _ in leaf_commands() if " ".join(path) not in listed]
+    assert not missing, f"README's command table lacks {missing}"
+
+
 def run_voxlake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("VOXLAKE_SECRET", None)
