@@ -88,7 +88,8 @@ def dask_client(config: IngestConfig, *, client: Any = None) -> Iterator[Any]:
 
     if config.scheduler:
         try:
-            remote = Client(config.scheduler, timeout="20s")
+            # waits as long as Dask's distributed.comm.timeouts.connect says (30 s)
+            remote = Client(config.scheduler)
         except OSError as exc:
             raise ConfigError(
                 f"cannot reach the Dask scheduler at {config.scheduler}",

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -130,7 +131,14 @@ def test_ingest_on_an_existing_scheduler_by_address(tmp_path, tiny_sample, dask_
 def test_unreachable_scheduler_is_a_clear_error(tmp_path):
     from voxlake.errors import ConfigError
 
+    import dask
+
     config = IngestConfig(secret=SECRET, scheduler="tcp://127.0.0.1:9")
-    with pytest.raises(ConfigError) as info:
-        ingest([tmp_path], catalog=tmp_path / "cat", store=tmp_path / "vol.zarr", config=config)
+    # Dask's connect timeout is what the driver waits: shortened here (30 s by default)
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        start = time.monotonic()
+        with pytest.raises(ConfigError) as info:
+            ingest([tmp_path], catalog=tmp_path / "cat", store=tmp_path / "vol.zarr", config=config)
+        waited = time.monotonic() - start
     assert info.value.code == "scheduler_unreachable"
+    assert waited < 15, waited  # the setting is followed, not a fixed 20 s or more
