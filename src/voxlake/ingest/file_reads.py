@@ -59,7 +59,7 @@ def open_bytes(
 ) -> bytes:
     """Read a whole file (local path, ``file://`` or fsspec URL, or a PACS instance),
     refusing oversize files. ``associations``: where DIMSE instances reuse associations."""
-    from voxlake.ingest import dicomweb, dimse
+    from voxlake.ingest import archives, dicomweb, dimse
     from voxlake.ingest.sources import local_path_of, open_kwargs
 
     if dicomweb.is_dicomweb(url):
@@ -71,6 +71,8 @@ def open_bytes(
 
     local = local_path_of(url)
     try:
+        if archives.is_archive_member(url):  # through the archive this process keeps open
+            return archives.read_member(url, max_bytes=max_bytes, storage_options=storage_options)
         if local is not None:
             with open(local, "rb") as handle:
                 return _read_local(handle, max_bytes)

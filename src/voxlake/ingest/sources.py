@@ -12,8 +12,8 @@ member becomes an fsspec chained URL such as ``zip://dir/IM1.dcm::/data/a.zip`` 
 ``..`` are refused (``unsafe_member_path``), and members declaring more bytes than the
 cap are refused before anything is decompressed (``decompression_cap``); workers also
 stop reading at the cap whatever the header claims. Archives inside archives are not
-opened. Compressed tars can only be read sequentially, so prefer ``.zip`` or plain ``.tar``
-for large archives.
+opened. Tar members are listed in archive order, so that a compressed tar is read forward;
+workers read members through the archives they keep open (:mod:`voxlake.ingest.archives`).
 """
 
 from __future__ import annotations
@@ -249,7 +249,11 @@ def _list_archive(
             ref.url, "corrupt_archive", f"cannot read archive: {type(exc).__name__}"
         )
         return
-    for name in sorted(members):
+    order = sorted(members)
+    index = getattr(fs, "index", None)  # a tar's: name -> (info, data offset, name)
+    if isinstance(index, dict):  # in archive order: a compressed tar is then read forward
+        order.sort(key=lambda name: index[name][1] if name in index else -1)
+    for name in order:
         info = members[name]
         if info.get("type") != "file":
             continue

@@ -1,0 +1,448 @@
+"""Read archive members (``zip://M::A``, ``tar://M::A``) through one open archive per process.
+
+fsspec opens the archive afresh for every member URL it is given: a zip's central
+directory is parsed again (5 ms a member in a 480-member zip, growing with the member
+count), and a tar is indexed again from its first header, which for a ``.tar.gz`` means
+decompressing everything before the member, for every member. Here each process keeps
+the few archives it reads open (:data:`OPEN_ARCHIVES`, closed after :data:`IDLE_SECONDS`
+unused or when a local archive's size or mtime changes), with their member index:
+
+- zip: Python's ``zipfile`` over the archive, its central directory read once;
+- tar: the members are indexed as far as the reads have gone (``tarfile``'s own walk,
+  resumed where it stopped); a plain tar is read at each member's offset;
+- tar.gz: decompressed through :class:`SeekableGzip`, which remembers the decompressor's
+  state every :data:`CHECKPOINT_SPACING` bytes of output, so a member behind the current
+  position costs at most that much decompression, not a pass from the start;
+- tar.bz2 and tar.xz: ``bz2`` and ``lzma`` streams, forward only (a member behind the
+  current position restarts the stream): prefer zip, tar or tar.gz for large archives.
+
+Member bytes are read with the same cap as files (``file_too_large``); an archive that
+cannot be read is ``corrupt_archive``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import bz2
+import collections
+import io
+import json
+import lzma
+import os
+import re
+import tarfile
+import threading
+import time
+import zipfile
+import zlib
+from typing import TYPE_CHECKING, Any, Final
+
+from voxlake.errors import SourceError
+from voxlake.ingest.file_reads import _read_capped, _read_error, _within
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = [
+    "CACHE_BYTES",
+    "CHECKPOINT_SPACING",
+    "IDLE_SECONDS",
+    "MAX_CHECKPOINTS",
+    "OPEN_ARCHIVES",
+    "SeekableGzip",
+    "is_archive_member",
+    "read_member",
+]
+
+#: Archives each process keeps open at most (the least recently read is closed first).
+OPEN_ARCHIVES: Final = 4
+#: Seconds an archive stays open without a read.
+IDLE_SECONDS: Final = 60.0
+#: Uncompressed bytes between two remembered states of a gzip stream (each holds about
+#: 45 KiB: zlib's state and its 32 KiB window), at first: see :class:`SeekableGzip`.
+CHECKPOINT_SPACING: Final = 4 << 20
+#: Remembered states of one gzip stream at most (about 23 MiB).
+MAX_CHECKPOINTS: Final = 512
+#: Decompressed bytes of one gzip stream kept for reads behind the decompressor (the
+#: files of a 64 MiB series read out of archive order come from there).
+CACHE_BYTES: Final = 64 << 20
+
+_PROTOCOLS: Final = ("zip", "tar")
+_IN_CHUNK: Final = 256 << 10
+_OUT_CHUNK: Final = 1 << 20
+
+
+def is_archive_member(url: str) -> bool:
+    """Whether `url` names a member of a zip or tar archive (``zip://M::A``)."""
+    return "::" in url and url.split("://", 1)[0] in _PROTOCOLS
+
+
+def read_member(
+    url: str, *, max_bytes: int, storage_options: dict[str, Any] | None = None
+) -> bytes:
+    """The bytes of the archive member `url`, refused past `max_bytes`
+    (``file_too_large``)."""
+    protocol, rest = url.split("://", 1)
+    member, target = rest.split("::", 1)
+    key = _key(protocol, target, storage_options)
+    try:
+        while True:
+            archive = _CACHE.get(key, lambda: _open(protocol, target, storage_options))
+            with archive.lock:
+                if not archive.closed:  # else closed by another thread meanwhile: again
+                    return archive.read(member, max_bytes)
+    except SourceError:
+        raise
+    except OSError:
+        _CACHE.drop(key)  # the next read opens it again
+        raise
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, lzma.LZMAError) as exc:
+        _CACHE.drop(key)
+        raise SourceError(
+            f"cannot read archive: {type(exc).__name__}", code="corrupt_archive"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- the cache
+def _key(protocol: str, target: str, storage_options: dict[str, Any] | None) -> tuple[Any, ...]:
+    """What identifies an open archive: its URL and options, and for a local file its
+    size and mtime (a file replaced between two reads is opened again)."""
+    from voxlake.ingest.sources import local_path_of
+
+    options = json.dumps(storage_options or {}, sort_keys=True, default=str)
+    local = local_path_of(target)
+    if local is None:
+        return (protocol, target, options)
+    try:
+        stat = os.stat(local)
+    except OSError as exc:
+        raise _read_error(exc) from exc
+    return (protocol, target, options, stat.st_size, stat.st_mtime_ns)
+
+
+class _Cache:
+    """The open archives of this process, least recently read first."""
+
+    def __init__(self) -> None:
+        self._open: collections.OrderedDict[tuple[Any, ...], tuple[_Archive, float]] = (
+            collections.OrderedDict()
+        )
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...], opener: Callable[[], _Archive]) -> _Archive:
+        with self._lock:
+            now = time.monotonic()
+            stale = [k for k, (_, used) in self._open.items() if now - used > IDLE_SECONDS]
+            for k in stale:
+                self._close(k)
+            found = self._open.pop(key, None)
+            archive = found[0] if found is not None else opener()
+            self._open[key] = (archive, now)
+            while len(self._open) > OPEN_ARCHIVES:
+                self._close(next(iter(self._open)))
+            return archive
+
+    def drop(self, key: tuple[Any, ...]) -> None:
+        with self._lock:
+            if key in self._open:
+                self._close(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in list(self._open):
+                self._close(key)
+
+    def _close(self, key: tuple[Any, ...]) -> None:
+        archive, _ = self._open.pop(key)
+        with archive.lock:  # not while another thread reads it
+            archive.close()
+
+
+_CACHE: Final = _Cache()
+
+
+# --------------------------------------------------------------------------- archives
+class _Archive:
+    """An open archive; `lock` is held while it is read or closed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def read(self, member: str, max_bytes: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _normal(name: str) -> str:
+    """A member name as the listing wrote it (fsspec's archive file systems: repeated
+    slashes collapsed, no trailing slash)."""
+    return re.sub("/+", "/", name.rstrip("/"))
+
+
+def _missing() -> SourceError:
+    return SourceError("archive member not found", code="unreadable")
+
+
+def _too_large(max_bytes: int) -> SourceError:
+    return SourceError(f"file larger than the {max_bytes} byte cap", code="file_too_large")
+
+
+class _Zip(_Archive):
+    def __init__(self, raw: Any) -> None:
+        super().__init__()
+        self._raw = raw
+        self._zip = zipfile.ZipFile(raw)
+        self._members = {_normal(info.filename): info for info in self._zip.infolist()}
+
+    def read(self, member: str, max_bytes: int) -> bytes:
+        info = self._members.get(member)
+        if info is None or info.is_dir():
+            raise _missing()
+        if info.file_size > max_bytes:
+            raise _too_large(max_bytes)
+        with self._zip.open(info) as handle:  # stops at the cap whatever the header says
+            return _within(_read_capped(handle, max_bytes, size=info.file_size), max_bytes)
+
+    def close(self) -> None:
+        super().close()
+        self._zip.close()
+        self._raw.close()
+
+
+class _Tar(_Archive):
+    def __init__(self, raw: Any, stream: Any) -> None:
+        super().__init__()
+        self._raw = raw
+        self._stream = stream
+        self._tar = tarfile.open(fileobj=stream, mode="r:")  # noqa: SIM115 (kept open)
+        self._members: dict[str, tarfile.TarInfo] = {}
+        self._walked = False
+
+    def _find(self, member: str) -> tarfile.TarInfo | None:
+        """The member's header: indexed already, or walked to from where the walk stopped."""
+        while member not in self._members and not self._walked:
+            info = self._tar.next()
+            if info is None:
+                self._walked = True
+                break
+            self._members.setdefault(_normal(info.name), info)
+        return self._members.get(member)
+
+    def read(self, member: str, max_bytes: int) -> bytes:
+        info = self._find(member)
+        if info is None or not info.isfile():  # links were refused when listing
+            raise _missing()
+        if info.size > max_bytes:
+            raise _too_large(max_bytes)
+        handle = self._tar.extractfile(info)
+        assert handle is not None  # a regular file
+        return _within(_read_capped(handle, max_bytes, size=info.size), max_bytes)
+
+    def close(self) -> None:
+        super().close()
+        self._tar.close()
+        self._stream.close()
+        self._raw.close()
+
+
+def _open(protocol: str, target: str, storage_options: dict[str, Any] | None) -> _Archive:
+    """Open the archive at `target` (a path or fsspec URL) and what reads its members."""
+    from voxlake.ingest.sources import local_path_of, open_kwargs
+
+    local = local_path_of(target)
+    if local is not None:
+        raw: Any = open(local, "rb")  # noqa: SIM115 (kept open in the cache)
+    else:
+        import fsspec
+
+        raw = fsspec.open(target, "rb", **open_kwargs(target, storage_options)).open()
+    try:
+        if protocol == "zip":
+            return _Zip(raw)
+        magic = raw.read(6)
+        raw.seek(0)
+        if magic.startswith(b"\x1f\x8b"):
+            stream: Any = io.BufferedReader(SeekableGzip(raw), buffer_size=64 << 10)
+        elif magic.startswith(b"BZh"):
+            stream = bz2.BZ2File(raw)
+        elif magic.startswith(b"\xfd7zXZ\x00"):
+            stream = lzma.LZMAFile(raw)  # noqa: SIM115 (closed with the archive)
+        else:
+            stream = raw
+        return _Tar(raw, stream)
+    except BaseException:
+        raw.close()
+        raise
+
+
+# --------------------------------------------------------------------------- gzip
+class SeekableGzip(io.RawIOBase):
+    """A gzip stream (one or more members, zero padding after them allowed) read with
+    seeks in both directions.
+
+    Output is made in pieces of up to `piece_bytes`, and the last `cache_bytes` of them
+    are kept:
+    the files of one series, read in slice order rather than in archive order, are found
+    there. Further back, the decompressor restarts from a copy of its state: one is kept
+    every `spacing` bytes of output, and when more than `max_points` have been kept,
+    every other one is dropped and the spacing doubles, so the copies of a large archive
+    take at most ``max_points`` times 45 KiB. Only the part read so far is indexed.
+    """
+
+    def __init__(
+        self,
+        raw: Any,
+        *,
+        spacing: int = CHECKPOINT_SPACING,
+        max_points: int = MAX_CHECKPOINTS,
+        cache_bytes: int = CACHE_BYTES,
+        piece_bytes: int = _OUT_CHUNK,
+    ) -> None:
+        self._raw = raw
+        self._piece_bytes = piece_bytes
+        self._spacing = spacing
+        self._max_points = max_points
+        self._cache_bytes = cache_bytes
+        # (uncompressed offset, compressed offset, decompressor state there or None at the
+        # start of the stream)
+        self._points: list[tuple[int, int, Any]] = [(0, 0, None)]
+        self._pieces: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._starts: list[int] = []  # the keys of self._pieces, sorted
+        self._cached = 0
+        self._piece_start, self._piece = 0, b""  # the piece being read
+        self._pos = 0
+        #: Compressed bytes read from `raw` (for tests and benchmarks).
+        self.compressed_read = 0
+        self._restore(0)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("seek from the end of a gzip stream")
+        if offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = offset
+        return offset
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        start, piece = self._piece_start, self._piece
+        if not start <= self._pos < start + len(piece):
+            found = self._piece_at(self._pos)
+            if found is None:
+                return 0
+            self._piece_start, self._piece = start, piece = found
+        at = self._pos - start
+        count = min(len(view), len(piece) - at)
+        view[:count] = piece[at : at + count]
+        self._pos += count
+        return count
+
+    # ------------------------------------------------------------------ pieces
+    def _piece_at(self, pos: int) -> tuple[int, bytes] | None:
+        """The piece of output holding offset `pos` (None past the end)."""
+        index = bisect.bisect_right(self._starts, pos) - 1
+        if index >= 0:
+            start = self._starts[index]
+            piece = self._pieces[start]
+            if pos < start + len(piece):
+                self._pieces.move_to_end(start)
+                return start, piece
+        point = bisect.bisect_right(self._points, pos, key=lambda p: p[0]) - 1
+        if pos < self._made or self._points[point][0] > self._made:
+            self._restore(point)  # behind the decompressor, or a copy is nearer
+        while True:
+            made = self._next_piece()
+            if made is None:
+                return None
+            if pos < made[0] + len(made[1]):
+                return made
+
+    def _keep(self, start: int, piece: bytes) -> None:
+        if start in self._pieces:
+            self._pieces.move_to_end(start)
+            return
+        self._pieces[start] = piece
+        bisect.insort(self._starts, start)
+        self._cached += len(piece)
+        while self._cached > self._cache_bytes and len(self._pieces) > 1:
+            old, dropped = self._pieces.popitem(last=False)
+            del self._starts[bisect.bisect_left(self._starts, old)]
+            self._cached -= len(dropped)
+
+    # ------------------------------------------------------------------ decompressor
+    def _restore(self, index: int) -> None:
+        made, offset, state = self._points[index]
+        self._raw.seek(offset)
+        self._offset = offset  # compressed offset of the first byte of self._pending
+        self._pending = b""  # compressed bytes read but not taken by the decompressor
+        self._inflate = state.copy() if state is not None else zlib.decompressobj(31)
+        self._made = made  # uncompressed offset of the decompressor's next output
+        self._ended = False
+
+    def _next_piece(self) -> tuple[int, bytes] | None:
+        """Decompress the next piece (kept in the cache); None at the end of the stream."""
+        while not self._ended:
+            if self._inflate.eof and not self._next_member():  # a gzip member ended
+                self._ended = True
+                return None
+            if not self._pending:
+                self._pending = self._read_raw()
+                if not self._pending:
+                    raise EOFError("compressed file ended before the end-of-stream marker")
+            before = len(self._pending)
+            out = self._inflate.decompress(self._pending, self._piece_bytes)
+            if self._inflate.eof:  # what follows the member: the next one, or padding
+                self._pending = self._inflate.unused_data
+            else:
+                self._pending = self._inflate.unconsumed_tail
+            self._offset += before - len(self._pending)
+            if out:
+                start = self._made
+                self._made += len(out)
+                self._keep(start, out)
+                self._remember()
+                return start, out
+        return None
+
+    def _read_raw(self) -> bytes:
+        chunk: bytes = self._raw.read(_IN_CHUNK)
+        self.compressed_read += len(chunk)
+        return chunk
+
+    def _next_member(self) -> bool:
+        """After a gzip member: skip zero padding; start the next member if one follows."""
+        while True:
+            stripped = self._pending.lstrip(b"\0")
+            self._offset += len(self._pending) - len(stripped)
+            self._pending = stripped
+            if self._pending:
+                break
+            self._pending = self._read_raw()
+            if not self._pending:
+                return False
+        self._inflate = zlib.decompressobj(31)  # raises on bytes that are not gzip
+        return True
+
+    def _remember(self) -> None:
+        """Copy the decompressor's state when `spacing` bytes were made since the last."""
+        if self._made < self._points[-1][0] + self._spacing or self._inflate.eof:
+            return
+        # self._offset: where the compressed bytes the decompressor has not taken begin
+        self._points.append((self._made, self._offset, self._inflate.copy()))
+        if len(self._points) > self._max_points:
+            self._points = self._points[::2]
+            self._spacing *= 2

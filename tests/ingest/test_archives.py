@@ -1,0 +1,228 @@
+"""Archive members are read through one open archive per process: the bytes are those
+Python's zipfile and tarfile extract, and the archive is read about once, not once per
+member (bounded by the bytes the process reads, /proc/self/io)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import random
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from voxlake.errors import SourceError
+from voxlake.ingest import archives
+from voxlake.ingest.archives import SeekableGzip
+from voxlake.ingest.file_reads import open_bytes
+from voxlake.ingest.sources import list_source
+
+FORMATS = ["zip", "tar", "tar.gz", "tar.bz2", "tar.xz"]
+
+
+@pytest.fixture(autouse=True)
+def _closed_archives():
+    archives._CACHE.clear()
+    yield
+    archives._CACHE.clear()
+
+
+def _members(count: int, seed: int = 0, *, largest: int = 300_000) -> dict[str, bytes]:
+    """Compressible members of many sizes (some span several of the gzip reader's pieces
+    when the pieces are small), in two folders."""
+    rng = random.Random(seed)
+    out = {}
+    for i in range(count):
+        size = rng.choice([0, 1, 511, 512, 513, rng.randrange(1, largest)])
+        words = rng.choices([b"CT ", b"slice ", b"\x00\x01", b"HU "], k=size // 3 + 1)
+        out[f"S{i % 2}/IM{i:04d}.dcm"] = b"".join(words)[:size]
+    return out
+
+
+def _write(path: Path, kind: str, members: dict[str, bytes]) -> Path:
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members.items():
+                archive.writestr(name, data)
+        return path
+    mode = {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[kind]
+    with tarfile.open(path, mode) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _extracted(path: Path) -> dict[str, bytes]:
+    """The independent reference: what zipfile or tarfile extract."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return {name: archive.read(name) for name in archive.namelist()}
+    with tarfile.open(path) as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
+
+
+def _member(url: str) -> str:
+    return url.split("://", 1)[1].split("::", 1)[0]
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read(2) and its kin (page cache included)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+needs_proc_io = pytest.mark.skipif(
+    not os.path.exists("/proc/self/io"), reason="counts bytes read through /proc/self/io"
+)
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_members_read_in_any_order_are_the_extracted_bytes(tmp_path, kind):
+    path = _write(tmp_path / f"a.{kind}", kind, _members(60))
+    expected = _extracted(path)
+    refs = [ref for ref in list_source(path)]
+    assert sorted(_member(ref.url) for ref in refs) == sorted(expected)
+    order = refs + random.Random(1).sample(refs, len(refs)) + refs[::-1]  # forward, back
+    for ref in order:
+        assert open_bytes(ref.url, max_bytes=1 << 20) == expected[_member(ref.url)], ref.url
+
+
+def test_tar_members_are_listed_in_archive_order(tmp_path):
+    members = dict(sorted(_members(20).items(), reverse=True))  # archived Z to A
+    path = _write(tmp_path / "a.tar.gz", "tar.gz", members)
+    assert [_member(ref.url) for ref in list_source(path)] == list(members)
+
+
+@needs_proc_io
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz"])
+def test_an_archive_is_read_about_once_not_once_per_member(tmp_path, kind):
+    """2,000 small members: reading each through an archive opened (and indexed) for it
+    would read the zip's central directory or the tar's headers 2,000 times."""
+    members = {f"S0/IM{i:05d}.dcm": bytes([i % 251]) * 1024 for i in range(2000)}
+    path = _write(tmp_path / f"a.{kind}", kind, members)
+    refs = list(list_source(path))
+    before = _bytes_read()
+    for ref in refs:
+        assert open_bytes(ref.url, max_bytes=1 << 20) == members[_member(ref.url)]
+    read = _bytes_read() - before
+    size = path.stat().st_size
+    assert read < 2 * size + (1 << 20), (read, size)
+
+
+@needs_proc_io
+def test_a_compressed_tar_read_out_of_order_is_decompressed_about_once(tmp_path):
+    """Members read in random order, as a series' slices are read by position: the
+    decompressed pieces kept (up to 64 MiB) serve the reads behind the decompressor."""
+    path = _write(tmp_path / "a.tar.gz", "tar.gz", _members(200, largest=200_000))
+    expected = _extracted(path)
+    refs = random.Random(2).sample(list(list_source(path)), 200)
+    before = _bytes_read()
+    for ref in refs:
+        assert open_bytes(ref.url, max_bytes=1 << 20) == expected[_member(ref.url)]
+    read = _bytes_read() - before
+    assert read < 2 * path.stat().st_size + (1 << 20), (read, path.stat().st_size)
+
+
+def test_a_replaced_archive_is_opened_again(tmp_path):
+    path = _write(tmp_path / "a.tar.gz", "tar.gz", {"IM1": b"first"})
+    assert open_bytes(f"tar://IM1::{path}", max_bytes=1024) == b"first"
+    _write(tmp_path / "b.tar.gz", "tar.gz", {"IM1": b"second, longer"}).replace(path)
+    assert open_bytes(f"tar://IM1::{path}", max_bytes=1024) == b"second, longer"
+
+
+def test_caps_missing_members_and_cut_archives_are_coded_errors(tmp_path):
+    members = {"S0/IM1": b"x" * 5000, "S0/IM2": os.urandom(400_000)}
+    path = _write(tmp_path / "a.tar.gz", "tar.gz", members)
+    with pytest.raises(SourceError) as info:
+        open_bytes(f"tar://S0/IM1::{path}", max_bytes=4096)
+    assert info.value.code == "file_too_large"
+    with pytest.raises(SourceError) as info:
+        open_bytes(f"tar://S0/IM9::{path}", max_bytes=1 << 20)
+    assert info.value.code == "unreadable"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut in half
+    with pytest.raises(SourceError) as info:
+        open_bytes(f"tar://S0/IM2::{path}", max_bytes=1 << 20)
+    assert info.value.code == "corrupt_archive"
+
+
+# --------------------------------------------------------------------------- SeekableGzip
+@st.composite
+def _streams(draw):
+    """Gzip streams of 1 to 3 members with zero padding after some, and their bytes."""
+    parts = draw(st.lists(st.binary(min_size=0, max_size=40_000), min_size=1, max_size=3))
+    seed = draw(st.integers(0, 2**16))
+    rng = random.Random(seed)
+    compressed = plain = b""
+    for part in parts:
+        data = (part * rng.randint(1, 8))[: rng.randint(0, 120_000)]  # compressible
+        compressed += gzip.compress(data, compresslevel=rng.choice([1, 6, 9]))
+        compressed += b"\0" * rng.choice([0, 0, 7, 512])
+        plain += data
+    return compressed, plain
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    stream=_streams(),
+    ops=st.lists(st.tuples(st.integers(0, 400_000), st.integers(0, 70_000)), max_size=25),
+)
+def test_seekable_gzip_reads_like_the_decompressed_bytes(stream, ops):
+    """Any seek and read, with tiny pieces, spacing and cache so that every path is taken:
+    restoring a remembered state, thinning them, the cache, member boundaries."""
+    compressed, plain = stream
+    raw = SeekableGzip(
+        io.BytesIO(compressed), spacing=4096, max_points=4, cache_bytes=3000, piece_bytes=1000
+    )
+    reader = io.BufferedReader(raw, buffer_size=700)  # as tarfile gets it: whole reads
+    for offset, size in ops:
+        offset = offset % (len(plain) + 10)
+        assert reader.seek(offset) == offset
+        expected = plain[offset : offset + size]
+        assert reader.read(size) == expected
+        assert reader.tell() == offset + len(expected)
+    reader.seek(0)
+    assert reader.read() == plain
+
+
+def test_seekable_gzip_remembers_a_bounded_number_of_states():
+    data = os.urandom(1 << 16) * 64  # 4 MiB that zlib compresses
+    reader = SeekableGzip(io.BytesIO(gzip.compress(data)), spacing=1024, max_points=8)
+    assert reader.read() == data
+    assert len(reader._points) <= 8
+    reader.seek(3 << 20)
+    assert reader.read(10) == data[3 << 20 : (3 << 20) + 10]
+
+
+def test_seekable_gzip_refuses_what_is_not_gzip():
+    with pytest.raises(zlib.error):
+        SeekableGzip(io.BytesIO(gzip.compress(b"x") + b"not gzip")).read()
+    with pytest.raises(EOFError):
+        SeekableGzip(io.BytesIO(gzip.compress(os.urandom(5000))[:-100])).read()
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archives_on_s3_are_read_member_by_member(tmp_path, s3_bucket, kind):
+    import s3fs
+
+    bucket, options = s3_bucket
+    path = _write(tmp_path / f"a.{kind}", kind, _members(40))
+    expected = _extracted(path)
+    fs = s3fs.S3FileSystem(**options)
+    fs.put(str(path), f"{bucket}/exports/a.{kind}")
+    refs = list(list_source(f"s3://{bucket}/exports", storage_options=options))
+    assert sorted(_member(ref.url) for ref in refs) == sorted(expected)
+    assert all(ref.url.endswith(f"::s3://{bucket}/exports/a.{kind}") for ref in refs)
+    for ref in random.Random(3).sample(refs, len(refs)):
+        data = open_bytes(ref.url, max_bytes=1 << 20, storage_options=options)
+        assert data == expected[_member(ref.url)]
