@@ -226,3 +226,22 @@ def test_archives_on_s3_are_read_member_by_member(tmp_path, s3_bucket, kind):
     for ref in random.Random(3).sample(refs, len(refs)):
         data = open_bytes(ref.url, max_bytes=1 << 20, storage_options=options)
         assert data == expected[_member(ref.url)]
+
+
+@needs_proc_io
+def test_a_cut_tar_gz_fails_each_member_after_the_cut_without_a_pass_per_member(tmp_path):
+    members = {f"S0/IM{i:03d}": os.urandom(100_000) for i in range(60)}
+    path = _write(tmp_path / "a.tar.gz", "tar.gz", members)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    codes, before = [], _bytes_read()
+    for name, data in members.items():
+        try:
+            assert open_bytes(f"tar://{name}::{path}", max_bytes=1 << 20) == data
+            codes.append("ok")
+        except SourceError as exc:
+            codes.append(exc.code)
+    read = _bytes_read() - before
+    assert codes[0] == "ok" and codes[-1] == "corrupt_archive", codes
+    assert set(codes) == {"ok", "corrupt_archive"}
+    assert codes.index("corrupt_archive") > 20  # the members before the cut are read
+    assert read < 3 * path.stat().st_size, read  # not the readable part again per member

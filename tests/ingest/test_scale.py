@@ -129,9 +129,9 @@ def test_ingest_on_an_existing_scheduler_by_address(tmp_path, tiny_sample, dask_
 
 
 def test_unreachable_scheduler_is_a_clear_error(tmp_path):
-    from voxlake.errors import ConfigError
-
     import dask
+
+    from voxlake.errors import ConfigError
 
     config = IngestConfig(secret=SECRET, scheduler="tcp://127.0.0.1:9")
     # Dask's connect timeout is what the driver waits: shortened here (30 s by default)

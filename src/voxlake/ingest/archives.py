@@ -97,7 +97,8 @@ def read_member(
         _CACHE.drop(key)  # the next read opens it again
         raise
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, lzma.LZMAError) as exc:
-        _CACHE.drop(key)
+        # The archive stays open: the members before the damage still read, and the
+        # next member after it fails where this one did, not after a pass from the start.
         raise SourceError(
             f"cannot read archive: {type(exc).__name__}", code="corrupt_archive"
         ) from exc
