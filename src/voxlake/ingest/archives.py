@@ -229,6 +229,8 @@ class _Tar(_Archive):
             if info is None:
                 self._walked = True
                 break
+            # A name archived twice is read as its first copy, wherever the walk stands
+            # (tarfile would extract the last: that needs a walk to the end).
             self._members.setdefault(_normal(info.name), info)
         return self._members.get(member)
 
@@ -285,12 +287,12 @@ class SeekableGzip(io.RawIOBase):
     seeks in both directions.
 
     Output is made in pieces of up to `piece_bytes`, and the last `cache_bytes` of them
-    are kept:
-    the files of one series, read in slice order rather than in archive order, are found
-    there. Further back, the decompressor restarts from a copy of its state: one is kept
-    every `spacing` bytes of output, and when more than `max_points` have been kept,
-    every other one is dropped and the spacing doubles, so the copies of a large archive
-    take at most ``max_points`` times 45 KiB. Only the part read so far is indexed.
+    are kept: the files of one series, read in slice order rather than in archive order,
+    are found there. Further back, the decompressor restarts from a copy of its state:
+    one is kept every `spacing` bytes of output, and when more than `max_points` have
+    been kept, every other one is dropped and the spacing doubles, so the copies of a
+    large archive take at most ``max_points`` times 45 KiB. Only the part read so far is
+    indexed.
     """
 
     def __init__(
