@@ -89,12 +89,11 @@ class SecretMissingError(ConfigError):
     default_code = "secret_missing"
 
 
-class MissingExtraError(VoxlakeError, ImportError):
+class MissingExtraError(ConfigError, ImportError):
     """A feature needs a package of one of voxlake's extras that is not installed (the
     hint names the extra)."""
 
     default_code = "missing_extra"
-    stage = "config"
 
 
 class SourceError(VoxlakeError, OSError):

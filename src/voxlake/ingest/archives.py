@@ -38,7 +38,7 @@ import zlib
 from typing import TYPE_CHECKING, Any, Final
 
 from voxlake.errors import SourceError
-from voxlake.ingest.file_reads import _read_capped, _read_error, _within
+from voxlake.ingest.file_reads import _read_error, read_whole
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -187,10 +187,6 @@ def _missing() -> SourceError:
     return SourceError("archive member not found", code="unreadable")
 
 
-def _too_large(max_bytes: int) -> SourceError:
-    return SourceError(f"file larger than the {max_bytes} byte cap", code="file_too_large")
-
-
 class _Zip(_Archive):
     def __init__(self, raw: Any) -> None:
         super().__init__()
@@ -202,10 +198,8 @@ class _Zip(_Archive):
         info = self._members.get(member)
         if info is None or info.is_dir():
             raise _missing()
-        if info.file_size > max_bytes:
-            raise _too_large(max_bytes)
-        with self._zip.open(info) as handle:  # stops at the cap whatever the header says
-            return _within(_read_capped(handle, max_bytes, size=info.file_size), max_bytes)
+        with self._zip.open(info) as handle:
+            return read_whole(handle, max_bytes, size=info.file_size)
 
     def close(self) -> None:
         super().close()
@@ -238,11 +232,9 @@ class _Tar(_Archive):
         info = self._find(member)
         if info is None or not info.isfile():  # links were refused when listing
             raise _missing()
-        if info.size > max_bytes:
-            raise _too_large(max_bytes)
         handle = self._tar.extractfile(info)
         assert handle is not None  # a regular file
-        return _within(_read_capped(handle, max_bytes, size=info.size), max_bytes)
+        return read_whole(handle, max_bytes, size=info.size)
 
     def close(self) -> None:
         super().close()
@@ -317,8 +309,6 @@ class SeekableGzip(io.RawIOBase):
         self._cached = 0
         self._piece_start, self._piece = 0, b""  # the piece being read
         self._pos = 0
-        #: Compressed bytes read from `raw` (for tests and benchmarks).
-        self.compressed_read = 0
         self._restore(0)
 
     def readable(self) -> bool:
@@ -422,9 +412,7 @@ class SeekableGzip(io.RawIOBase):
         return None
 
     def _read_raw(self) -> bytes:
-        chunk: bytes = self._raw.read(_IN_CHUNK)
-        self.compressed_read += len(chunk)
-        return chunk
+        return bytes(self._raw.read(_IN_CHUNK))
 
     def _next_member(self) -> bool:
         """After a gzip member: skip zero padding; start the next member if one follows."""

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from voxlake.ingest.dimse import Associations
     from voxlake.ingest.sources import FileRef
 
-__all__ = ["READ_AHEAD_BYTES", "READ_AHEAD_FILES", "open_bytes", "read_ahead"]
+__all__ = ["READ_AHEAD_BYTES", "READ_AHEAD_FILES", "open_bytes", "read_ahead", "read_whole"]
 
 _READ_CHUNK = 8 * 1024 * 1024
 
@@ -79,7 +79,7 @@ def open_bytes(
         import fsspec
 
         with fsspec.open(url, "rb", **open_kwargs(url, storage_options)) as handle:
-            data = _read_capped(handle, max_bytes)
+            return read_whole(handle, max_bytes)
     except SourceError:
         raise  # the cap (a SourceError is an OSError too)
     except OSError as exc:
@@ -92,14 +92,17 @@ def open_bytes(
         raise SourceError(
             f"source unreachable ({type(exc).__name__})", code="source_unreachable"
         ) from exc
-    return _within(data, max_bytes)
 
 
 def _read_local(handle: Any, max_bytes: int) -> bytes:
     """A local file's bytes from its open handle, refusing oversize files."""
-    return _within(
-        _read_capped(handle, max_bytes, size=os.fstat(handle.fileno()).st_size), max_bytes
-    )
+    return read_whole(handle, max_bytes, size=os.fstat(handle.fileno()).st_size)
+
+
+def read_whole(handle: Any, max_bytes: int, *, size: int | None = None) -> bytes:
+    """All of `handle` (`size` bytes expected, when known), refusing more than
+    `max_bytes` (``file_too_large``) whatever a header declared."""
+    return _within(_read_capped(handle, max_bytes, size=size), max_bytes)
 
 
 def _within(data: bytes, max_bytes: int) -> bytes:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from voxlake.errors import ConfigError
+from voxlake.errors import ConfigError, MissingExtraError
 from voxlake.volumes.pyramid import downsample2
 
 if TYPE_CHECKING:
@@ -132,10 +132,8 @@ def n4_bias_correct(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray,
     try:
         import SimpleITK as sitk
     except ImportError as exc:
-        raise ConfigError(
-            "N4 bias-field correction needs SimpleITK",
-            code="missing_extra",
-            hint="pip install 'voxlake[mr]'",
+        raise MissingExtraError(
+            "N4 bias-field correction needs SimpleITK", hint="pip install 'voxlake[mr]'"
         ) from exc
     image = sitk.GetImageFromArray(volume.astype(np.float32))
     spacing = _spacing(affine)

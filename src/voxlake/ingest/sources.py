@@ -249,10 +249,11 @@ def _list_archive(
             ref.url, "corrupt_archive", f"cannot read archive: {type(exc).__name__}"
         )
         return
-    order = sorted(members)
     index = getattr(fs, "index", None)  # a tar's: name -> (info, data offset, name)
     if isinstance(index, dict):  # in archive order: a compressed tar is then read forward
-        order.sort(key=lambda name: index[name][1] if name in index else -1)
+        order = sorted(members, key=lambda name: (index[name][1] if name in index else -1, name))
+    else:
+        order = sorted(members)
     for name in order:
         info = members[name]
         if info.get("type") != "file":
