@@ -22,6 +22,7 @@ from voxlake.ingest import archives
 from voxlake.ingest.archives import SeekableGzip
 from voxlake.ingest.file_reads import open_bytes
 from voxlake.ingest.sources import list_source
+from voxlake.testing.hostile import cut_tar_members
 
 FORMATS = ["zip", "tar", "tar.gz", "tar.bz2", "tar.xz"]
 
@@ -245,3 +246,129 @@ def test_a_cut_tar_gz_fails_each_member_after_the_cut_without_a_pass_per_member(
     assert set(codes) == {"ok", "corrupt_archive"}
     assert codes.index("corrupt_archive") > 20  # the members before the cut are read
     assert read < 3 * path.stat().st_size, read  # not the readable part again per member
+
+
+# --------------------------------------------------------------------------- listing
+ODD_NAMES = ("./a/b.dcm", "a//c.dcm", "d/", "e.dcm", "e.dcm", "x/../../y.dcm", "/abs/z")
+
+
+def _odd_tar(path: Path, kind: str) -> Path:
+    """Names as archivers write them: './', doubled slashes, folders, a name archived
+    twice, a link, an absolute path, a climb out. Each member's bytes name its position."""
+    mode = {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[kind]
+    with tarfile.open(path, mode) as archive:
+        for index, name in enumerate(ODD_NAMES):
+            info = tarfile.TarInfo(name)
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+                continue
+            data = f"{index}:{name};".encode() * 100
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.dcm")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "tar.bz2", "tar.xz"])
+def test_tar_listing_names_what_fsspec_names_and_refuses_what_escapes(tmp_path, kind):
+    import fsspec
+
+    path = _odd_tar(tmp_path / f"a.{kind}", kind)
+    items = list(list_source(path))
+    refs = [i for i in items if not hasattr(i, "code")]
+    refused = sorted(_member(i.url) for i in items if hasattr(i, "code"))
+    # fsspec's own tar file system (the reference for member names) lists these files;
+    # it drops the absolute name silently, where the listing refuses it.
+    fs = fsspec.filesystem("tar", fo=f"file://{path}", skip_instance_cache=True)
+    listed = {n for n, i in fs.find("", detail=True).items() if i["type"] == "file"}
+    assert {_member(r.url) for r in refs} | (set(refused) - {"/abs/z"}) == listed
+    assert refused == ["/abs/z", "link.dcm", "x/../../y.dcm"]
+    assert [_member(r.url) for r in refs] == ["./a/b.dcm", "a/c.dcm", "e.dcm"]  # archive order
+    assert {i.code for i in items if hasattr(i, "code")} == {"unsafe_member_path"}
+    # Each listed member reads as its first copy in the archive.
+    for ref, index in zip(refs, (0, 1, 3), strict=True):
+        expected = f"{index}:{ODD_NAMES[index]};".encode() * 100
+        assert open_bytes(ref.url, max_bytes=1 << 20) == expected
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz"])
+@pytest.mark.parametrize("fraction", [0.13, 0.5, 0.77, 0.95])
+def test_a_cut_tar_lists_the_members_before_the_cut_then_fails(tmp_path, kind, fraction):
+    members = {f"S0/IM{i:03d}": os.urandom(50_000) for i in range(40)}
+    path = _write(tmp_path / f"a.{kind}", kind, members)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: int(len(whole) * fraction)])
+    listed, cut = cut_tar_members(whole, path.read_bytes())
+    assert listed, "the cut leaves members"
+    items = list(list_source(path))
+    *refs, problem = items
+    assert [_member(r.url) for r in refs] == listed
+    assert (problem.url, problem.code) == (str(path), "corrupt_archive")
+    assert f"after {len(refs)} members" in problem.message
+    for ref in refs:
+        if _member(ref.url) == cut:
+            with pytest.raises(SourceError) as info:
+                open_bytes(ref.url, max_bytes=1 << 20)
+            assert info.value.code == "corrupt_archive"
+        else:
+            assert open_bytes(ref.url, max_bytes=1 << 20) == members[_member(ref.url)]
+
+
+@needs_proc_io
+def test_a_compressed_tar_is_listed_as_it_is_read(tmp_path):
+    """The first members come before the archive has been read: the workers start on
+    them while the driver lists the rest."""
+    members = {f"S0/IM{i:04d}": os.urandom(20_000) for i in range(1000)}
+    path = _write(tmp_path / "a.tar.gz", "tar.gz", members)
+    before = _bytes_read()
+    listing = list_source(path)
+    first = [next(listing) for _ in range(10)]
+    read = _bytes_read() - before
+    assert [_member(r.url) for r in first] == list(members)[:10]
+    assert read < path.stat().st_size // 4, (read, path.stat().st_size)
+    assert len(list(listing)) == 990
+
+
+def _damage(data: bytearray, how: str, offsets: list[int]) -> bytes:
+    if how == "cut_in_a_header":
+        return bytes(data[: offsets[5] + 100])
+    if how == "cut_at_a_member_boundary":
+        return bytes(data[: offsets[5]])
+    if how == "garbled_header":
+        data[offsets[5] : offsets[5] + 512] = b"\x07" * 512
+        return bytes(data)
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["cut_in_a_header", "cut_at_a_member_boundary", "garbled_header"])
+def test_a_tar_that_tarfile_would_end_quietly_is_damaged(tmp_path, how):
+    """Python's tarfile takes a header cut short, garbled or missing for the end of the
+    archive and lists no more: the members after it would vanish without a word."""
+    members = {f"S0/IM{i:03d}": bytes([i]) * 3000 for i in range(10)}
+    path = _write(tmp_path / "a.tar", "tar", members)
+    with tarfile.open(path) as archive:
+        offsets = [info.offset for info in archive]
+    path.write_bytes(_damage(bytearray(path.read_bytes()), how, offsets))
+    with tarfile.open(path) as archive:  # what tarfile makes of it: 5 members, no error
+        assert len(archive.getmembers()) == 5
+    *refs, problem = list_source(path)
+    assert [_member(r.url) for r in refs] == list(members)[:5]
+    assert problem.code == "corrupt_archive" and "after 5 members" in problem.message
+
+
+def test_a_tar_cut_within_its_end_blocks_is_whole_and_a_bad_gzip_checksum_is_not(tmp_path):
+    members = {f"IM{i}": os.urandom(400_000) for i in range(4)}  # output before the end
+    path = _write(tmp_path / "a.tar", "tar", members)
+    with tarfile.open(path) as archive:
+        end = max(i.offset_data + -(-i.size // 512) * 512 for i in archive)
+    path.write_bytes(path.read_bytes()[: end + 512])  # one end-of-archive block of two
+    assert [_member(r.url) for r in list_source(path)] == list(members)
+    data = bytearray(gzip.compress(_write(tmp_path / "b.tar", "tar", members).read_bytes()))
+    data[-8] ^= 0xFF  # the gzip trailer's CRC-32
+    (tmp_path / "b.tar.gz").write_bytes(bytes(data))
+    *refs, problem = list_source(tmp_path / "b.tar.gz")
+    assert [_member(r.url) for r in refs] == list(members)
+    assert problem.code == "corrupt_archive"

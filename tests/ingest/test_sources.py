@@ -81,6 +81,50 @@ def test_zip_and_tar_gz_are_read_without_extracting(tmp_path, tiny_sample, dask_
     assert again.files_skipped == again.files_seen and again.volumes_written == 0
 
 
+def test_a_cut_tar_gz_keeps_its_files_refuses_their_series_and_heals_when_replaced(
+    tmp_path, tiny_sample, dask_client
+):
+    sources = tmp_path / "incoming"
+    sources.mkdir()
+    root = tiny_sample.root / "dicom"
+    first, rest = tiny_sample.series[0], tiny_sample.series[1:]
+    with tarfile.open(sources / "rest.tar", "w") as t:
+        for series in rest:
+            for file in series.files:
+                t.add(file, Path(file).relative_to(root).as_posix())
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w:gz") as t:
+        for file in first.files:
+            t.add(file, Path(file).relative_to(root).as_posix())
+    cut = sources / "first.tar.gz"
+    cut.write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    run = dict(
+        catalog=tmp_path / "cat",
+        store=tmp_path / "vol.zarr",
+        config=IngestConfig(secret=SECRET),
+        client=dask_client,
+    )
+    report = ingest([sources], **run)
+    catalog = open_catalog(tmp_path / "cat")
+    key = keyed_hash(SECRET, "series", first.spec.series_instance_uid)
+    codes = catalog.failures.set_index("subject").code
+    assert codes[str(cut)] == "corrupt_archive"
+    assert codes[key] == "archive_damaged"
+    kept = catalog.instances[catalog.instances.url.str.endswith("::" + str(cut))]
+    assert 0 < len(kept) < len(first.files)  # the files before the cut are catalogued
+    assert set(kept.series_key) == {key}
+    assert report.volumes_written == len(rest)
+    assert key not in set(catalog.volumes.series_key)  # no volume of half the series
+    _check_volumes(catalog, tiny_sample, skip={0})
+
+    cut.write_bytes(whole.getvalue())  # the archive whole again: the series is built
+    again = ingest([sources], **run)
+    catalog = open_catalog(tmp_path / "cat")
+    assert again.volumes_written == 1 and again.failures == 0
+    assert catalog.failures.empty  # the archive's and the series' rows are cleared
+    _check_volumes(catalog, tiny_sample)
+
+
 def test_zip_slip_and_zip_bomb_are_refused(tmp_path, tiny_sample, dask_client):
     archive = _zip_sample(tiny_sample, tmp_path / "sample.zip")
     with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as z:

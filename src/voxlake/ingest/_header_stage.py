@@ -15,6 +15,7 @@ from voxlake.catalog.query import open_catalog
 from voxlake.catalog.tables import rows_to_table
 from voxlake.errors import CatalogError, SourceError, VoxlakeError
 from voxlake.ingest._run_state import APPEND_ATTEMPTS, RETRYABLE_CODES, RunState, sql_list
+from voxlake.ingest.archives import archive_of
 from voxlake.ingest.headers import HeaderBatch, catalog_headers, failure_row
 from voxlake.ingest.report import ProgressEvent
 from voxlake.ingest.sources import iter_file_batches
@@ -124,6 +125,8 @@ class HeaderStage(RunState):
         fails = fails.assign(
             size=fails["size"].where(~retry, -1), mtime=fails.mtime.where(~retry, -1)
         )
+        # Archives with failure rows of their own (listing): cleared once listed cleanly.
+        self.failed_archives = {u for u in fails.subject if archive_of(u) is None}
         ok = {
             u: (int(s), float(m))
             for u, s, m in zip(inst.url, inst["size"], inst.mtime, strict=True)
@@ -140,6 +143,7 @@ class HeaderStage(RunState):
 
         ok, bad = self.seen_files()
         pending = as_completed()
+        listed: set[str] = set()  # archives with members in this run's listing
         submitted = 0
         done = 0
         # Results are committed a batch at a time, whatever the tasks' size.
@@ -163,6 +167,8 @@ class HeaderStage(RunState):
             secret=self.secret,
         ):
             self.report.files_seen += len(files)
+            listed.update(filter(None, map(archive_of, (f.url for f in files))))
+            self.damaged_archives.update(p.url for p in problems if p.code == "corrupt_archive")
             self.locators.update((f.url, f.locator) for f in files if f.locator)
             fresh = [f for f in files if ok.get(f.url, bad.get(f.url)) != (f.size, f.mtime)]
             self.report.files_skipped += len(files) - len(fresh)
@@ -199,6 +205,21 @@ class HeaderStage(RunState):
             collect(future.result())
         if results:
             collect(HeaderBatch(), flush=True)
+        self._heal_archives(listed - self.damaged_archives)
+
+    def _heal_archives(self, clean: set[str]) -> None:
+        """Clear the failure rows of archives that failed before and list cleanly now (a
+        damaged archive replaced by a good copy)."""
+        healed = sorted(clean & self.failed_archives)
+        if healed:
+            self.writer.delete(
+                "failures",
+                f"subject_kind = 'file' AND subject IN ({sql_list(healed)})",
+                run_id=self.run_id,
+            )
+            self.report.catalog_version = self.writer.record_commit(
+                run_id=self.run_id, operation="listing"
+            )
 
     def _commit_headers(self, batch: HeaderBatch, ok: dict[str, Any], bad: dict[str, Any]) -> int:
         if self.key_map is not None and batch.key_map:

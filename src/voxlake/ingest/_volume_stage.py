@@ -8,18 +8,22 @@ import json
 import logging
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from voxlake.catalog.concurrent import ForeignRows
 from voxlake.catalog.query import open_catalog
-from voxlake.errors import VoxlakeError
+from voxlake.errors import AssemblyError, VoxlakeError
 from voxlake.ingest import fetched
 from voxlake.ingest._run_state import RETRYABLE_CODES, VOLUME_COMMIT_SECONDS, RunState, sql_list
+from voxlake.ingest.archives import archive_of
 from voxlake.ingest.headers import failure_row
 from voxlake.ingest.readers.dicom import build_volume
 from voxlake.ingest.readers.native import STORED_SPAN_COLUMNS, stored_spans, with_pixel_spans
 from voxlake.ingest.report import ProgressEvent
 from voxlake.ingest.series import VolumePlan, iter_volume_plans
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,8 @@ class VolumeStage(RunState):
         )
         rows: list[dict[str, Any]] = []
         futures: dict[Any, VolumePlan] = {}
+        instances, refused = self._without_damaged_archives(instances)
+        rows += [r for r in refused if r["failure_id"] not in known_failures]
         for result in iter_volume_plans(
             instances,
             spacing_tolerance=self.config.spacing_tolerance,
@@ -107,6 +113,27 @@ class VolumeStage(RunState):
         self.commit({"failures": rows}, "assemble")
         self._note_failed(rows)
         return futures
+
+    def _without_damaged_archives(
+        self, instances: pd.DataFrame
+    ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+        """The instances of series with no file in an archive this run found cut or damaged,
+        and a failure row for each of the others: their last files may be missing, and a
+        volume built from the rest would be shorter than the series without a word."""
+        if not self.damaged_archives or instances.empty:
+            return instances, []
+        hit = instances.url.map(archive_of).isin(self.damaged_archives)
+        keys = sorted(set(instances.series_key[hit].dropna()))
+        error = AssemblyError(
+            "files of this series come from an archive that is cut or damaged, so some may "
+            "be missing: replace the archive, then run again",
+            code="archive_damaged",
+        )
+        rows = [
+            failure_row(subject=key, subject_kind="series", error=error, run_id=self.run_id)
+            for key in keys
+        ]
+        return instances[~instances.series_key.isin(keys)], rows
 
     def _submit(self, client: Any, plan: VolumePlan) -> Any:
         # Where the series' PACS instances were kept (most of them): a placement, not a

@@ -41,7 +41,7 @@ from voxlake.errors import SourceError
 from voxlake.ingest.file_reads import _read_error, read_whole
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 __all__ = [
     "CACHE_BYTES",
@@ -50,8 +50,10 @@ __all__ = [
     "MAX_CHECKPOINTS",
     "OPEN_ARCHIVES",
     "SeekableGzip",
+    "archive_of",
     "is_archive_member",
     "read_member",
+    "walk_tar",
 ]
 
 #: Archives each process keeps open at most (the least recently read is closed first).
@@ -75,6 +77,11 @@ _OUT_CHUNK: Final = 1 << 20
 def is_archive_member(url: str) -> bool:
     """Whether `url` names a member of a zip or tar archive (``zip://M::A``)."""
     return "::" in url and url.split("://", 1)[0] in _PROTOCOLS
+
+
+def archive_of(url: str) -> str | None:
+    """The URL of the archive holding the member `url`; None when `url` is no member."""
+    return url.rpartition("::")[2] if is_archive_member(url) else None
 
 
 def read_member(
@@ -243,31 +250,75 @@ class _Tar(_Archive):
         self._raw.close()
 
 
-def _open(protocol: str, target: str, storage_options: dict[str, Any] | None) -> _Archive:
-    """Open the archive at `target` (a path or fsspec URL) and what reads its members."""
+def _open_raw(target: str, storage_options: dict[str, Any] | None) -> Any:
+    """The archive at `target` (a path or fsspec URL), opened for binary reads."""
     from voxlake.ingest.sources import local_path_of, open_kwargs
 
     local = local_path_of(target)
     if local is not None:
-        raw: Any = open(local, "rb")  # noqa: SIM115 (kept open in the cache)
-    else:
-        import fsspec
+        return open(local, "rb")
+    import fsspec
 
-        raw = fsspec.open(target, "rb", **open_kwargs(target, storage_options)).open()
+    return fsspec.open(target, "rb", **open_kwargs(target, storage_options)).open()
+
+
+def _tar_stream(raw: Any, *, forward_only: bool = False) -> Any:
+    """The tar bytes of `raw`: itself, or decompressed by what its magic bytes name.
+    `forward_only`: a gzip stream keeps no states and only one piece of output."""
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        gzip = (
+            SeekableGzip(raw, spacing=1 << 62, cache_bytes=0) if forward_only else SeekableGzip(raw)
+        )
+        return io.BufferedReader(gzip, buffer_size=64 << 10)
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(raw)
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw)
+    return raw
+
+
+def walk_tar(
+    target: str, storage_options: dict[str, Any] | None = None
+) -> Iterator[tarfile.TarInfo]:
+    """The member headers of the tar archive at `target` (plain or compressed), in archive
+    order, read as they come: a compressed tar is decompressed once, forward.
+
+    The members before damage are yielded before the error (``tarfile.TarError``,
+    ``EOFError`` for a cut stream, ``zlib.error``...) is raised. ``tarfile`` itself takes
+    a header cut short or garbled for the end of the archive; here the archive must end
+    with its end-of-archive block, and a compressed stream with its own end (gzip's
+    checksum), or the walk raises ``tarfile.ReadError``.
+    """
+    with _open_raw(target, storage_options) as raw:
+        stream = _tar_stream(raw, forward_only=True)
+        with tarfile.open(fileobj=stream, mode="r:") as tar:
+            while (info := tar.next()) is not None:
+                # tarfile keeps every member read in a list (a large archive's would fill
+                # the driver's memory); nothing here reads it.
+                tar.members.clear()  # type: ignore[attr-defined]
+                yield info
+            end = tar.offset
+        stream.seek(end)
+        block = stream.read(tarfile.BLOCKSIZE)
+        if block != bytes(tarfile.BLOCKSIZE):
+            raise tarfile.ReadError(
+                "a member header is damaged"
+                if len(block) == tarfile.BLOCKSIZE
+                else "the archive is cut short (no end-of-archive block)"
+            )
+        while stream is not raw and stream.read(_OUT_CHUNK):
+            pass  # to the compressed stream's end: its checksum is checked there
+
+
+def _open(protocol: str, target: str, storage_options: dict[str, Any] | None) -> _Archive:
+    """Open the archive at `target` (a path or fsspec URL) and what reads its members."""
+    raw = _open_raw(target, storage_options)
     try:
         if protocol == "zip":
             return _Zip(raw)
-        magic = raw.read(6)
-        raw.seek(0)
-        if magic.startswith(b"\x1f\x8b"):
-            stream: Any = io.BufferedReader(SeekableGzip(raw), buffer_size=64 << 10)
-        elif magic.startswith(b"BZh"):
-            stream = bz2.BZ2File(raw)
-        elif magic.startswith(b"\xfd7zXZ\x00"):
-            stream = lzma.LZMAFile(raw)  # noqa: SIM115 (closed with the archive)
-        else:
-            stream = raw
-        return _Tar(raw, stream)
+        return _Tar(raw, _tar_stream(raw))
     except BaseException:
         raw.close()
         raise

@@ -12,8 +12,12 @@ member becomes an fsspec chained URL such as ``zip://dir/IM1.dcm::/data/a.zip`` 
 ``..`` are refused (``unsafe_member_path``), and members declaring more bytes than the
 cap are refused before anything is decompressed (``decompression_cap``); workers also
 stop reading at the cap whatever the header claims. Archives inside archives are not
-opened. Tar members are listed in archive order, so that a compressed tar is read forward;
-workers read members through the archives they keep open (:mod:`voxlake.ingest.archives`).
+opened. A tar is listed as its headers are read (:func:`voxlake.ingest.archives.walk_tar`),
+in archive order: header tasks start on the first members while the rest are listed, a
+compressed tar is read forward, and the members before a cut or damage are listed before
+the archive's ``corrupt_archive`` problem (the run then refuses their series as
+``archive_damaged``). Workers read members through the archives they keep open
+(:mod:`voxlake.ingest.archives`).
 """
 
 from __future__ import annotations
@@ -229,16 +233,65 @@ def _safe_member(name: str) -> bool:
     )
 
 
-def _list_archive(
-    ref: FileRef, protocol: str, *, storage_options: dict[str, Any] | None, max_member_bytes: int
+def _member(
+    ref: FileRef, protocol: str, name: str, *, size: int, link: bool, max_member_bytes: int
+) -> FileRef | ListingProblem:
+    """The member `name` of the archive `ref` as a file to read, or why it is refused."""
+    from voxlake.ingest.archives import _normal
+
+    chained = f"{protocol}://{_normal(name)}::{ref.url}"
+    if not _safe_member(name) or link:
+        return ListingProblem(
+            chained,
+            "unsafe_member_path",
+            "archive member is a link, or its path is absolute or escapes the archive",
+        )
+    if size > max_member_bytes:
+        return ListingProblem(
+            chained, "decompression_cap", f"member declares more than {max_member_bytes} bytes"
+        )
+    return FileRef(chained, size, ref.mtime)
+
+
+def _list_tar(
+    ref: FileRef, *, storage_options: dict[str, Any] | None, max_member_bytes: int
 ) -> Iterator[FileRef | ListingProblem]:
+    """A tar's members as its headers are read (a compressed tar is decompressed once,
+    forward, while the workers already read the members listed): the members before
+    damage or a cut are listed, then the archive is ``corrupt_archive``."""
+    from voxlake.ingest.archives import _normal, walk_tar
+
+    seen: set[str] = set()
+    try:
+        for info in walk_tar(ref.url, storage_options):
+            if not (info.isreg() or info.issym() or info.islnk()):
+                continue  # folders, devices, pipes: nothing to read
+            name = _normal(info.name)
+            if name in seen:
+                continue  # a name archived twice: its first copy is read (archives._Tar)
+            seen.add(name)
+            yield _member(
+                ref, "tar", info.name, size=info.size, link=not info.isreg(),
+                max_member_bytes=max_member_bytes,
+            )  # fmt: skip
+    except Exception as exc:
+        after = f" after {len(seen)} members (it is cut or damaged there)" if seen else ""
+        yield ListingProblem(
+            ref.url, "corrupt_archive", f"cannot read archive{after}: {type(exc).__name__}"
+        )
+
+
+def _list_zip(
+    ref: FileRef, *, storage_options: dict[str, Any] | None, max_member_bytes: int
+) -> Iterator[FileRef | ListingProblem]:
+    """A zip's members, from its central directory (a cut zip has none: nothing is listed)."""
     import fsspec
 
     target = ref.url if "://" in ref.url else "file://" + os.path.abspath(ref.url)
     target_protocol = target.split("://", 1)[0]
     try:
         fs = fsspec.filesystem(
-            protocol,
+            "zip",
             fo=target,
             target_options=storage_options if target_protocol != "file" else None,
             skip_instance_cache=True,
@@ -249,30 +302,13 @@ def _list_archive(
             ref.url, "corrupt_archive", f"cannot read archive: {type(exc).__name__}"
         )
         return
-    index = getattr(fs, "index", None)  # a tar's: name -> (info, data offset, name)
-    if isinstance(index, dict):  # in archive order: a compressed tar is then read forward
-        order = sorted(members, key=lambda name: (index[name][1] if name in index else -1, name))
-    else:
-        order = sorted(members)
-    for name in order:
+    for name in sorted(members):
         info = members[name]
-        if info.get("type") != "file":
-            continue
-        chained = f"{protocol}://{name}::{ref.url}"
-        if not _safe_member(name) or info.get("linkname"):
-            yield ListingProblem(
-                chained,
-                "unsafe_member_path",
-                "archive member is a link, or its path is absolute or escapes the archive",
-            )
-            continue
-        size = int(info.get("size") or 0)
-        if size > max_member_bytes:
-            yield ListingProblem(
-                chained, "decompression_cap", f"member declares more than {max_member_bytes} bytes"
-            )
-            continue
-        yield FileRef(chained, size, ref.mtime)
+        if info.get("type") == "file":
+            yield _member(
+                ref, "zip", name, size=int(info.get("size") or 0), link=False,
+                max_member_bytes=max_member_bytes,
+            )  # fmt: skip
 
 
 def _expand(
@@ -287,8 +323,9 @@ def _expand(
             yield item
         else:
             assert isinstance(item, FileRef)
-            yield from _list_archive(
-                item, protocol, storage_options=storage_options, max_member_bytes=max_member_bytes
+            lister = _list_tar if protocol == "tar" else _list_zip
+            yield from lister(
+                item, storage_options=storage_options, max_member_bytes=max_member_bytes
             )
 
 

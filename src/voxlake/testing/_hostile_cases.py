@@ -22,7 +22,9 @@ import numpy as np
 from voxlake.testing.hostile import (
     MAX_FILE_BYTES,
     Builder,
+    HostileCase,
     catalog_url,
+    cut_tar_members,
     edit_dicom,
     read_dicom,
     save_dicom,
@@ -523,12 +525,18 @@ def _archives(b: Builder) -> None:
     zip_url = catalog_url(archive)
     bad_zip = folder / "corrupt.zip"
     bad_zip.write_bytes(b"PK\x03\x04" + np.random.default_rng(b.seed).bytes(1024))
+    cut_series = b.series(
+        "truncated_tar_gz_series", b.root / "scratch" / "cut_series", n_slices=12
+    )
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in written.files:
+        for path in cut_series.files:
             tar.add(path, f"series/{path.name}")
     cut = folder / "truncated.tar.gz"
     cut.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    cut_url = catalog_url(cut)
+    listed, cut_member = cut_tar_members(buffer.getvalue(), cut.read_bytes())
+    assert len(listed) - bool(cut_member) >= 2, "whole members of the series precede the cut"
     links = folder / "links.tar"
     with tarfile.open(links, "w") as tar:
         for index, kind in enumerate((tarfile.SYMTYPE, tarfile.LNKTYPE)):
@@ -548,7 +556,13 @@ def _archives(b: Builder) -> None:
              "would open the local file)", "unsafe_member_path",
              f"zip://evil::/etc/hostname::{zip_url}")
     b.listed("corrupt_zip", "a .zip that is not a zip", "corrupt_archive", catalog_url(bad_zip))
-    b.listed("truncated_tar_gz", "a .tar.gz cut in half", "corrupt_archive", catalog_url(cut))
+    b.listed("truncated_tar_gz", "a .tar.gz cut in half (and the member the cut runs "
+             "through, if any)", "corrupt_archive", cut_url,
+             *([f"tar://{cut_member}::{cut_url}"] if cut_member else []))
+    b.cases.append(HostileCase(
+        "truncated_tar_gz_series", "a series whose first half is in a .tar.gz cut in half (a "
+        "shorter volume would lose its end without a word)", "failure", ("archive_damaged",),
+        "assemble", (), (cut_series.spec.series_instance_uid,)))
     b.listed("tar_links_outside", "tar symlink and hard link members to /etc/passwd and "
              "/etc/shadow", "unsafe_member_path", f"tar://link-0.dcm::{tar_url}",
              f"tar://link-1.dcm::{tar_url}")

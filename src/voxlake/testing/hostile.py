@@ -189,6 +189,29 @@ def spec_for(name: str, **changes: Any) -> SeriesSpec:
     return dataclasses.replace(spec, **changes)
 
 
+def cut_tar_members(whole: bytes, cut: bytes) -> tuple[list[str], str | None]:
+    """What a correct reader lists from `cut`, a prefix of the tar or tar.gz `whole`: the
+    members whose headers are whole, and the one of them whose data the cut runs through
+    (None if none). Computed from the whole archive's member offsets (``tarfile``) and the
+    bytes the prefix decompresses to (``zlib``), not by walking the cut archive."""
+    import gzip
+    import tarfile
+    import zlib
+
+    compressed = whole[:2] == b"\x1f\x8b"
+    tar_bytes = gzip.decompress(whole) if compressed else whole
+    available = len(zlib.decompressobj(31).decompress(cut)) if compressed else len(cut)
+    listed: list[str] = []
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as archive:
+        for info in archive:
+            if info.offset_data > available:
+                break
+            listed.append(info.name)
+            if info.offset_data + info.size > available:
+                return listed, info.name
+    return listed, None
+
+
 def read_dicom(path: Path) -> pydicom.Dataset:
     """Read a file with pydicom (forced: some corpus files have no preamble)."""
     import pydicom
