@@ -10,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch goes in first, pinned, so no later resolve pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= train,jpeg,s3,dev,bench
+EXTRAS ?= train,jpeg,s3,fast,dev,bench
 PYTEST_ARGS ?=
 # The second interpreter: its own releases of every dependency, no torch (no CPU wheel of
 # it lies on this disk for 3.13), so tests/training is not collected there.

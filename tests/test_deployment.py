@@ -28,7 +28,7 @@ def test_compose_has_scheduler_workers_jupyter_and_s3():
 
 def test_dockerfile_pins_torch_before_installing_voxlake():
     text = (DOCKER / "Dockerfile").read_text()
-    torch_at, voxlake_at = text.index("TORCH_SPEC}"), text.index('".[train,jpeg,s3,pacs]"')
+    torch_at, voxlake_at = text.index("TORCH_SPEC}"), text.index('".[train,jpeg,s3,pacs,fast]"')
     assert torch_at < voxlake_at
 
 

@@ -525,9 +525,7 @@ def _archives(b: Builder) -> None:
     zip_url = catalog_url(archive)
     bad_zip = folder / "corrupt.zip"
     bad_zip.write_bytes(b"PK\x03\x04" + np.random.default_rng(b.seed).bytes(1024))
-    cut_series = b.series(
-        "truncated_tar_gz_series", b.root / "scratch" / "cut_series", n_slices=12
-    )
+    cut_series = b.series("truncated_tar_gz_series", b.root / "scratch" / "cut_series", n_slices=12)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for path in cut_series.files:
