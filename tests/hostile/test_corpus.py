@@ -1,4 +1,4 @@
-"""The hostile corpus (89 cases, voxlake.testing.hostile) ingested in one run.
+"""The hostile corpus (91 cases, voxlake.testing.hostile) ingested in one run.
 
 Every bad input becomes exactly its coded failure rows, nothing else fails, every good
 series beside them is stored voxel for voxel, and a re-run adds nothing.
@@ -196,7 +196,9 @@ def test_unreadable_files_and_folders_are_coded_failures(hostile_corpus, tmp_pat
     """Root reads anything, so the permission cases run in a process without root's
     permission override (capabilities dropped with setpriv), as any other user would."""
     cases = [c for c in hostile_corpus.cases if c.unprivileged]
-    assert {c.name for c in cases} == {"unreadable_file", "unreadable_folder"}
+    assert {c.name for c in cases} == {
+        "unreadable_file", "unreadable_folder", "unreadable_zip", "unreadable_tar_gz"
+    }  # fmt: skip
     script = tmp_path / "unprivileged.py"
     script.write_text(_UNPRIVILEGED)
     command = [

@@ -229,6 +229,26 @@ def test_archives_on_s3_are_read_member_by_member(tmp_path, s3_bucket, kind):
         assert data == expected[_member(ref.url)]
 
 
+@pytest.mark.s3
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_remote_archive_replaced_is_opened_again(tmp_path, s3_bucket, kind, monkeypatch):
+    """A worker outlives a run on a long-lived cluster: an archive replaced on the object
+    store (another layout, so the kept index points elsewhere) must not be read through
+    the index of the one it replaced."""
+    import s3fs
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    url = f"{kind}://IM2::s3://{bucket}/x/a.{kind}"
+    first = {"IM1": b"one " * 1000, "IM2": b"two " * 1000}
+    fs.put(str(_write(tmp_path / f"1.{kind}", kind, first)), f"{bucket}/x/a.{kind}")
+    assert open_bytes(url, max_bytes=1 << 20, storage_options=options) == first["IM2"]
+    second = {"IM0": b"zero " * 3000, "IM2": b"TWO, moved " * 500, "IM1": b"1"}
+    fs.put(str(_write(tmp_path / f"2.{kind}", kind, second)), f"{bucket}/x/a.{kind}")
+    monkeypatch.setattr(archives, "REVALIDATE_SECONDS", 0.0)  # the check is due
+    assert open_bytes(url, max_bytes=1 << 20, storage_options=options) == second["IM2"]
+
+
 @needs_proc_io
 def test_a_cut_tar_gz_fails_each_member_after_the_cut_without_a_pass_per_member(tmp_path):
     members = {f"S0/IM{i:03d}": os.urandom(100_000) for i in range(60)}

@@ -5,7 +5,8 @@ directory is parsed again (5 ms a member in a 480-member zip, growing with the m
 count), and a tar is indexed again from its first header, which for a ``.tar.gz`` means
 decompressing everything before the member, for every member. Here each process keeps
 the few archives it reads open (:data:`OPEN_ARCHIVES`, closed after :data:`IDLE_SECONDS`
-unused or when a local archive's size or mtime changes), with their member index:
+unused, when a local archive's size or mtime changes, or when a remote one's size, ETag or
+modification time does, asked every :data:`REVALIDATE_SECONDS`), with their member index:
 
 - zip: Python's ``zipfile`` over the archive, its central directory read once;
 - tar: the members are indexed as far as the reads have gone (``tarfile``'s own walk,
@@ -62,6 +63,7 @@ __all__ = [
     "IDLE_SECONDS",
     "MAX_CHECKPOINTS",
     "OPEN_ARCHIVES",
+    "REVALIDATE_SECONDS",
     "SeekableGzip",
     "archive_of",
     "is_archive_member",
@@ -73,6 +75,10 @@ __all__ = [
 OPEN_ARCHIVES: Final = 4
 #: Seconds an archive stays open without a read.
 IDLE_SECONDS: Final = 60.0
+#: Seconds between two checks that a remote archive kept open is still the object that was
+#: opened (its size, ETag and modification time: one metadata request). A local archive
+#: is checked at every read (one ``stat``).
+REVALIDATE_SECONDS: Final = 5.0
 #: Uncompressed bytes between two remembered states of a gzip stream (each holds about
 #: 45 KiB: zlib's state and its 32 KiB window), at first: see :class:`SeekableGzip`.
 CHECKPOINT_SPACING: Final = 4 << 20
@@ -108,6 +114,9 @@ def read_member(
     try:
         while True:
             archive = _CACHE.get(key, lambda: _open(protocol, target, storage_options))
+            if not _still_the_same(archive, target, storage_options):
+                _CACHE.drop(key)  # replaced since it was opened: its index no longer holds
+                continue
             with archive.lock:
                 if not archive.closed:  # else closed by another thread meanwhile: again
                     return archive.read(member, max_bytes)
@@ -145,6 +154,29 @@ def _key(protocol: str, target: str, storage_options: dict[str, Any] | None) -> 
     except OSError as exc:
         raise _read_error(exc) from exc
     return (protocol, target, options, stat.st_size, stat.st_mtime_ns)
+
+
+def _remote_identity(info: dict[str, Any] | None) -> tuple[str, ...] | None:
+    """What tells one version of a remote object from another, from its fsspec info."""
+    if not info:
+        return None
+    return tuple(str(info.get(field)) for field in ("size", "ETag", "LastModified", "mtime"))
+
+
+def _still_the_same(archive: _Archive, target: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether the remote archive at `target` is still the object `archive` opened (asked
+    at most every :data:`REVALIDATE_SECONDS`; local archives are keyed by their stat)."""
+    if archive.identity is None or time.monotonic() - archive.checked < REVALIDATE_SECONDS:
+        return True
+    from fsspec.core import url_to_fs
+
+    from voxlake.ingest.sources import open_kwargs
+
+    fs, path = url_to_fs(target, **open_kwargs(target, storage_options))
+    fs.invalidate_cache(path)  # the listing's info may be cached in this instance
+    same = _remote_identity(fs.info(path)) == archive.identity
+    archive.checked = time.monotonic()
+    return same
 
 
 class _Cache:
@@ -195,6 +227,8 @@ class _Archive:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.closed = False
+        self.identity: tuple[str, ...] | None = None  # remote: see _still_the_same
+        self.checked = time.monotonic()
 
     def read(self, member: str, max_bytes: int) -> bytes:
         raise NotImplementedError
@@ -335,12 +369,12 @@ def _open(protocol: str, target: str, storage_options: dict[str, Any] | None) ->
     """Open the archive at `target` (a path or fsspec URL) and what reads its members."""
     raw = _open_raw(target, storage_options)
     try:
-        if protocol == "zip":
-            return _Zip(raw)
-        return _Tar(raw, _tar_stream(raw))
+        archive: _Archive = _Zip(raw) if protocol == "zip" else _Tar(raw, _tar_stream(raw))
     except BaseException:
         raw.close()
         raise
+    archive.identity = _remote_identity(getattr(raw, "details", None))  # local files: none
+    return archive
 
 
 # --------------------------------------------------------------------------- gzip

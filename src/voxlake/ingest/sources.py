@@ -253,6 +253,19 @@ def _member(
     return FileRef(chained, size, ref.mtime)
 
 
+def _archive_problem(ref: FileRef, exc: Exception, *, listed: int) -> ListingProblem:
+    """Why the archive `ref` could not be listed (past `listed` members)."""
+    from voxlake.ingest.file_reads import _read_error
+
+    if isinstance(exc, (PermissionError, FileNotFoundError)) and not listed:
+        error = _read_error(exc)  # not the archive's fault: permission_denied, unreadable
+        return ListingProblem(ref.url, error.code, str(error))
+    after = f" after {listed} members (it is cut or damaged there)" if listed else ""
+    return ListingProblem(
+        ref.url, "corrupt_archive", f"cannot read archive{after}: {type(exc).__name__}"
+    )
+
+
 def _list_tar(
     ref: FileRef, *, storage_options: dict[str, Any] | None, max_member_bytes: int
 ) -> Iterator[FileRef | ListingProblem]:
@@ -275,10 +288,7 @@ def _list_tar(
                 max_member_bytes=max_member_bytes,
             )  # fmt: skip
     except Exception as exc:
-        after = f" after {len(seen)} members (it is cut or damaged there)" if seen else ""
-        yield ListingProblem(
-            ref.url, "corrupt_archive", f"cannot read archive{after}: {type(exc).__name__}"
-        )
+        yield _archive_problem(ref, exc, listed=len(seen))
 
 
 def _list_zip(
@@ -298,9 +308,7 @@ def _list_zip(
         )
         members = fs.find("", detail=True)
     except Exception as exc:
-        yield ListingProblem(
-            ref.url, "corrupt_archive", f"cannot read archive: {type(exc).__name__}"
-        )
+        yield _archive_problem(ref, exc, listed=0)
         return
     for name in sorted(members):
         info = members[name]

@@ -615,11 +615,27 @@ def _permissions(b: Builder) -> None:
     locked = b.folder("unreadable_folder/locked", perm=True)
     (locked / "x.dcm").write_bytes(good)
     locked.chmod(0)
+    archives = {
+        kind: b.folder(f"unreadable_{kind.replace('.', '_')}", perm=True) / f"a.{kind}"
+        for kind in ("zip", "tar.gz")
+    }
+    with zipfile.ZipFile(archives["zip"], "w") as zipped:
+        zipped.writestr("x.dcm", good)
+    with tarfile.open(archives["tar.gz"], "w:gz") as tarred:
+        info = tarfile.TarInfo("x.dcm")
+        info.size = len(good)
+        tarred.addfile(info, io.BytesIO(good))
+    for path in archives.values():
+        path.chmod(0)
     # fmt: off
     b.listed("unreadable_file", "a file without read permission", "permission_denied",
              catalog_url(path), unprivileged=True)
     b.listed("unreadable_folder", "a folder without read permission", "unreadable",
              catalog_url(locked), unprivileged=True)
+    for kind, path in archives.items():
+        b.listed(f"unreadable_{kind.replace('.', '_')}", f"a .{kind} without read permission "
+                 "(the archive is not damaged)", "permission_denied", catalog_url(path),
+                 unprivileged=True)
     # fmt: on
 
 
