@@ -280,6 +280,7 @@ class _Tar(_Archive):
         """The member's header: indexed already, or walked to from where the walk stopped."""
         while member not in self._members and not self._walked:
             info = self._tar.next()
+            self._tar.members.clear()  # type: ignore[attr-defined]  # kept in self._members
             if info is None:
                 self._walked = True
                 break
