@@ -392,3 +392,79 @@ def test_a_tar_cut_within_its_end_blocks_is_whole_and_a_bad_gzip_checksum_is_not
     *refs, problem = list_source(tmp_path / "b.tar.gz")
     assert [_member(r.url) for r in refs] == list(members)
     assert problem.code == "corrupt_archive"
+
+
+class _Unseekable(io.RawIOBase):
+    """A write-only stream: zipfile then writes each member's sizes and CRC in a data
+    descriptor after its data, as streaming zip writers do."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.data += b
+        return len(b)
+
+
+def _zip_bytes(members: dict[str, bytes], how: str) -> bytes:
+    target = _Unseekable() if how == "descriptor" else io.BytesIO()
+    method = zipfile.ZIP_STORED if how == "stored" else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(target, "w", compression=method) as archive:
+        for name, data in members.items():
+            with archive.open(name, "w", force_zip64=how == "zip64") as handle:
+                handle.write(data)
+    return bytes(target.data) if how == "descriptor" else target.getvalue()
+
+
+def _whole_before(whole: bytes, cut: int) -> list[str]:
+    """The reference: the members whose local header, data and descriptor all lie before
+    the cut, from the whole archive's central directory (each ends where the next begins,
+    the last where the directory does)."""
+    with zipfile.ZipFile(io.BytesIO(whole)) as archive:
+        infos = archive.infolist()
+        ends = [i.header_offset for i in infos[1:]] + [archive.start_dir]
+    listed = []
+    for info, end in zip(infos, ends, strict=True):
+        if end > cut:
+            break
+        listed.append(info.filename)
+    return listed
+
+
+@pytest.mark.parametrize("how", ["deflated", "stored", "descriptor", "zip64"])
+@pytest.mark.parametrize("fraction", [0.3, 0.62, 0.97])
+def test_a_cut_zip_lists_its_whole_members_then_fails(tmp_path, how, fraction):
+    """A zip cut short has lost its central directory (at the end): its members are found
+    from their local headers, each checked against its CRC-32, up to the cut."""
+    members = {f"S0/IM{i:03d}": os.urandom(9_000) + bytes(30_000) for i in range(30)}
+    whole = _zip_bytes(members, how)
+    path = tmp_path / "a.zip"
+    path.write_bytes(whole[: int(len(whole) * fraction)])
+    expected = _whole_before(whole, path.stat().st_size)
+    assert expected, "the cut leaves members"
+    *refs, problem = list_source(path)
+    assert [_member(r.url) for r in refs] == expected
+    assert (problem.url, problem.code) == (str(path), "corrupt_archive")
+    assert f"after {len(expected)} members" in problem.message
+    for ref in random.Random(4).sample(refs, len(refs)):
+        assert open_bytes(ref.url, max_bytes=1 << 20) == members[_member(ref.url)]
+
+
+def test_a_cut_zip_with_a_bad_crc_stops_there(tmp_path):
+    members = {f"IM{i}": bytes([i]) * 5000 for i in range(6)}
+    whole = bytearray(_zip_bytes(members, "stored"))
+    with zipfile.ZipFile(io.BytesIO(bytes(whole))) as archive:
+        third = archive.getinfo("IM3")
+    at = third.header_offset + 30 + len("IM3") + 100  # inside IM3's stored data
+    whole[at] ^= 0xFF
+    path = tmp_path / "a.zip"
+    path.write_bytes(bytes(whole[: len(whole) - 60]))  # and cut in the central directory
+    *refs, problem = list_source(path)
+    assert [_member(r.url) for r in refs] == ["IM0", "IM1", "IM2"]
+    assert problem.code == "corrupt_archive" and "BadZipFile" in problem.message
+    with pytest.raises(SourceError) as info:  # a worker asked for it checks the CRC too
+        open_bytes(f"zip://IM3::{path}", max_bytes=1 << 20)
+    assert info.value.code == "corrupt_archive"

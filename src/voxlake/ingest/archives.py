@@ -31,6 +31,7 @@ import json
 import lzma
 import os
 import re
+import struct
 import tarfile
 import threading
 import time
@@ -68,6 +69,8 @@ __all__ = [
     "archive_of",
     "is_archive_member",
     "read_member",
+    "scan_cut_zip",
+    "walk_cut_zip",
     "walk_tar",
 ]
 
@@ -113,7 +116,7 @@ def read_member(
     key = _key(protocol, target, storage_options)
     try:
         while True:
-            archive = _CACHE.get(key, lambda: _open(protocol, target, storage_options))
+            archive = _CACHE.get(key, lambda: _open(protocol, target, storage_options, max_bytes))
             if not _still_the_same(archive, target, storage_options):
                 _CACHE.drop(key)  # replaced since it was opened: its index no longer holds
                 continue
@@ -267,6 +270,145 @@ class _Zip(_Archive):
         self._raw.close()
 
 
+class _CutZip(_Archive):
+    """A zip without its central directory (cut short): members found from their local
+    headers, in order, as far as the scan gets (:func:`scan_cut_zip`)."""
+
+    def __init__(self, raw: Any, limit: int) -> None:
+        super().__init__()
+        self._raw = raw
+        self._scan: Iterator[zipfile.ZipInfo] | None = scan_cut_zip(raw, limit=limit, verify=False)
+        self._members: dict[str, zipfile.ZipInfo] = {}
+        self._error: Exception | None = None
+
+    def read(self, member: str, max_bytes: int) -> bytes:
+        while member not in self._members and self._scan is not None:
+            try:
+                found = next(self._scan)
+            except StopIteration:
+                self._scan = None
+            except zipfile.BadZipFile as exc:  # the members after the damage stay unknown
+                self._scan, self._error = None, exc
+            else:
+                self._members.setdefault(_normal(found.filename), found)
+        info = self._members.get(member)
+        if info is None:
+            if self._error is not None:
+                raise zipfile.BadZipFile(str(self._error))
+            raise _missing()
+        self._raw.seek(info.header_offset)  # here: the member's data (see scan_cut_zip)
+        with zipfile.ZipExtFile(self._raw, "r", info) as handle:  # checks the CRC at the end
+            return read_whole(handle, max_bytes, size=info.file_size)
+
+    def close(self) -> None:
+        super().close()
+        self._raw.close()
+
+
+_LOCAL_HEADER: Final = struct.Struct("<4s5H3I2H")  # PK\3\4, version ... name and extra lengths
+_ENDS: Final = (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06")  # central directory records
+
+
+def scan_cut_zip(raw: Any, *, limit: int, verify: bool) -> Iterator[zipfile.ZipInfo]:
+    """The members of a zip read from its local headers, in order, for a zip whose central
+    directory is missing (a download cut short). Each ``ZipInfo``'s ``header_offset`` is
+    where the member's data starts. `verify`: each member is decompressed and its CRC-32
+    checked before it is yielded.
+
+    Raises ``zipfile.BadZipFile`` where the scan stops: a header or data cut short, a CRC
+    that does not match, an encrypted member, a method other than stored or deflated, a
+    member of unknown size that is stored or inflates past `limit`, or the start of the
+    central directory (the members before it are whole, but the archive is damaged).
+    """
+    offset = 0
+    while True:
+        raw.seek(offset)
+        head = raw.read(_LOCAL_HEADER.size)
+        if head[:4] in _ENDS:
+            raise zipfile.BadZipFile("the zip's central directory is cut or damaged")
+        if len(head) < _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile("the zip is cut or damaged: no member header here")
+        _, _, flags, method, _, _, crc, csize, size, name_len, extra_len = _LOCAL_HEADER.unpack(
+            head
+        )
+        rest = raw.read(name_len + extra_len)
+        if len(rest) < name_len + extra_len:
+            raise zipfile.BadZipFile("the zip is cut in a member header")
+        if flags & 0x1 or method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise zipfile.BadZipFile("an encrypted member, or one of another method")
+        info = zipfile.ZipInfo(rest[:name_len].decode("utf-8" if flags & 0x800 else "cp437"))
+        info.compress_type = method
+        info.header_offset = data = offset + _LOCAL_HEADER.size + name_len + extra_len
+        if flags & 0x8:  # sizes and CRC follow the data, in a descriptor
+            if method != zipfile.ZIP_DEFLATED:
+                raise zipfile.BadZipFile("a stored member of unknown size")
+            csize, size, crc = _inflate_to_end(raw, data, limit)
+            end = _after_descriptor(raw, data + csize, crc, csize, size)
+        else:
+            csize, size = _zip64_sizes(rest[name_len:], csize, size)
+            end = data + csize
+        info.compress_size, info.file_size, info.CRC = csize, size, crc
+        if verify and size <= limit:  # beyond the cap, the listing refuses the member
+            raw.seek(data)
+            with zipfile.ZipExtFile(raw, "r", info) as handle:
+                while handle.read(_OUT_CHUNK):  # EOFError if cut, BadZipFile on a bad CRC
+                    pass
+        elif verify:
+            raw.seek(end - 1)
+            if not raw.read(1):
+                raise zipfile.BadZipFile("the zip is cut in a member's data")
+        yield info
+        offset = end
+
+
+def _zip64_sizes(extra: bytes, csize: int, size: int) -> tuple[int, int]:
+    """The compressed and uncompressed sizes, from the zip64 extra field where the local
+    header says 0xFFFFFFFF."""
+    if 0xFFFFFFFF not in (csize, size):
+        return csize, size
+    at = 0
+    while at + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, at)
+        if tag == 1:
+            values = iter(struct.unpack_from(f"<{length // 8}Q", extra, at + 4))
+            size = next(values) if size == 0xFFFFFFFF else size
+            csize = next(values) if csize == 0xFFFFFFFF else csize
+            return csize, size
+        at += 4 + length
+    raise zipfile.BadZipFile("a zip64 member without its sizes")
+
+
+def _inflate_to_end(raw: Any, data: int, limit: int) -> tuple[int, int, int]:
+    """(compressed size, size, CRC-32) of the deflated member starting at `data`."""
+    raw.seek(data)
+    inflate = zlib.decompressobj(-15)
+    fed = size = crc = 0
+    while not inflate.eof:
+        chunk = raw.read(_IN_CHUNK)
+        if not chunk:
+            raise zipfile.BadZipFile("the zip is cut in a member's data")
+        fed += len(chunk)
+        while chunk and not inflate.eof:
+            out = inflate.decompress(chunk, _OUT_CHUNK)
+            size, crc = size + len(out), zlib.crc32(out, crc)
+            if size > limit:
+                raise zipfile.BadZipFile("a member of unknown size beyond the size cap")
+            chunk = inflate.unconsumed_tail
+    return fed - len(inflate.unused_data), size, crc
+
+
+def _after_descriptor(raw: Any, at: int, crc: int, csize: int, size: int) -> int:
+    """Where the data descriptor at `at` (signature optional, 4- or 8-byte sizes) ends."""
+    raw.seek(at)
+    found = raw.read(24)
+    if found[:4] == b"PK\x07\x08":
+        found, at = found[4:], at + 4
+    for width, form in ((4, "<3I"), (8, "<IQQ")):
+        if len(found) >= 4 + 2 * width and struct.unpack_from(form, found) == (crc, csize, size):
+            return at + 4 + 2 * width
+    raise zipfile.BadZipFile("a data descriptor cut short or not matching its member")
+
+
 class _Tar(_Archive):
     def __init__(self, raw: Any, stream: Any) -> None:
         super().__init__()
@@ -366,11 +508,31 @@ def walk_tar(
             pass  # to the compressed stream's end: its checksum is checked there
 
 
-def _open(protocol: str, target: str, storage_options: dict[str, Any] | None) -> _Archive:
-    """Open the archive at `target` (a path or fsspec URL) and what reads its members."""
+def walk_cut_zip(
+    target: str, storage_options: dict[str, Any] | None = None, *, limit: int
+) -> Iterator[zipfile.ZipInfo]:
+    """The whole members of the zip at `target` whose central directory is missing, each
+    checked against its CRC-32, then ``zipfile.BadZipFile`` where they end
+    (:func:`scan_cut_zip`)."""
+    with _open_raw(target, storage_options) as raw:
+        yield from scan_cut_zip(raw, limit=limit, verify=True)
+
+
+def _open(
+    protocol: str, target: str, storage_options: dict[str, Any] | None, limit: int
+) -> _Archive:
+    """Open the archive at `target` (a path or fsspec URL) and what reads its members
+    (`limit`: the size cap, for the members of a cut zip whose size is not declared)."""
     raw = _open_raw(target, storage_options)
     try:
-        archive: _Archive = _Zip(raw) if protocol == "zip" else _Tar(raw, _tar_stream(raw))
+        archive: _Archive
+        if protocol == "zip":
+            try:
+                archive = _Zip(raw)
+            except zipfile.BadZipFile:  # no central directory: cut short, read as far as whole
+                archive = _CutZip(raw, limit)
+        else:
+            archive = _Tar(raw, _tar_stream(raw))
     except BaseException:
         raw.close()
         raise

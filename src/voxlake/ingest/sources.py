@@ -26,6 +26,7 @@ import os
 import re
 import stat
 import urllib.parse
+import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -291,10 +292,33 @@ def _list_tar(
         yield _archive_problem(ref, exc, listed=len(seen))
 
 
+def _list_cut_zip(
+    ref: FileRef, *, storage_options: dict[str, Any] | None, max_member_bytes: int
+) -> Iterator[FileRef | ListingProblem]:
+    """The whole members of a zip without its central directory, from their local headers
+    (each checked against its CRC-32), then the archive as ``corrupt_archive``."""
+    from voxlake.ingest.archives import _normal, walk_cut_zip
+
+    seen: set[str] = set()
+    try:
+        for info in walk_cut_zip(ref.url, storage_options, limit=max_member_bytes):
+            name = _normal(info.filename)
+            if info.is_dir() or name in seen:
+                continue  # a name stored twice: its first copy is read (archives._CutZip)
+            seen.add(name)
+            yield _member(
+                ref, "zip", info.filename, size=info.file_size, link=False,
+                max_member_bytes=max_member_bytes,
+            )  # fmt: skip
+    except Exception as exc:  # always: the scan ends where the zip is cut or damaged
+        yield _archive_problem(ref, exc, listed=len(seen))
+
+
 def _list_zip(
     ref: FileRef, *, storage_options: dict[str, Any] | None, max_member_bytes: int
 ) -> Iterator[FileRef | ListingProblem]:
-    """A zip's members, from its central directory (a cut zip has none: nothing is listed)."""
+    """A zip's members, from its central directory (a zip cut short has none: its whole
+    members are found from their local headers, :func:`_list_cut_zip`)."""
     import fsspec
 
     target = ref.url if "://" in ref.url else "file://" + os.path.abspath(ref.url)
@@ -307,6 +331,11 @@ def _list_zip(
             skip_instance_cache=True,
         )
         members = fs.find("", detail=True)
+    except zipfile.BadZipFile:  # no central directory: a zip cut short, read as far as whole
+        yield from _list_cut_zip(
+            ref, storage_options=storage_options, max_member_bytes=max_member_bytes
+        )
+        return
     except Exception as exc:
         yield _archive_problem(ref, exc, listed=0)
         return

@@ -535,6 +535,13 @@ def _archives(b: Builder) -> None:
     cut_url = catalog_url(cut)
     listed, cut_member = cut_tar_members(buffer.getvalue(), cut.read_bytes())
     assert len(listed) - bool(cut_member) >= 2, "whole members of the series precede the cut"
+    zip_series = b.series("truncated_zip_series", b.root / "scratch" / "cut_zip", n_slices=12)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for path in zip_series.files:
+            z.write(path, f"series/{path.name}")
+    cut_zip = folder / "truncated.zip"
+    cut_zip.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10])
     links = folder / "links.tar"
     with tarfile.open(links, "w") as tar:
         for index, kind in enumerate((tarfile.SYMTYPE, tarfile.LNKTYPE)):
@@ -561,6 +568,11 @@ def _archives(b: Builder) -> None:
         "truncated_tar_gz_series", "a series whose first half is in a .tar.gz cut in half (a "
         "shorter volume would lose its end without a word)", "failure", ("archive_damaged",),
         "assemble", (), (cut_series.spec.series_instance_uid,)))
+    b.listed("truncated_zip", "a .zip cut short (its central directory lost)",
+             "corrupt_archive", catalog_url(cut_zip))
+    b.cases.append(HostileCase(
+        "truncated_zip_series", "a series whose first half is whole in a .zip cut short",
+        "failure", ("archive_damaged",), "assemble", (), (zip_series.spec.series_instance_uid,)))
     b.listed("tar_links_outside", "tar symlink and hard link members to /etc/passwd and "
              "/etc/shadow", "unsafe_member_path", f"tar://link-0.dcm::{tar_url}",
              f"tar://link-1.dcm::{tar_url}")
