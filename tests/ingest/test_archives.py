@@ -314,7 +314,7 @@ def test_tar_listing_names_what_fsspec_names_and_refuses_what_escapes(tmp_path, 
         assert open_bytes(ref.url, max_bytes=1 << 20) == expected
 
 
-@pytest.mark.parametrize("kind", ["tar", "tar.gz"])
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "tar.bz2", "tar.xz"])
 @pytest.mark.parametrize("fraction", [0.13, 0.5, 0.77, 0.95])
 def test_a_cut_tar_lists_the_members_before_the_cut_then_fails(tmp_path, kind, fraction):
     members = {f"S0/IM{i:03d}": os.urandom(50_000) for i in range(40)}
@@ -322,12 +322,13 @@ def test_a_cut_tar_lists_the_members_before_the_cut_then_fails(tmp_path, kind, f
     whole = path.read_bytes()
     path.write_bytes(whole[: int(len(whole) * fraction)])
     listed, cut = cut_tar_members(whole, path.read_bytes())
-    assert listed, "the cut leaves members"
+    # bzip2 makes nothing of a block cut short (900 kB of input): 13% leaves no member
+    assert listed or (kind, fraction) == ("tar.bz2", 0.13), "the cut leaves members"
     items = list(list_source(path))
     *refs, problem = items
     assert [_member(r.url) for r in refs] == listed
     assert (problem.url, problem.code) == (str(path), "corrupt_archive")
-    assert f"after {len(refs)} members" in problem.message
+    assert (f"after {len(refs)} members" in problem.message) == bool(refs)
     for ref in refs:
         if _member(ref.url) == cut:
             with pytest.raises(SourceError) as info:

@@ -190,17 +190,28 @@ def spec_for(name: str, **changes: Any) -> SeriesSpec:
 
 
 def cut_tar_members(whole: bytes, cut: bytes) -> tuple[list[str], str | None]:
-    """What a correct reader lists from `cut`, a prefix of the tar or tar.gz `whole`: the
-    members whose headers are whole, and the one of them whose data the cut runs through
-    (None if none). Computed from the whole archive's member offsets (``tarfile``) and the
-    bytes the prefix decompresses to (``zlib``), not by walking the cut archive."""
-    import gzip
+    """What a correct reader lists from `cut`, a prefix of the tar `whole` (plain, gzip,
+    bzip2 or xz): the members whose headers are whole, and the one of them whose data the
+    cut runs through (None if none). Computed from the whole archive's member offsets
+    (``tarfile``) and the bytes the prefix decompresses to (``zlib``, ``bz2``, ``lzma``),
+    not by walking the cut archive."""
+    import bz2
+    import lzma
     import tarfile
     import zlib
 
-    compressed = whole[:2] == b"\x1f\x8b"
-    tar_bytes = gzip.decompress(whole) if compressed else whole
-    available = len(zlib.decompressobj(31).decompress(cut)) if compressed else len(cut)
+    def decompressor() -> Any:  # the compression's own module, None for a plain tar
+        if whole[:2] == b"\x1f\x8b":
+            return zlib.decompressobj(31)
+        if whole[:3] == b"BZh":
+            return bz2.BZ2Decompressor()
+        if whole[:6] == b"\xfd7zXZ\x00":
+            return lzma.LZMADecompressor()
+        return None
+
+    first, second = decompressor(), decompressor()
+    tar_bytes = whole if first is None else first.decompress(whole)
+    available = len(cut) if second is None else len(second.decompress(cut))
     listed: list[str] = []
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as archive:
         for info in archive:
