@@ -8,7 +8,9 @@ the few archives it reads open (:data:`OPEN_ARCHIVES`, closed after :data:`IDLE_
 unused, when a local archive's size or mtime changes, or when a remote one's size, ETag or
 modification time does, asked every :data:`REVALIDATE_SECONDS`), with their member index:
 
-- zip: Python's ``zipfile`` over the archive, its central directory read once;
+- zip: Python's ``zipfile`` over the archive, its central directory read once; a zip cut
+  short has none (it is at the end): its members are found from their local headers, in
+  order, as far as they are whole (:func:`scan_cut_zip`);
 - tar: the members are indexed as far as the reads have gone (``tarfile``'s own walk,
   resumed where it stopped); a plain tar is read at each member's offset;
 - tar.gz: decompressed through :class:`SeekableGzip`, which remembers the decompressor's
@@ -128,13 +130,7 @@ def read_member(
     except OSError:
         _CACHE.drop(key)  # the next read opens it again
         raise
-    except (
-        tarfile.TarError,
-        zipfile.BadZipFile,
-        zlib.error,
-        EOFError,
-        lzma.LZMAError,
-    ) as exc:
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, lzma.LZMAError) as exc:
         # The archive stays open: the members before the damage still read, and the
         # next member after it fails where this one did, not after a pass from the start.
         raise SourceError(
@@ -350,9 +346,12 @@ def scan_cut_zip(raw: Any, *, limit: int, verify: bool) -> Iterator[zipfile.ZipI
         info.compress_size, info.file_size, info.CRC = csize, size, crc
         if verify and size <= limit:  # beyond the cap, the listing refuses the member
             raw.seek(data)
-            with zipfile.ZipExtFile(raw, "r", info) as handle:
-                while handle.read(_OUT_CHUNK):  # EOFError if cut, BadZipFile on a bad CRC
-                    pass
+            try:
+                with zipfile.ZipExtFile(raw, "r", info) as handle:
+                    while handle.read(_OUT_CHUNK):  # BadZipFile on a bad CRC
+                        pass
+            except (EOFError, zlib.error) as exc:
+                raise zipfile.BadZipFile("the zip is cut or damaged in a member's data") from exc
         elif verify:
             raw.seek(end - 1)
             if not raw.read(1):
