@@ -95,6 +95,28 @@ def test_sql_and_pushdown(writer):
     assert cat.to_dask("volumes").compute().shape[0] == 10
 
 
+@pytest.mark.parametrize("folder", ["my catalog", "50% of it", "café"])
+def test_a_catalog_whose_path_needs_escaping_reads_every_way(tmp_path, folder):
+    """delta-rs percent-encodes the file URIs it lists (``my%20catalog``): every reader that
+    opens the files itself (DuckDB's Parquet reader, dask, a concurrent writer's poll)
+    must still find them."""
+    from voxlake.catalog.concurrent import ForeignRows
+
+    url = str(tmp_path / folder / "cat")
+    writer = CatalogWriter(url)
+    writer.commit({"volumes": [volume(str(i)) for i in range(3)]}, run_id="a", operation="t")
+    first = open_catalog(url).table_versions["volumes"]
+    poll = ForeignRows(
+        url, "volumes", run_id="b", key="volume_id", columns=("revision",), version=first
+    )
+    writer.commit({"volumes": [volume(str(i)) for i in range(3, 5)]}, run_id="a", operation="t")
+    cat = open_catalog(url)
+    for engine in ("parquet", "arrow"):
+        assert int(cat.sql("SELECT count(*) AS n FROM volumes", engine=engine).n[0]) == 5
+    assert cat.to_dask("volumes").compute().shape[0] == 5
+    assert len(poll.poll()) == 2  # the other run's rows since, read from the files it added
+
+
 def test_missing_catalog_is_a_clear_error(tmp_path):
     with pytest.raises(CatalogError) as info:
         open_catalog(tmp_path / "nothing")

@@ -439,3 +439,32 @@ def test_the_cli_catalogs_headers_only_without_a_store(tmp_path, tiny_sample, da
     surveyed = open_catalog(catalog)
     assert len(surveyed.instances) == sum(len(s.files) for s in tiny_sample.series)
     assert len(surveyed.volumes) == 0
+
+
+def test_the_cli_prints_a_command_that_shows_what_failed(tmp_path, tiny_sample, dask_client):
+    import shlex
+    import subprocess
+    import sys
+
+    voxlake = str(Path(sys.executable).with_name("voxlake"))
+    env = {**os.environ, "VOXLAKE_SECRET": SECRET}
+    source = tmp_path / "in dir"  # a space: the printed command quotes the catalog path
+    shutil.copytree(tiny_sample.root / "dicom", source)
+    victim = sorted(source.rglob("*.dcm"))[3]
+    victim.write_bytes(victim.read_bytes()[:300])  # cut inside its header
+    catalog = tmp_path / "my catalog"
+    done = subprocess.run(
+        [voxlake, "ingest", str(source), "--catalog", str(catalog), "--store",
+         str(tmp_path / "v.zarr"), "--scheduler", dask_client.scheduler.address],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    hint = [line for line in done.stderr.splitlines() if line.startswith("what failed and why")]
+    assert len(hint) == 1, done.stderr
+    command = shlex.split(hint[0].split(": ", 1)[1])
+    assert command[:3] == ["voxlake", "catalog", "query"] and command[3] == str(catalog)
+    shown = subprocess.run(
+        [voxlake, *command[1:]], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "truncated_header" in shown.stdout and "file" in shown.stdout

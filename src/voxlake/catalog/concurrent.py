@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from voxlake.catalog._io import fsspec_options, read_parquet_file
 from voxlake.catalog.schema import SCHEMAS
-from voxlake.catalog.tables import _delta_options, table_url
+from voxlake.catalog.tables import _delta_options, data_files, table_url
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -86,7 +86,7 @@ class ForeignRows:
             self._version, self._files = -1, set[str]()
         else:
             self._table = DeltaTable(self._uri, version=version, storage_options=self._options)
-            self._version, self._files = version, set(self._table.file_uris())
+            self._version, self._files = version, set(data_files(self._table, self._uri))
 
     @property
     def version(self) -> int:
@@ -107,7 +107,7 @@ class ForeignRows:
         if current == self._version:
             return self._empty()
         self._version = current
-        files = set(self._table.file_uris())  # from the log already read: no listing
+        files = set(data_files(self._table, self._uri))  # from the log read: no listing
         added, self._files = sorted(files - self._files), files
         options = fsspec_options(self._options)
         frames = []

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
-from voxlake.catalog.tables import TABLES
+from voxlake.catalog.tables import TABLES, data_files, table_url
 
 if TYPE_CHECKING:
     import pyarrow.compute as pc
@@ -106,7 +106,9 @@ def duckdb_connection(catalog: Catalog, engine: Engine = "auto") -> Any:
         )
     for name in TABLES:
         files = (
-            [] if catalog.table_versions[name] is None else catalog.delta_table(name).file_uris()
+            []
+            if catalog.table_versions[name] is None
+            else data_files(catalog.delta_table(name), table_url(catalog.url, name))
         )
         if not files:
             con.register(name, catalog.dataset(name))  # empty: keep the schema

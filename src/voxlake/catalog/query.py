@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from voxlake.catalog._io import fsspec_options, read_parquet_file
-from voxlake.catalog.tables import TABLES, _delta_options, table_url
+from voxlake.catalog.tables import TABLES, _delta_options, data_files, table_url
 from voxlake.errors import CatalogError
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ class Catalog:
         meta = schema.empty_table().to_pandas()
         if self.table_versions.get(name, 0) is None:
             return dd.from_pandas(meta, npartitions=1)
-        files = self.delta_table(name).file_uris()
+        files = data_files(self.delta_table(name), table_url(self.url, name))
         if not files:
             return dd.from_pandas(meta, npartitions=1)
         return dd.from_map(

@@ -43,6 +43,7 @@ __all__ = [
     "ROW_GROUP_ROWS",
     "TABLES",
     "CatalogWriter",
+    "data_files",
     "rows_to_table",
     "table_url",
     "writer_properties",
@@ -80,6 +81,18 @@ COMMITS_SCHEMA = pa.schema(
 def table_url(root: str | os.PathLike[str], name: str) -> str:
     """URL of one table under the catalog root."""
     return f"{os.fspath(root).rstrip('/')}/{name}"
+
+
+def data_files(table: Any, url: str) -> list[str]:
+    """The Parquet files of the Delta `table` at `url`, as paths or URLs that open as
+    given: `url` joined with each file's name.
+
+    delta-rs percent-encodes ``file_uris()`` (a catalog under ``my data/`` comes back as
+    ``my%20data/``, which no file system opens); voxlake's tables are not partitioned, so
+    every file lies right under the table and its name is plain.
+    """
+    root = url.rstrip("/")
+    return [f"{root}/{uri.rsplit('/', 1)[-1]}" for uri in table.file_uris()]
 
 
 def _delta_options(storage_options: Mapping[str, Any] | None) -> dict[str, str] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -42,6 +43,14 @@ def sample_data(
 
 
 # --------------------------------------------------------------------------- ingest
+#: Printed after a run with failures: each code with a count and an example message.
+FAILURES_QUERY = (
+    "SELECT code, stage, count(*) AS n, any_value(message) AS example FROM failures "
+    "GROUP BY ALL ORDER BY n DESC"
+)
+FAILURE_CODES_DOC = "docs/reliability.md"
+
+
 def _print_report(report: IngestReport) -> None:
     table = Table(title=f"ingest run {report.run_id}: {report.status}", show_header=False)
     written = "none: headers only" if report.headers_only else report.volumes_written
@@ -130,6 +139,12 @@ def run_ingest(
         console.print(
             "headers only: run the same command with --store URL (without --headers-only)"
             " to build the volumes; unchanged files are not read again"
+        )
+    if report.failures:
+        console.print(
+            f"what failed and why ({FAILURE_CODES_DOC} explains each code): voxlake catalog "
+            f"query {shlex.quote(report.catalog_url)} {shlex.quote(FAILURES_QUERY)}",
+            soft_wrap=True,
         )
     return report
 
