@@ -33,6 +33,7 @@ present a client certificate where the PACS asks for one. Needs ``pynetdicom``
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -47,13 +48,15 @@ from voxlake.ingest.sources import UID_PATTERN
 from voxlake.keys import keyed_hash
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from pydicom.dataset import Dataset
 
     from voxlake.ingest.sources import FileRef, ListingProblem
 
 __all__ = ["Associations", "fetch_instance", "is_dimse", "list_instances"]
+
+logger = logging.getLogger(__name__)
 
 _PREFIX = "dimse://"
 #: Keywords searched at the series and instance levels; any other is a patient or study key.
@@ -220,11 +223,15 @@ def _query(level: str, keys: dict[str, str], returned: tuple[str, ...]) -> Datas
     return query
 
 
+class _NoAnswer(SourceError):
+    """A C-FIND without an answer: the association was aborted or the DIMSE timeout hit."""
+
+
 def _find(assoc: Any, query: Dataset, model: Any) -> list[Dataset]:
     answers = []
     for status, identifier in assoc.send_c_find(query, model):
         if not status:  # no answer in time, or the PACS aborted the association
-            raise SourceError(
+            raise _NoAnswer(
                 "the PACS aborted the association or did not answer a C-FIND",
                 code="source_unreachable",
                 hint=_PERMISSION_HINT,
@@ -242,8 +249,27 @@ def _uid(answer: Dataset, keyword: str) -> str:
     return str(answer.get(keyword, "") or "").strip()
 
 
+class _Finder:
+    """C-FINDs on one association; a C-FIND left without an answer is asked once more on
+    a new association (pynetdicom, rarely, takes a fast answer for a request of the
+    peer's, logs "Received unexpected C-FIND service message" and drops it)."""
+
+    def __init__(self, ae: Any, peer: _Peer, options: _Options, model: Any) -> None:
+        self._ae, self._peer, self._options, self._model = ae, peer, options, model
+        self.assoc = _associate(ae, peer, options)
+
+    def __call__(self, query: Dataset) -> list[Dataset]:
+        try:
+            return _find(self.assoc, query, self._model)
+        except _NoAnswer:
+            logger.warning("a C-FIND went unanswered: asking again on a new association")
+            self.assoc.abort()
+            self.assoc = _associate(self._ae, self._peer, self._options)
+            return _find(self.assoc, query, self._model)
+
+
 def _instances(
-    assoc: Any, model: Any, filters: dict[str, str]
+    find: Callable[[Dataset], list[Dataset]], filters: dict[str, str]
 ) -> Iterator[tuple[str, str, Dataset]]:
     """(study UID, series UID, instance answer) of every instance the hierarchical search
     finds: each filter asked at its level; studies and series whose UID is malformed are
@@ -251,18 +277,18 @@ def _instances(
     series_keys = {k: v for k, v in filters.items() if k in _SERIES_KEYS}
     image_keys = {k: v for k, v in filters.items() if k in _IMAGE_KEYS}
     study_keys = {k: v for k, v in filters.items() if k not in series_keys and k not in image_keys}
-    studies = _find(assoc, _query("STUDY", study_keys, ("StudyInstanceUID",)), model)
+    studies = find(_query("STUDY", study_keys, ("StudyInstanceUID",)))
     for study in (_uid(a, "StudyInstanceUID") for a in studies):
         if not UID_PATTERN.match(study):
             continue
         keys = {**series_keys, "StudyInstanceUID": study}
-        answers = _find(assoc, _query("SERIES", keys, ("SeriesInstanceUID",)), model)
+        answers = find(_query("SERIES", keys, ("SeriesInstanceUID",)))
         for series in (_uid(a, "SeriesInstanceUID") for a in answers):
             if not UID_PATTERN.match(series):
                 continue
             keys = {**image_keys, "StudyInstanceUID": study, "SeriesInstanceUID": series}
             returned = ("SOPInstanceUID", "SOPClassUID")
-            for answer in _find(assoc, _query("IMAGE", keys, returned), model):
+            for answer in find(_query("IMAGE", keys, returned)):
                 yield study, series, answer
 
 
@@ -282,9 +308,9 @@ def list_instances(
     _check_keywords(filters)
     ae = _application_entity(options)
     ae.add_requested_context(FIND)
-    assoc = _associate(ae, peer, options)
+    find = _Finder(ae, peer, options, FIND)
     try:
-        for study, series, answer in _instances(assoc, FIND, filters):
+        for study, series, answer in _instances(find, filters):
             sop, sop_class = _uid(answer, "SOPInstanceUID"), _uid(answer, "SOPClassUID")
             if not sop:
                 continue
@@ -298,7 +324,7 @@ def list_instances(
             )
             yield FileRef(safe, 0, 0.0, locator=locator)
     finally:
-        assoc.release()
+        find.assoc.release()
 
 
 #: First byte of a P-DATA-TF PDU (DICOM PS3.8 9.3.5).

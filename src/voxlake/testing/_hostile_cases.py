@@ -22,7 +22,6 @@ import numpy as np
 from voxlake.testing.hostile import (
     MAX_FILE_BYTES,
     Builder,
-    HostileCase,
     catalog_url,
     cut_tar_members,
     edit_dicom,
@@ -564,15 +563,13 @@ def _archives(b: Builder) -> None:
     b.listed("truncated_tar_gz", "a .tar.gz cut in half (and the member the cut runs "
              "through, if any)", "corrupt_archive", cut_url,
              *([f"tar://{cut_member}::{cut_url}"] if cut_member else []))
-    b.cases.append(HostileCase(
-        "truncated_tar_gz_series", "a series whose first half is in a .tar.gz cut in half (a "
-        "shorter volume would lose its end without a word)", "failure", ("archive_damaged",),
-        "assemble", (), (cut_series.spec.series_instance_uid,)))
+    b.series_fails("truncated_tar_gz_series", "a series whose first half is in a .tar.gz cut "
+                   "in half (a shorter volume would lose its end without a word)",
+                   ["archive_damaged"], cut_series)
     b.listed("truncated_zip", "a .zip cut short (its central directory lost)",
              "corrupt_archive", catalog_url(cut_zip))
-    b.cases.append(HostileCase(
-        "truncated_zip_series", "a series whose first half is whole in a .zip cut short",
-        "failure", ("archive_damaged",), "assemble", (), (zip_series.spec.series_instance_uid,)))
+    b.series_fails("truncated_zip_series", "a series whose first half is whole in a .zip cut "
+                   "short", ["archive_damaged"], zip_series)
     b.listed("tar_links_outside", "tar symlink and hard link members to /etc/passwd and "
              "/etc/shadow", "unsafe_member_path", f"tar://link-0.dcm::{tar_url}",
              f"tar://link-1.dcm::{tar_url}")
@@ -637,16 +634,16 @@ def _permissions(b: Builder) -> None:
         info = tarfile.TarInfo("x.dcm")
         info.size = len(good)
         tarred.addfile(info, io.BytesIO(good))
-    for path in archives.values():
-        path.chmod(0)
+    for unreadable in archives.values():
+        unreadable.chmod(0)
     # fmt: off
     b.listed("unreadable_file", "a file without read permission", "permission_denied",
              catalog_url(path), unprivileged=True)
     b.listed("unreadable_folder", "a folder without read permission", "unreadable",
              catalog_url(locked), unprivileged=True)
-    for kind, path in archives.items():
+    for kind, unreadable in archives.items():
         b.listed(f"unreadable_{kind.replace('.', '_')}", f"a .{kind} without read permission "
-                 "(the archive is not damaged)", "permission_denied", catalog_url(path),
+                 "(the archive is not damaged)", "permission_denied", catalog_url(unreadable),
                  unprivileged=True)
     # fmt: on
 

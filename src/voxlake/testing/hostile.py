@@ -305,6 +305,17 @@ class Builder:
         """A series written clean, then broken by ``change``; it fails with ``codes``."""
         written = self.series(name, **spec)
         change(written)
+        self.series_fails(name, description, codes, written, stage)
+
+    def series_fails(
+        self,
+        name: str,
+        description: str,
+        codes: Sequence[str],
+        written: WrittenSeries,
+        stage: str = "assemble",
+    ) -> None:
+        """A case whose series ``written`` fails as a whole with ``codes``."""
         uids = (written.spec.series_instance_uid,)
         self.cases.append(HostileCase(name, description, "failure", tuple(codes), stage, (), uids))
 
