@@ -132,7 +132,7 @@ def test_associations_do_not_wait_on_nagles_algorithm(pacs, monkeypatch):
 
 def test_a_c_find_left_unanswered_is_asked_again_on_a_new_association(pacs, monkeypatch, caplog):
     """pynetdicom now and then takes the PACS's fast answer for a request, drops it and
-    waits out the DIMSE timeout (seen once in CI's Python 3.13 run). The second C-FIND of
+    waits out the DIMSE timeout (seen once in a Python 3.13 suite run). The second C-FIND of
     the search is made to go unanswered once; the listing must still be whole."""
     from voxlake.ingest import dimse
 
