@@ -48,7 +48,6 @@ FAILURES_QUERY = (
     "SELECT code, stage, count(*) AS n, any_value(message) AS example FROM failures "
     "GROUP BY ALL ORDER BY n DESC"
 )
-FAILURE_CODES_DOC = "docs/reliability.md"
 
 
 def _print_report(report: IngestReport) -> None:
@@ -142,7 +141,7 @@ def run_ingest(
         )
     if report.failures:
         console.print(
-            f"what failed and why ({FAILURE_CODES_DOC} explains each code): voxlake catalog "
+            "what failed and why (docs/reliability.md explains each code): voxlake catalog "
             f"query {shlex.quote(report.catalog_url)} {shlex.quote(FAILURES_QUERY)}",
             soft_wrap=True,
         )

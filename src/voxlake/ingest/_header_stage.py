@@ -108,6 +108,8 @@ def header_tasks(refs: list[FileRef], size: int) -> Iterator[list[FileRef]]:
 class HeaderStage(RunState):
     """The header pass of a run."""
 
+    failed_archives: set[str]  # failed subjects that may be archives: see seen_files
+
     def seen_files(self) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]]:
         catalog = open_catalog(self.catalog_url, storage_options=self.catalog_options)
         # What other runs commit from this snapshot on (concurrent ingests): see _append_new.
@@ -125,7 +127,8 @@ class HeaderStage(RunState):
         fails = fails.assign(
             size=fails["size"].where(~retry, -1), mtime=fails.mtime.where(~retry, -1)
         )
-        # Archives with failure rows of their own (listing): cleared once listed cleanly.
+        # Failed files that are no archive member: the archives among them that list
+        # cleanly in this run have their rows cleared (_heal_archives).
         self.failed_archives = {u for u in fails.subject if archive_of(u) is None}
         ok = {
             u: (int(s), float(m))

@@ -105,7 +105,6 @@ class RunState:
         self.foreign_failures: ForeignRows | None = None  # set by plan_and_submit
         # Archives this run's listing found cut or damaged: their series are refused.
         self.damaged_archives: set[str] = set()
-        self.failed_archives: set[str] = set()  # with failure rows: see HeaderStage.seen_files
 
     def run_row(self, status: str, message: str | None = None) -> dict[str, Any]:
         r = self.report

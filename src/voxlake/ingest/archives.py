@@ -42,7 +42,7 @@ import zlib
 from typing import TYPE_CHECKING, Any, Final
 
 from voxlake.errors import SourceError
-from voxlake.ingest.file_reads import _read_error, read_whole
+from voxlake.ingest.file_reads import _read_error, open_binary, read_whole
 
 
 def _inflate_module() -> Any:
@@ -246,6 +246,41 @@ def _missing() -> SourceError:
     return SourceError("archive member not found", code="unreadable")
 
 
+class _Index:
+    """The members a walk of the archive finds, indexed as far as the reads have needed
+    (a name archived twice is read as its first copy, wherever the walk stands: an
+    extractor would take the last, which needs a walk to the end). Where the walk fails
+    (damage, a cut), the members found stay readable and every later search raises the
+    same error at once, not after another pass."""
+
+    def __init__(self, walk: Iterator[tuple[str, Any]]) -> None:
+        self._walk: Iterator[tuple[str, Any]] | None = walk
+        self._found: dict[str, Any] = {}
+        self._error: Exception | None = None
+
+    def find(self, member: str) -> Any:
+        while member not in self._found and self._walk is not None:
+            try:
+                name, info = next(self._walk)
+            except StopIteration:
+                self._walk = None
+            except Exception as exc:
+                self._walk, self._error = None, exc
+            else:
+                self._found.setdefault(_normal(name), info)
+        if member not in self._found and self._error is not None:
+            raise self._error.with_traceback(None)  # not a traceback grown by each raise
+        return self._found.get(member)
+
+
+def _headers(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """`tar`'s member headers, read one by one. tarfile also keeps each in a list (a large
+    archive's would fill the memory); nothing here reads it, so it is emptied."""
+    while (info := tar.next()) is not None:
+        tar.members.clear()  # type: ignore[attr-defined]
+        yield info
+
+
 class _Zip(_Archive):
     def __init__(self, raw: Any) -> None:
         super().__init__()
@@ -273,24 +308,12 @@ class _CutZip(_Archive):
     def __init__(self, raw: Any, limit: int) -> None:
         super().__init__()
         self._raw = raw
-        self._scan: Iterator[zipfile.ZipInfo] | None = scan_cut_zip(raw, limit=limit, verify=False)
-        self._members: dict[str, zipfile.ZipInfo] = {}
-        self._error: Exception | None = None
+        scan = scan_cut_zip(raw, limit=limit, verify=False)
+        self._index = _Index((info.filename, info) for info in scan)
 
     def read(self, member: str, max_bytes: int) -> bytes:
-        while member not in self._members and self._scan is not None:
-            try:
-                found = next(self._scan)
-            except StopIteration:
-                self._scan = None
-            except zipfile.BadZipFile as exc:  # the members after the damage stay unknown
-                self._scan, self._error = None, exc
-            else:
-                self._members.setdefault(_normal(found.filename), found)
-        info = self._members.get(member)
+        info = self._index.find(member)
         if info is None:
-            if self._error is not None:
-                raise zipfile.BadZipFile(str(self._error))
             raise _missing()
         self._raw.seek(info.header_offset)  # here: the member's data (see scan_cut_zip)
         with zipfile.ZipExtFile(self._raw, "r", info) as handle:  # checks the CRC at the end
@@ -414,24 +437,10 @@ class _Tar(_Archive):
         self._raw = raw
         self._stream = stream
         self._tar = tarfile.open(fileobj=stream, mode="r:")  # noqa: SIM115 (kept open)
-        self._members: dict[str, tarfile.TarInfo] = {}
-        self._walked = False
-
-    def _find(self, member: str) -> tarfile.TarInfo | None:
-        """The member's header: indexed already, or walked to from where the walk stopped."""
-        while member not in self._members and not self._walked:
-            info = self._tar.next()
-            self._tar.members.clear()  # type: ignore[attr-defined]  # kept in self._members
-            if info is None:
-                self._walked = True
-                break
-            # A name archived twice is read as its first copy, wherever the walk stands
-            # (tarfile would extract the last: that needs a walk to the end).
-            self._members.setdefault(_normal(info.name), info)
-        return self._members.get(member)
+        self._index = _Index((info.name, info) for info in _headers(self._tar))
 
     def read(self, member: str, max_bytes: int) -> bytes:
-        info = self._find(member)
+        info = self._index.find(member)
         if info is None or not info.isfile():  # links were refused when listing
             raise _missing()
         handle = self._tar.extractfile(info)
@@ -443,18 +452,6 @@ class _Tar(_Archive):
         self._tar.close()
         self._stream.close()
         self._raw.close()
-
-
-def _open_raw(target: str, storage_options: dict[str, Any] | None) -> Any:
-    """The archive at `target` (a path or fsspec URL), opened for binary reads."""
-    from voxlake.ingest.sources import local_path_of, open_kwargs
-
-    local = local_path_of(target)
-    if local is not None:
-        return open(local, "rb")
-    import fsspec
-
-    return fsspec.open(target, "rb", **open_kwargs(target, storage_options)).open()
 
 
 def _tar_stream(raw: Any, *, forward_only: bool = False) -> Any:
@@ -486,14 +483,10 @@ def walk_tar(
     with its end-of-archive block, and a compressed stream with its own end (gzip's
     checksum), or the walk raises ``tarfile.ReadError``.
     """
-    with _open_raw(target, storage_options) as raw:
+    with open_binary(target, storage_options) as raw:
         stream = _tar_stream(raw, forward_only=True)
         with tarfile.open(fileobj=stream, mode="r:") as tar:
-            while (info := tar.next()) is not None:
-                # tarfile keeps every member read in a list (a large archive's would fill
-                # the driver's memory); nothing here reads it.
-                tar.members.clear()  # type: ignore[attr-defined]
-                yield info
+            yield from _headers(tar)
             end = tar.offset
         stream.seek(end)
         block = stream.read(tarfile.BLOCKSIZE)
@@ -513,7 +506,7 @@ def walk_cut_zip(
     """The whole members of the zip at `target` whose central directory is missing, each
     checked against its CRC-32, then ``zipfile.BadZipFile`` where they end
     (:func:`scan_cut_zip`)."""
-    with _open_raw(target, storage_options) as raw:
+    with open_binary(target, storage_options) as raw:
         yield from scan_cut_zip(raw, limit=limit, verify=True)
 
 
@@ -522,7 +515,7 @@ def _open(
 ) -> _Archive:
     """Open the archive at `target` (a path or fsspec URL) and what reads its members
     (`limit`: the size cap, for the members of a cut zip whose size is not declared)."""
-    raw = _open_raw(target, storage_options)
+    raw = open_binary(target, storage_options)
     try:
         archive: _Archive
         if protocol == "zip":

@@ -23,7 +23,14 @@ if TYPE_CHECKING:
     from voxlake.ingest.dimse import Associations
     from voxlake.ingest.sources import FileRef
 
-__all__ = ["READ_AHEAD_BYTES", "READ_AHEAD_FILES", "open_bytes", "read_ahead", "read_whole"]
+__all__ = [
+    "READ_AHEAD_BYTES",
+    "READ_AHEAD_FILES",
+    "open_binary",
+    "open_bytes",
+    "read_ahead",
+    "read_whole",
+]
 
 _READ_CHUNK = 8 * 1024 * 1024
 
@@ -60,7 +67,7 @@ def open_bytes(
     """Read a whole file (local path, ``file://`` or fsspec URL, or a PACS instance),
     refusing oversize files. ``associations``: where DIMSE instances reuse associations."""
     from voxlake.ingest import archives, dicomweb, dimse
-    from voxlake.ingest.sources import local_path_of, open_kwargs
+    from voxlake.ingest.sources import local_path_of
 
     if dicomweb.is_dicomweb(url):
         return dicomweb.fetch_instance(url, max_bytes=max_bytes, storage_options=storage_options)
@@ -69,16 +76,12 @@ def open_bytes(
             url, max_bytes=max_bytes, storage_options=storage_options, associations=associations
         )
 
-    local = local_path_of(url)
     try:
         if archives.is_archive_member(url):  # through the archive this process keeps open
             return archives.read_member(url, max_bytes=max_bytes, storage_options=storage_options)
-        if local is not None:
-            with open(local, "rb") as handle:
+        with open_binary(url, storage_options) as handle:
+            if local_path_of(url) is not None:
                 return _read_local(handle, max_bytes)
-        import fsspec
-
-        with fsspec.open(url, "rb", **open_kwargs(url, storage_options)) as handle:
             return read_whole(handle, max_bytes)
     except SourceError:
         raise  # the cap (a SourceError is an OSError too)
@@ -92,6 +95,19 @@ def open_bytes(
         raise SourceError(
             f"source unreachable ({type(exc).__name__})", code="source_unreachable"
         ) from exc
+
+
+def open_binary(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """The file at `url` (a local path, ``file://`` or fsspec URL) opened for binary
+    reads; the caller closes it."""
+    from voxlake.ingest.sources import local_path_of, open_kwargs
+
+    local = local_path_of(url)
+    if local is not None:
+        return open(local, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb", **open_kwargs(url, storage_options)).open()
 
 
 def _read_local(handle: Any, max_bytes: int) -> bytes:

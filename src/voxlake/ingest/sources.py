@@ -267,51 +267,61 @@ def _archive_problem(ref: FileRef, exc: Exception, *, listed: int) -> ListingPro
     )
 
 
+def _list_walked(
+    ref: FileRef,
+    protocol: str,
+    walk: Iterator[tuple[str, int, bool]],
+    *,
+    max_member_bytes: int,
+) -> Iterator[FileRef | ListingProblem]:
+    """The members a walk of the archive `ref` finds (``(name, declared size, is a link)``
+    of each one that holds or points at a file), as they come; where the walk fails, the
+    archive as a problem (``corrupt_archive``: cut or damaged there)."""
+    from voxlake.ingest.archives import _normal
+
+    seen: set[str] = set()
+    try:
+        for name, size, link in walk:
+            if _normal(name) in seen:
+                continue  # a name archived twice: its first copy is read (archives._Index)
+            seen.add(_normal(name))
+            yield _member(
+                ref, protocol, name, size=size, link=link, max_member_bytes=max_member_bytes
+            )
+    except Exception as exc:
+        yield _archive_problem(ref, exc, listed=len(seen))
+
+
 def _list_tar(
     ref: FileRef, *, storage_options: dict[str, Any] | None, max_member_bytes: int
 ) -> Iterator[FileRef | ListingProblem]:
     """A tar's members as its headers are read (a compressed tar is decompressed once,
     forward, while the workers already read the members listed): the members before
     damage or a cut are listed, then the archive is ``corrupt_archive``."""
-    from voxlake.ingest.archives import _normal, walk_tar
+    from voxlake.ingest.archives import walk_tar
 
-    seen: set[str] = set()
-    try:
-        for info in walk_tar(ref.url, storage_options):
-            if not (info.isreg() or info.issym() or info.islnk()):
-                continue  # folders, devices, pipes: nothing to read
-            name = _normal(info.name)
-            if name in seen:
-                continue  # a name archived twice: its first copy is read (archives._Tar)
-            seen.add(name)
-            yield _member(
-                ref, "tar", info.name, size=info.size, link=not info.isreg(),
-                max_member_bytes=max_member_bytes,
-            )  # fmt: skip
-    except Exception as exc:
-        yield _archive_problem(ref, exc, listed=len(seen))
+    walk = (
+        (info.name, info.size, not info.isreg())
+        for info in walk_tar(ref.url, storage_options)
+        if info.isreg() or info.issym() or info.islnk()  # not folders, devices, pipes
+    )
+    yield from _list_walked(ref, "tar", walk, max_member_bytes=max_member_bytes)
 
 
 def _list_cut_zip(
     ref: FileRef, *, storage_options: dict[str, Any] | None, max_member_bytes: int
 ) -> Iterator[FileRef | ListingProblem]:
     """The whole members of a zip without its central directory, from their local headers
-    (each checked against its CRC-32), then the archive as ``corrupt_archive``."""
-    from voxlake.ingest.archives import _normal, walk_cut_zip
+    (each checked against its CRC-32), then the archive as ``corrupt_archive`` (the scan
+    always ends where the zip is cut or damaged)."""
+    from voxlake.ingest.archives import walk_cut_zip
 
-    seen: set[str] = set()
-    try:
-        for info in walk_cut_zip(ref.url, storage_options, limit=max_member_bytes):
-            name = _normal(info.filename)
-            if info.is_dir() or name in seen:
-                continue  # a name stored twice: its first copy is read (archives._CutZip)
-            seen.add(name)
-            yield _member(
-                ref, "zip", info.filename, size=info.file_size, link=False,
-                max_member_bytes=max_member_bytes,
-            )  # fmt: skip
-    except Exception as exc:  # always: the scan ends where the zip is cut or damaged
-        yield _archive_problem(ref, exc, listed=len(seen))
+    walk = (
+        (info.filename, info.file_size, False)
+        for info in walk_cut_zip(ref.url, storage_options, limit=max_member_bytes)
+        if not info.is_dir()
+    )
+    yield from _list_walked(ref, "zip", walk, max_member_bytes=max_member_bytes)
 
 
 def _list_zip(
