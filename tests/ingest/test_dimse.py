@@ -160,6 +160,44 @@ def test_a_c_find_left_unanswered_is_asked_again_on_a_new_association(pacs, monk
     assert "asking again on a new association" in caplog.text
 
 
+def test_a_c_get_left_unanswered_is_asked_again_on_a_new_association(
+    pacs, tiny_sample, monkeypatch, caplog
+):
+    """The same race as the C-FIND's, on a C-GET: its first C-GET, on a new association,
+    is made to get no answer at all (what pynetdicom yields after the DIMSE timeout); the
+    instance must still come back, over a second association, and both be released."""
+    from pydicom import Dataset
+
+    from voxlake.ingest import dimse
+
+    path = tiny_sample.series[0].files[0]
+    original = pydicom.dcmread(path)
+    (ref,) = list_source(f"{pacs}?SOPInstanceUID={original.SOPInstanceUID}", secret=SECRET)
+    getters, real_get = [], dimse._Getter.get
+
+    def get_once_unanswered(self, *args, **kwargs):
+        getters.append(self)
+        if len(getters) == 1:
+            return [], [Dataset()]  # no status: no answer came
+        return real_get(self, *args, **kwargs)
+
+    monkeypatch.setattr(dimse._Getter, "get", get_once_unanswered)
+    with caplog.at_level("WARNING", logger="voxlake.ingest.dimse"):
+        data = open_bytes(ref.fetch_url, max_bytes=1 << 30)
+    assert pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID == original.SOPInstanceUID
+    assert len(getters) == 2 and getters[0] is not getters[1]
+    assert not any(g.assoc.is_established for g in getters)
+    assert "C-GET went unanswered" in caplog.text
+
+    # Unanswered twice: a clear error after two associations, not a loop.
+    getters.clear()
+    monkeypatch.setattr(dimse._Getter, "get", lambda self, *a, **k: (getters.append(self),
+                        ([], [Dataset()]))[1])  # fmt: skip
+    with pytest.raises(SourceError, match="C-GET returned 0 instances") as info:
+        open_bytes(ref.fetch_url, max_bytes=1 << 30)
+    assert info.value.code == "source_unavailable" and len(getters) == 2
+
+
 def test_a_calling_ae_title_the_pacs_does_not_know_is_a_clear_error(pacs):
     with pytest.raises(SourceError) as info:
         list(list_source(f"{pacs}?Modality=MR", secret=SECRET,

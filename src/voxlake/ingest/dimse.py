@@ -470,7 +470,9 @@ def fetch_instance(
 
     With ``associations``, the C-GET runs on an association of that scope (opened at the
     first instance of its thread and SOP class; a reused one that fails or goes unanswered
-    is replaced once); without, on an association of its own.
+    is replaced once); without, on an association of its own. A C-GET left without any
+    answer on a new association is asked once more on another (pynetdicom, rarely, drops
+    a fast answer: see :class:`_Finder`).
     """
     if associations is None:
         with Associations() as own:
@@ -488,6 +490,7 @@ def fetch_instance(
     study, series, sop = parts[1::2]
     sop_class = query.get("class", "")
     options = _options(storage_options)
+    unanswered = 0  # C-GETs on new associations that got no answer at all
     while True:
         getter, reused = associations.getter(peer, options, sop_class)
         try:
@@ -499,9 +502,14 @@ def fetch_instance(
             if reused:  # the PACS may have closed it while idle: once more on a new one
                 continue
             raise
-        if not reused or received or getter.too_large or all(statuses):
+        if received or getter.too_large or all(statuses):
             break
-        associations.drop(getter)  # no answer on a kept association: the same
+        associations.drop(getter)  # no answer: once more on a new association
+        if not reused:
+            unanswered += 1
+            if unanswered == 2:
+                break
+            logger.warning("a C-GET went unanswered: asking again on a new association")
     if getter.too_large:  # an aborted association is replaced by the scope's next getter()
         raise SourceError(f"instance larger than the {max_bytes} byte cap", code="file_too_large")
     if len(received) != 1:
