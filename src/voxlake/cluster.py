@@ -54,6 +54,10 @@ WORKER_PRELOAD = (
 )
 
 
+#: Worker preload: the local cluster's workers leave Ctrl-C to the driver (see there).
+_QUIET = "voxlake._worker_signals"
+
+
 def _forkserver_available() -> bool:
     import multiprocessing
 
@@ -104,7 +108,10 @@ def dask_client(config: IngestConfig, *, client: Any = None) -> Iterator[Any]:
     import dask
 
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC_ENV}
-    settings: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": environ}  # nannies read it
+    settings: dict[str, Any] = {
+        "distributed.nanny.pre-spawn-environ": environ,  # nannies read these two
+        "distributed.worker.preload": [*dask.config.get("distributed.worker.preload"), _QUIET],
+    }
     forked = config.workers > 1 and _forkserver_available()
     if forked:
         settings["distributed.worker.multiprocessing-method"] = "forkserver"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -35,8 +36,6 @@ def _assert_exactly_once(catalog, manifest):
 def test_killing_a_worker_mid_run_loses_nothing(tmp_path, tiny_sample, cluster_kind):
     """A plain LocalCluster (spawned workers) and voxlake's own (workers forked from its
     forkserver; the nanny starts the replacement)."""
-    import contextlib
-
     from distributed import Client, LocalCluster
 
     from voxlake.cluster import dask_client
@@ -158,3 +157,66 @@ def test_killing_the_driver_leaves_a_consistent_catalog_and_a_rerun_finishes(
         data, _ = read_volume(row.store_url, row.store_path)
         assert np.array_equal(data, series.expected_volume())
     assert set(final.runs.status) == {"running", "completed"}
+
+
+CTRL_C = textwrap.dedent(
+    """
+    import os, signal, sys
+    import voxlake.ingest
+    from voxlake.cli import main
+
+    real_ingest = voxlake.ingest.ingest
+
+    def ingest(*args, progress, **kwargs):
+        def press_ctrl_c(event):
+            progress(event)
+            if event.stage == "volumes" and event.done >= 1:
+                os.killpg(os.getpgrp(), signal.SIGINT)  # as a terminal does: the whole group
+
+        return real_ingest(*args, progress=press_ctrl_c, **kwargs)
+
+    if __name__ == "__main__":
+        voxlake.ingest.ingest = ingest  # the CLI imports it when it runs
+        main(["ingest", *sys.argv[1:], "--workers", "2", "--batch-size", "8"])
+    """
+)
+
+
+def test_ctrl_c_stops_the_cli_cleanly_and_a_rerun_finishes(tmp_path, tiny_sample, dask_client):
+    """Ctrl-C in the terminal of `voxlake ingest` (SIGINT to its process group, the local
+    cluster's workers included): exit 130 with a hint, no worker tracebacks, the run marked
+    interrupted, only whole volumes visible; the same command again finishes the job."""
+    catalog_url, store_url = str(tmp_path / "cat"), str(tmp_path / "vol.zarr")
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C)
+    args = [str(tiny_sample.root / "dicom"), "--catalog", catalog_url, "--store", store_url]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VOXLAKE_SECRET": SECRET},
+    )
+    try:
+        output = proc.communicate(timeout=300)[0].decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the interrupted run left
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted" in output and "run the same command again" in output, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    catalog = open_catalog(catalog_url)
+    assert list(catalog.runs.status) == ["interrupted"]
+    assert len(catalog.volumes) < len(tiny_sample.series)
+    for row in catalog.volumes.itertuples():
+        data, attrs = read_volume(row.store_url, row.store_path)
+        assert attrs["complete"] and np.asarray(data).shape == tuple(row.shape)
+    report = ingest(
+        [tiny_sample.root / "dicom"],
+        catalog=catalog_url,
+        store=store_url,
+        config=IngestConfig(secret=SECRET),
+        client=dask_client,
+    )
+    assert report.status == "completed" and report.failures == 0
+    _assert_exactly_once(open_catalog(catalog_url), tiny_sample)

@@ -16,7 +16,7 @@ from rich.markup import escape
 from voxlake import __version__
 from voxlake.errors import VoxlakeError
 
-__all__ = ["app", "catalog_app", "console", "docs_app", "main", "out"]
+__all__ = ["app", "catalog_app", "console", "docs_app", "interrupted", "main", "out"]
 
 console = Console(stderr=True)
 out = Console()
@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors with a hint unless --debug."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args, standalone_mode=False)
+        # Outside standalone mode, typer *returns* the code of a typer.Exit raised by a
+        # command (and of Ctrl-C, which it turns into Exit(130)) instead of raising it.
+        code = app(args, standalone_mode=False)
     except VoxlakeError as exc:
         if "--debug" in args:
             raise
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         console.print("interrupted")
-        sys.exit(130)
+        sys.exit(_INTERRUPTED)
     except Exception as exc:
         import click
 
@@ -120,3 +122,21 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"[red]error[/red] {type(exc).__name__}: {escape(str(exc))}", soft_wrap=True)
         console.print("hint: run again with --debug for the traceback")
         sys.exit(1)
+    if code == _INTERRUPTED and not _said_interrupted:
+        console.print("interrupted")
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+#: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+_INTERRUPTED = 130
+_said_interrupted = False
+
+
+def interrupted(hint: str) -> typer.Exit:
+    """Say that Ctrl-C stopped the command and what to do next; returns the exit to raise."""
+    global _said_interrupted
+    console.print("interrupted")
+    console.print(f"hint: {escape(hint)}", soft_wrap=True)
+    _said_interrupted = True
+    return typer.Exit(_INTERRUPTED)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from voxlake.cli._app import app, console, out, parse_storage_options
+from voxlake.cli._app import app, console, interrupted, out, parse_storage_options
 from voxlake.errors import VoxlakeError
 
 if TYPE_CHECKING:
@@ -123,16 +123,22 @@ def run_ingest(
 
     if not config.scheduler:
         console.print(f"starting a local Dask cluster ({config.workers} workers)...")
-    with progress:
-        report = ingest(
-            sources,
-            catalog=catalog,
-            store=store,
-            config=config,
-            catalog_storage_options=catalog_storage_options,
-            store_storage_options=store_storage_options,
-            progress=on_progress,
-        )
+    try:
+        with progress:
+            report = ingest(
+                sources,
+                catalog=catalog,
+                store=store,
+                config=config,
+                catalog_storage_options=catalog_storage_options,
+                store_storage_options=store_storage_options,
+                progress=on_progress,
+            )
+    except KeyboardInterrupt:
+        raise interrupted(
+            "what the run committed stays in the catalog (runs says 'interrupted'), and "
+            "nothing half-written is visible: run the same command again to finish"
+        ) from None
     _print_report(report)
     if report.headers_only and report.status == "completed":
         console.print(

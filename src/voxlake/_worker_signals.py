@@ -1,0 +1,23 @@
+"""Dask worker preload of voxlake's local cluster: its workers leave Ctrl-C to the driver.
+
+A terminal's Ctrl-C signals its whole foreground process group, and a local cluster's
+worker processes are in the driver's. The driver stops the run, records it as
+interrupted and closes the cluster; a worker that took the signal as well died mid-task
+with a ``KeyboardInterrupt`` traceback of its own (two per worker, with its nanny's),
+burying the driver's message. Workers of a cluster given by address are never signalled
+from the driver's terminal and do not load this.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+__all__ = ["dask_setup"]
+
+
+def dask_setup(worker: Any) -> None:
+    """Ignore SIGINT in this worker process (called by Dask as the worker starts)."""
+    if threading.current_thread() is threading.main_thread():  # where signals are set
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
