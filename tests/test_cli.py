@@ -1,21 +1,25 @@
-"""The console script as shells and CI jobs run it: its exit codes.
+"""The console script as shells, scripts and CI jobs use it: exit codes, CSV and JSON.
 
 typer's test runner runs commands in standalone mode, where a command's ``typer.Exit(1)``
-exits with 1; the installed ``voxlake`` entry point does not run in that mode, so these
-run the real script in a subprocess.
+exits with 1; the installed ``voxlake`` entry point does not run in that mode, so the
+exit codes are checked by running the real script in a subprocess.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+from voxlake.cli import app
 
 
 def _voxlake() -> list[str]:
@@ -23,6 +27,8 @@ def _voxlake() -> list[str]:
     return [str(script)] if script.exists() else [shutil.which("voxlake") or "voxlake"]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_verify_exits_1_when_a_reference_does_not_match(tmp_path):
     import nibabel as nib
 
@@ -42,3 +48,45 @@ def test_verify_exits_1_when_a_reference_does_not_match(tmp_path):
     assert "matched 1 of 1" in runs["match"].stdout
     assert runs["mismatch"].returncode == 1, runs["mismatch"].stdout + runs["mismatch"].stderr
     assert "matched 0 of 1" in runs["mismatch"].stdout
+
+
+#: Values that broke `catalog query --format csv/json` when it printed through rich:
+#: brackets read as markup (one raised MarkupError), lines wrapped at 80 columns.
+AWKWARD = "SELECT '[bold]x[/bold]' AS markup, '[/]' AS closing, repeat('y', 300) AS long"
+
+
+def test_query_csv_and_json_are_the_values_as_they_are(tiny_ingested):
+    catalog = str(tiny_ingested[1])
+    query = AWKWARD + ", ['ORIGINAL', 'PRIMARY'] AS tokens"
+    csv = CliRunner().invoke(app, ["catalog", "query", catalog, query, "--format", "csv"])
+    assert csv.exit_code == 0, csv.output
+    assert len(csv.output.splitlines()) == 2  # a header and one row: nothing wrapped
+    row = pd.read_csv(io.StringIO(csv.output)).iloc[0]
+    assert (row.markup, row.closing, row.long) == ("[bold]x[/bold]", "[/]", "y" * 300)
+    assert json.loads(row.tokens) == ["ORIGINAL", "PRIMARY"]  # JSON, not numpy's repr
+
+    out = CliRunner().invoke(app, ["catalog", "query", catalog, query, "--format", "json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == [
+        {"markup": "[bold]x[/bold]", "closing": "[/]", "long": "y" * 300,
+         "tokens": ["ORIGINAL", "PRIMARY"]}
+    ]  # fmt: skip
+
+    table = CliRunner().invoke(app, ["catalog", "query", catalog, AWKWARD])
+    assert table.exit_code == 0, table.output
+    assert "[bold]x[/bold]" in table.output and "[/]" in table.output
+
+
+def test_a_large_csv_result_is_written_whole(tiny_ingested):
+    """Every instance row with its header JSON: the same rows as the catalog's own frame."""
+    catalog = str(tiny_ingested[1])
+    query = "SELECT url, header_json FROM instances ORDER BY url"
+    result = CliRunner().invoke(app, ["catalog", "query", catalog, query, "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    from voxlake.catalog import open_catalog
+
+    expected = open_catalog(catalog).sql(query)
+    got = pd.read_csv(io.StringIO(result.output))
+    assert len(got) == len(expected) > 50
+    assert got.url.tolist() == expected.url.tolist()
+    assert got.header_json.tolist() == expected.header_json.tolist()

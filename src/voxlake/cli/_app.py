@@ -68,7 +68,7 @@ def write_reference(out_file: Path, text: str) -> None:
     """Write a generated reference page (creating its folder) and say so."""
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(text)
-    out.print(f"wrote {out_file}")
+    out.print(f"wrote {escape(str(out_file))}")
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any] | None:

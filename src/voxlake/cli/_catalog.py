@@ -2,27 +2,61 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from voxlake.cli._app import catalog_app, console, out, write_reference
 
 
 def print_frame(frame: Any, fmt: str) -> None:
+    """Print a query result: a table for people, or CSV / JSON for programs.
+
+    CSV and JSON are written to stdout as they are: through rich they were wrapped at the
+    console's width (80 columns when piped), their brackets read as markup, and a large
+    result took minutes of highlighting. Table cells are plain text, never markup.
+    """
     if fmt == "csv":
-        out.print(frame.to_csv(index=False), end="")
+        _write(_plain_lists(frame).to_csv(index=False))
     elif fmt == "json":
-        out.print(frame.to_json(orient="records", date_format="iso"))
+        _write(frame.to_json(orient="records", date_format="iso") + "\n")
     else:
         table = Table(show_lines=False)
         for column in frame.columns:
-            table.add_column(str(column))
+            table.add_column(Text(str(column)))
         for row in frame.itertuples(index=False):
-            table.add_row(*(str(v) for v in row))
+            table.add_row(*(Text(str(v)) for v in row))
         out.print(table)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _plain_lists(frame: Any) -> Any:
+    """List and struct cells (DuckDB hands them over as numpy arrays and dicts) as JSON,
+    not as numpy's repr: ``["ORIGINAL", "PRIMARY"]``."""
+    import numpy as np
+    from pandas.api.types import is_object_dtype
+
+    def cell(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        if isinstance(value, list | dict):
+            return json.dumps(value, default=str)
+        return value
+
+    frame = frame.copy()
+    for column in frame.columns:
+        if is_object_dtype(frame[column]):
+            frame[column] = frame[column].map(cell)
+    return frame
 
 
 @catalog_app.command("show")
@@ -42,7 +76,7 @@ def catalog_show(
     for key in ("instances", "volumes", "failures", "runs", "volume_bytes"):
         table.add_row(key, str(info[key]))
     for modality, count in info["volumes_by_modality"].items():
-        table.add_row(f"  volumes {modality}", str(count))
+        table.add_row(Text(f"  volumes {modality}"), str(count))
     for code, count in info["failures_by_code"].items():
         table.add_row(f"  failure {code}", str(count))
     out.print(table)
@@ -202,4 +236,4 @@ def catalog_vacuum(
         " stay readable"
     )
     for path in report.orphan_groups:
-        out.print(f"  {verb}: {path}")
+        out.print(Text(f"  {verb}: {path}"))

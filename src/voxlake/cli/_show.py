@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 from voxlake.cli._app import app, console, docs_app, out, write_reference
 from voxlake.errors import VoxlakeError
@@ -70,7 +71,7 @@ def show(
         save_figure(figure, out_file, dpi=dpi)
     if volume_id is None:
         console.print(f"no VOLUME_ID given: showing the first volume, {view.volume_id}")
-    out.print(f"wrote {out_file} ({view.title})")
+    out.print(Text(f"wrote {out_file} ({view.title})"))
 
 
 # --------------------------------------------------------------------------- docs
