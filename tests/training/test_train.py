@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -263,3 +268,51 @@ def test_training_uses_the_split_saved_in_the_catalog(tmp_path):
     assert metrics["num_samples"]["train"] == int((saved.split == "train").sum())
     assert metrics["num_samples"]["test"] == int((saved.split == "test").sum())
     assert report.epochs >= 1
+
+
+@pytest.mark.ddp
+def test_ctrl_c_stops_voxlake_train_and_its_ranks_quietly(
+    ten_volumes: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Ctrl-C in the terminal of `voxlake train --nproc 2` reaches it, torchrun and every
+    rank (one process group): exit 130, one "interrupted" with the --resume hint, no rank
+    tracebacks, and the checkpoint of the last finished epoch stays for --resume."""
+    from voxlake.catalog import CatalogWriter
+
+    url = str(tmp_path / "catalog")
+    writer = CatalogWriter(url)
+    volume_columns = [c for c in ten_volumes.columns if c != "label"]
+    labels = [
+        {"key_kind": "series", "key": key, "name": "malignant", "value": value}
+        for key, value in zip(ten_volumes.series_key, ten_volumes.label, strict=True)
+    ]
+    rows = ten_volumes[volume_columns].assign(revision="0123abcd").to_dict("records")
+    writer.commit({"volumes": rows, "labels": labels}, run_id="r1", operation="ingest")
+    out = tmp_path / "run"
+    script = Path(sys.executable).with_name("voxlake")
+    command = [
+        str(script) if script.exists() else "voxlake", "train", "--catalog", url,
+        "--label", "malignant", "--out", str(out), "--epochs", "500",
+        "--shape", "16", "16", "16", "--num-workers", "0", "--nproc", "2",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU on any machine
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("epoch 1:"):  # epoch 0's checkpoint is written
+                break
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.count("interrupted") == 1 and "--resume goes on from it" in err, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] >= 1

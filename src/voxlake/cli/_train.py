@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from voxlake.cli._app import app, console, out
+from voxlake.cli._app import app, console, interrupted, out
 from voxlake.cli._catalog import print_frame
 from voxlake.cli._ingest import run_ingest
 
@@ -87,7 +87,13 @@ def train(
         checkpoint_every_steps=checkpoint_every_steps,
         output=output,  # type: ignore[arg-type]  # validated by TrainConfig
     )
-    code = launch(config, nproc=nproc)
+    try:
+        code = launch(config, nproc=nproc)
+    except KeyboardInterrupt:
+        raise interrupted(
+            f"{out_dir / 'checkpoint.pt'} holds the last epoch finished (or the last "
+            "--checkpoint-every-steps step): the same command with --resume goes on from it"
+        ) from None
     if code:
         raise typer.Exit(code)
 

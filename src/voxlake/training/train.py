@@ -257,7 +257,12 @@ def _run(
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m voxlake.training.train`` (and of ``torchrun -m``)."""
     config = TrainConfig(**config_kwargs(build_parser().parse_args(argv), os.environ))
-    _run_and_print(config, None)
+    try:
+        _run_and_print(config, None)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every rank of the terminal's process group (and torchrun passes
+        # it on): the `voxlake train` that launched them says so once, with what to do.
+        return 130
     return 0
 
 
