@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -90,3 +91,28 @@ def test_a_large_csv_result_is_written_whole(tiny_ingested):
     assert len(got) == len(expected) > 50
     assert got.url.tolist() == expected.url.tolist()
     assert got.header_json.tolist() == expected.header_json.tolist()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_refused_volume_is_one_summary_line_not_a_worker_traceback(tmp_path, tiny_sample):
+    """A series refused while its volume is built (a transfer syntax pydicom does not
+    know) is a catalogued outcome: counted in the summary, with no "Compute Failed"
+    traceback from the worker, which Dask logs for every task that raises."""
+    source = tmp_path / "dicom"
+    shutil.copytree(tiny_sample.root / "dicom", source)
+    series = tiny_sample.series[0]
+    bad = [source / path.relative_to(tiny_sample.root / "dicom") for path in series.files]
+    for path in bad:  # same length: nothing else in the file moves
+        data = path.read_bytes()
+        assert b"1.2.840.10008.1.2.1\0" in data
+        path.write_bytes(data.replace(b"1.2.840.10008.1.2.1\0", b"1.2.3.4.5.6.7.8.9.10"))
+    command = [*_voxlake(), "ingest", str(source), "--catalog", str(tmp_path / "cat"),
+               "--store", str(tmp_path / "vol.zarr"), "--workers", "2"]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "VOXLAKE_SECRET": "cli-test"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "failure: unknown_transfer_syntax │ 1" in done.stdout, done.stdout
+    assert "Compute Failed" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +223,72 @@ def test_ctrl_c_stops_the_cli_cleanly_and_a_rerun_finishes(tmp_path, tiny_sample
     )
     assert report.status == "completed" and report.failures == 0
     _assert_exactly_once(open_catalog(catalog_url), tiny_sample)
+
+
+FULL_STORE = textwrap.dedent(
+    """
+    import json, subprocess, sys
+    from voxlake.catalog import open_catalog
+    from voxlake.config import IngestConfig
+    from voxlake.ingest import ingest
+    from voxlake.volumes import read_volume
+
+    voxlake, source, catalog, store = sys.argv[1:5]
+    if __name__ == "__main__":
+        # In this process's own mount namespace: a store of 200 KiB, full after a volume.
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", store], check=True)
+        full = subprocess.run(
+            [voxlake, "ingest", source, "--catalog", catalog, "--store", store + "/vol.zarr",
+             "--workers", "2"], capture_output=True, text=True)
+        stopped = open_catalog(catalog)
+        subprocess.run(["mount", "-o", "remount,size=64m", store], check=True)  # room again
+        report = ingest([source], catalog=catalog, store=store + "/vol.zarr",
+                        config=IngestConfig(secret=SECRET, workers=2, dashboard_address=":0"))
+        final = open_catalog(catalog)
+        shapes = [[[int(n) for n in read_volume(r.store_url, r.store_path)[0].shape],
+                   [int(n) for n in r.shape]]
+                  for r in final.volumes.itertuples()]
+        print(json.dumps({
+            "code": full.returncode, "stderr": full.stderr,
+            "runs": list(stopped.runs.status), "volumes_then": len(stopped.volumes),
+            "failures_then": len(stopped.failures), "status": report.status,
+            "failures": report.failures, "volumes": len(final.volumes),
+            "unique": bool(final.volumes.series_key.is_unique), "shapes": shapes,
+        }))
+    """
+).replace("SECRET", repr(SECRET))
+
+
+def _private_mounts_work() -> bool:
+    probe = ["unshare", "-rm", "true"]
+    return shutil.which("unshare") is not None and subprocess.run(probe).returncode == 0
+
+
+def test_a_full_store_stops_the_run_with_one_error_and_a_rerun_finishes(tmp_path, tiny_sample):
+    """A store on a disk that fills up (a 200 KiB tmpfs in a private mount namespace):
+    the run stops at once with `store_full` and a hint (exit 2), not one quarantined
+    failure per remaining series; with room again, the same run finishes, each volume
+    once."""
+    if not _private_mounts_work():
+        pytest.skip("needs unshare -rm (a private mount namespace for a small tmpfs)")
+    store = tmp_path / "store"
+    store.mkdir()
+    script = tmp_path / "full_store.py"
+    script.write_text(FULL_STORE)
+    voxlake = str(Path(sys.executable).with_name("voxlake"))
+    args = [voxlake, str(tiny_sample.root / "dicom"), str(tmp_path / "cat"), str(store)]
+    child = subprocess.run(
+        ["unshare", "-rm", sys.executable, str(script), *args],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "VOXLAKE_SECRET": SECRET},
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-3000:]
+    seen = json.loads(child.stdout.splitlines()[-1])
+    assert seen["code"] == 2, seen["stderr"][-3000:]
+    assert "error [store_full]" in seen["stderr"] and "run the same command again" in seen["stderr"]
+    assert "Traceback" not in seen["stderr"] and "Compute Failed" not in seen["stderr"]
+    assert seen["runs"] == ["failed"] and seen["failures_then"] == 0
+    assert seen["volumes_then"] < len(tiny_sample.series)
+    assert seen["status"] == "completed" and seen["failures"] == 0
+    assert seen["volumes"] == len(tiny_sample.series) and seen["unique"]
+    assert all(stored == declared for stored, declared in seen["shapes"])

@@ -4,15 +4,17 @@ commit the volume rows as they complete."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import os
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from voxlake.catalog.concurrent import ForeignRows
 from voxlake.catalog.query import open_catalog
-from voxlake.errors import AssemblyError, VoxlakeError
+from voxlake.errors import AssemblyError, StoreError, VoxlakeError
 from voxlake.ingest import fetched
 from voxlake.ingest._run_state import RETRYABLE_CODES, VOLUME_COMMIT_SECONDS, RunState, sql_list
 from voxlake.ingest.archives import archive_of
@@ -40,6 +42,60 @@ _PLAN_COLUMNS = [
     "mosaic_tiles", "b_value", "b_vector", "philips_scale_slope", "array_shape",
     "array_affine", "array_dtype", "photometric_interpretation", "slice_thickness",
 ]  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """A volume task's failure, returned rather than raised (see :func:`build_volume_task`).
+    ``stop``: the store takes no more data, so the run stops instead of quarantining."""
+
+    error: VoxlakeError
+    stop: bool = False
+
+
+#: What an ``OSError`` says when the store (or the worker's disk) takes no more data:
+#: every volume after it would fail the same way.
+_NO_ROOM: dict[int, str] = {
+    errno.ENOSPC: "store_full",
+    errno.EDQUOT: "store_full",
+    errno.EROFS: "store_read_only",
+}
+#: Codes of volume-task errors that stop the run whatever ``on_error`` says.
+_STOPS = frozenset(_NO_ROOM.values())
+
+
+def build_volume_task(plan: VolumePlan, **kwargs: Any) -> dict[str, Any] | Refused:
+    """:func:`~voxlake.ingest.readers.dicom.build_volume` on a worker, with its failures
+    as values. A task that raises is logged by its worker as "Compute Failed" with a
+    traceback: once per refused series on the console, for what is an expected,
+    catalogued outcome. An error no failure code describes still raises."""
+    try:
+        return build_volume(plan, **kwargs)
+    except (VoxlakeError, OSError) as exc:
+        full = _no_room(exc)
+        if full is not None:
+            return Refused(full, stop=True)
+        if isinstance(exc, VoxlakeError):
+            return Refused(exc)
+        raise
+
+
+def _no_room(exc: BaseException) -> StoreError | None:
+    """The run-stopping error for `exc` (or what caused it) when it says the store is
+    full or read-only."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = _NO_ROOM.get(getattr(seen, "errno", None) or -1)
+        if code is not None:
+            assert isinstance(seen, OSError)
+            return StoreError(
+                f"the volume store takes no more data: {os.strerror(seen.errno or 0)}",
+                code=code,
+                hint="make room in the store (or the workers' temporary folder) and run the "
+                "same command again: what was committed stays, and the run goes on from there",
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _digest(*parts: str) -> str:
@@ -143,7 +199,7 @@ class VolumeStage(RunState):
         if holders:
             placement = {"workers": [holders.most_common(1)[0][0]], "allow_other_workers": True}
         return client.submit(
-            build_volume,
+            build_volume_task,
             self._locate(plan),
             store_url=self.store_url,
             store_config=self.config.store,
@@ -191,9 +247,14 @@ class VolumeStage(RunState):
         for done, future in enumerate(as_completed(futures), start=1):
             plan = futures[future]
             try:
-                rows.append(future.result())
+                result = future.result()
+                if isinstance(result, Refused):
+                    if result.stop:
+                        self._commit_before_stopping(rows, failures)
+                    raise result.error
+                rows.append(result)
             except VoxlakeError as exc:
-                if self.config.on_error == "raise":
+                if self.config.on_error == "raise" or exc.code in _STOPS:
                     raise
                 failures.append(self._volume_failure(plan, exc))
             except Exception as exc:
@@ -211,6 +272,19 @@ class VolumeStage(RunState):
                 self._commit_volumes(rows, failures)
                 rows, failures, last_commit = [], [], time.perf_counter()
         self._commit_volumes(rows, failures)
+
+    def _commit_before_stopping(
+        self, rows: list[dict[str, Any]], failures: list[dict[str, Any]]
+    ) -> None:
+        """Commit what completed before the store filled up (the catalog may be on the
+        same full disk: then the run stops without it, and a re-run finds those volumes
+        in the store)."""
+        try:
+            self._commit_volumes(rows, failures)
+        except Exception:
+            logger.warning("could not commit the last volumes before stopping", exc_info=True)
+        rows.clear()
+        failures.clear()
 
     def _volume_failure(self, plan: VolumePlan, error: VoxlakeError) -> dict[str, Any]:
         return failure_row(
