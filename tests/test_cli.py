@@ -78,6 +78,12 @@ def test_query_csv_and_json_are_the_values_as_they_are(tiny_ingested):
     assert "[bold]x[/bold]" in table.output and "[/]" in table.output
 
 
+def test_an_unknown_query_format_is_a_usage_error(tiny_ingested):
+    catalog = str(tiny_ingested[1])
+    result = CliRunner().invoke(app, ["catalog", "query", catalog, "SELECT 1", "--format", "xml"])
+    assert result.exit_code == 2 and "'xml' is not table, csv or json" in result.output
+
+
 def test_a_large_csv_result_is_written_whole(tiny_ingested):
     """Every instance row with its header JSON: the same rows as the catalog's own frame."""
     catalog = str(tiny_ingested[1])

@@ -99,6 +99,8 @@ def catalog_query(
     """
     from voxlake.catalog import open_catalog
 
+    if fmt not in ("table", "csv", "json"):
+        raise typer.BadParameter(f"{fmt!r} is not table, csv or json", param_hint="--format")
     print_frame(open_catalog(url, version=version).sql(sql), fmt)
 
 
