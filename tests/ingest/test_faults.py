@@ -35,6 +35,21 @@ def _assert_exactly_once(catalog, manifest):
     assert catalog.volumes.series_key.is_unique
 
 
+def _assert_part_and_whole(catalog, manifest):
+    """A stopped run left part of the volumes, and each one it shows is whole."""
+    assert len(catalog.volumes) < len(manifest.series)
+    for row in catalog.volumes.itertuples():
+        data, attrs = read_volume(row.store_url, row.store_path)
+        assert attrs["complete"] and np.asarray(data).shape == tuple(row.shape)
+
+
+def _rerun(catalog_url, store_url, manifest, client):
+    return ingest(
+        [manifest.root / "dicom"], catalog=catalog_url, store=store_url,
+        config=IngestConfig(secret=SECRET), client=client,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("cluster_kind", ["spawned", "forked"])
 def test_killing_a_worker_mid_run_loses_nothing(tmp_path, tiny_sample, cluster_kind):
     """A plain LocalCluster (spawned workers) and voxlake's own (workers forked from its
@@ -136,18 +151,9 @@ def test_killing_the_driver_leaves_a_consistent_catalog_and_a_rerun_finishes(
     catalog = open_catalog(catalog_url)
     assert catalog.version >= 1
     assert list(catalog.runs.status) == ["running"]  # never marked completed
-    assert len(catalog.volumes) < len(tiny_sample.series)
-    for row in catalog.volumes.itertuples():
-        data, attrs = read_volume(row.store_url, row.store_path)
-        assert attrs["complete"] and np.asarray(data).shape == tuple(row.shape)
+    _assert_part_and_whole(catalog, tiny_sample)
     # Re-run: finishes the job, no duplicates, the interrupted work is not redone twice.
-    report = ingest(
-        [tiny_sample.root / "dicom"],
-        catalog=catalog_url,
-        store=store_url,
-        config=IngestConfig(secret=SECRET),
-        client=dask_client,
-    )
+    report = _rerun(catalog_url, store_url, tiny_sample, dask_client)
     assert report.status == "completed"
     final = open_catalog(catalog_url)
     _assert_exactly_once(final, tiny_sample)
@@ -210,17 +216,8 @@ def test_ctrl_c_stops_the_cli_cleanly_and_a_rerun_finishes(tmp_path, tiny_sample
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
     catalog = open_catalog(catalog_url)
     assert list(catalog.runs.status) == ["interrupted"]
-    assert len(catalog.volumes) < len(tiny_sample.series)
-    for row in catalog.volumes.itertuples():
-        data, attrs = read_volume(row.store_url, row.store_path)
-        assert attrs["complete"] and np.asarray(data).shape == tuple(row.shape)
-    report = ingest(
-        [tiny_sample.root / "dicom"],
-        catalog=catalog_url,
-        store=store_url,
-        config=IngestConfig(secret=SECRET),
-        client=dask_client,
-    )
+    _assert_part_and_whole(catalog, tiny_sample)
+    report = _rerun(catalog_url, store_url, tiny_sample, dask_client)
     assert report.status == "completed" and report.failures == 0
     _assert_exactly_once(open_catalog(catalog_url), tiny_sample)
 

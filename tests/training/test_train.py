@@ -163,17 +163,23 @@ def test_torchrun_two_ranks_step_together_and_end_identical(
 
 
 @pytest.mark.integration
+def _catalog_rows(volumes: pd.DataFrame) -> tuple[list[dict], list[dict]]:
+    """Catalog ``volumes`` rows and ``labels`` rows ("malignant") of a selection."""
+    columns = [c for c in volumes.columns if c != "label"]
+    rows = volumes[columns].assign(revision="0123abcd").to_dict("records")
+    labels = [
+        {"key_kind": "series", "key": key, "name": "malignant", "value": value}
+        for key, value in zip(volumes.series_key, volumes.label, strict=True)
+    ]
+    return rows, labels
+
+
 def test_training_reads_and_pins_a_real_catalog(ten_volumes: pd.DataFrame, tmp_path: Path) -> None:
     from voxlake.catalog import CatalogWriter, open_catalog
 
     url = str(tmp_path / "catalog")
     writer = CatalogWriter(url)
-    volume_columns = [c for c in ten_volumes.columns if c != "label"]
-    rows = ten_volumes[volume_columns].assign(revision="0123abcd").to_dict("records")
-    labels = [
-        {"key_kind": "series", "key": key, "name": "malignant", "value": value}
-        for key, value in zip(ten_volumes.series_key, ten_volumes.label, strict=True)
-    ]
+    rows, labels = _catalog_rows(ten_volumes)
     writer.commit({"volumes": rows[:8]}, run_id="r1", operation="ingest")
     pinned = writer.commit({"labels": labels}, run_id="r1", operation="attach_labels")
 
@@ -280,14 +286,8 @@ def test_ctrl_c_stops_voxlake_train_and_its_ranks_quietly(
     from voxlake.catalog import CatalogWriter
 
     url = str(tmp_path / "catalog")
-    writer = CatalogWriter(url)
-    volume_columns = [c for c in ten_volumes.columns if c != "label"]
-    labels = [
-        {"key_kind": "series", "key": key, "name": "malignant", "value": value}
-        for key, value in zip(ten_volumes.series_key, ten_volumes.label, strict=True)
-    ]
-    rows = ten_volumes[volume_columns].assign(revision="0123abcd").to_dict("records")
-    writer.commit({"volumes": rows, "labels": labels}, run_id="r1", operation="ingest")
+    rows, labels = _catalog_rows(ten_volumes)
+    CatalogWriter(url).commit({"volumes": rows, "labels": labels}, run_id="r1", operation="ingest")
     out = tmp_path / "run"
     script = Path(sys.executable).with_name("voxlake")
     command = [
