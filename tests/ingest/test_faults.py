@@ -168,7 +168,7 @@ def test_killing_the_driver_leaves_a_consistent_catalog_and_a_rerun_finishes(
     assert set(final.runs.status) == {"running", "completed"}
 
 
-CTRL_C = textwrap.dedent(
+STOP = textwrap.dedent(
     """
     import os, signal, sys
     import voxlake.ingest
@@ -177,28 +177,42 @@ CTRL_C = textwrap.dedent(
     real_ingest = voxlake.ingest.ingest
 
     def ingest(*args, progress, **kwargs):
-        def press_ctrl_c(event):
+        def stop(event):
             progress(event)
             if event.stage == "volumes" and event.done >= 1:
-                os.killpg(os.getpgrp(), signal.SIGINT)  # as a terminal does: the whole group
+                if sys.argv[1] == "ctrl-c":  # as a terminal does: the whole group
+                    os.killpg(os.getpgrp(), signal.SIGINT)
+                else:  # as docker stop, Kubernetes or a batch scheduler do: the main process
+                    os.kill(os.getpid(), signal.SIGTERM)
 
-        return real_ingest(*args, progress=press_ctrl_c, **kwargs)
+        return real_ingest(*args, progress=stop, **kwargs)
 
     if __name__ == "__main__":
         voxlake.ingest.ingest = ingest  # the CLI imports it when it runs
-        main(["ingest", *sys.argv[1:], "--workers", "2", "--batch-size", "8"])
+        main(["ingest", *sys.argv[2:], "--workers", "2", "--batch-size", "8"])
     """
 )
 
 
-def test_ctrl_c_stops_the_cli_cleanly_and_a_rerun_finishes(tmp_path, tiny_sample, dask_client):
-    """Ctrl-C in the terminal of `voxlake ingest` (SIGINT to its process group, the local
-    cluster's workers included): exit 130 with a hint, no worker tracebacks, the run marked
-    interrupted, only whole volumes visible; the same command again finishes the job."""
+@pytest.mark.parametrize(
+    ("how", "code", "said", "recorded"),
+    [
+        ("ctrl-c", 130, "interrupted", "interrupted by the user"),
+        ("sigterm", 143, "terminated (SIGTERM)", "stopped by SIGTERM"),
+    ],
+)
+def test_a_stopped_cli_stops_cleanly_and_a_rerun_finishes(
+    tmp_path, tiny_sample, dask_client, how, code, said, recorded
+):
+    """`voxlake ingest` stopped by Ctrl-C in its terminal (SIGINT to its process group, the
+    local cluster's workers included) or by SIGTERM to it alone (which killed it at once,
+    leaving its run 'running'): exit 130 / 143 with a hint, no worker tracebacks, the run
+    marked interrupted with what stopped it, only whole volumes visible; the same command
+    again finishes the job."""
     catalog_url, store_url = str(tmp_path / "cat"), str(tmp_path / "vol.zarr")
-    script = tmp_path / "ctrl_c.py"
-    script.write_text(CTRL_C)
-    args = [str(tiny_sample.root / "dicom"), "--catalog", catalog_url, "--store", store_url]
+    script = tmp_path / "stop.py"
+    script.write_text(STOP)
+    args = [how, str(tiny_sample.root / "dicom"), "--catalog", catalog_url, "--store", store_url]
     proc = subprocess.Popen(
         [sys.executable, str(script), *args],
         start_new_session=True,
@@ -211,11 +225,12 @@ def test_ctrl_c_stops_the_cli_cleanly_and_a_rerun_finishes(tmp_path, tiny_sample
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever the interrupted run left
-    assert proc.returncode == 130, output[-3000:]
-    assert "interrupted" in output and "run the same command again" in output, output
+    assert proc.returncode == code, output[-3000:]
+    assert said in output and "run the same command again" in output, output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
     catalog = open_catalog(catalog_url)
     assert list(catalog.runs.status) == ["interrupted"]
+    assert list(catalog.runs.message) == [recorded]
     _assert_part_and_whole(catalog, tiny_sample)
     report = _rerun(catalog_url, store_url, tiny_sample, dask_client)
     assert report.status == "completed" and report.failures == 0

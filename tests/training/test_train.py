@@ -277,12 +277,20 @@ def test_training_uses_the_split_saved_in_the_catalog(tmp_path):
 
 
 @pytest.mark.ddp
-def test_ctrl_c_stops_voxlake_train_and_its_ranks_quietly(
-    ten_volumes: pd.DataFrame, tmp_path: Path
+@pytest.mark.parametrize(
+    ("how", "code", "said"),
+    [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated (SIGTERM)")],
+)
+def test_a_stopped_voxlake_train_stops_its_ranks_quietly(
+    ten_volumes: pd.DataFrame, tmp_path: Path, how: str, code: int, said: str
 ) -> None:
-    """Ctrl-C in the terminal of `voxlake train --nproc 2` reaches it, torchrun and every
-    rank (one process group): exit 130, one "interrupted" with the --resume hint, no rank
-    tracebacks, and the checkpoint of the last finished epoch stays for --resume."""
+    """`voxlake train --nproc 2` stopped by Ctrl-C in its terminal (SIGINT to its process
+    group) or by SIGTERM to it alone (docker stop, Kubernetes): exit 130 / 143, one line
+    saying so with the --resume hint, no rank tracebacks, every rank gone (torchrun starts
+    them in sessions of their own, out of reach of both signals), and the checkpoint of the
+    last finished epoch stays for --resume."""
+    import psutil
+
     from voxlake.catalog import CatalogWriter
 
     url = str(tmp_path / "catalog")
@@ -301,18 +309,29 @@ def test_ctrl_c_stops_voxlake_train_and_its_ranks_quietly(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,
     )  # fmt: skip
+    started: list[psutil.Process] = []
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("epoch 1:"):  # epoch 0's checkpoint is written
                 break
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole group
+        started = psutil.Process(proc.pid).children(recursive=True)  # torchrun, ranks
+        assert len(started) >= 3, started
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole group
+        else:
+            proc.send_signal(signal.SIGTERM)  # as docker stop does: the main process
         _, err = proc.communicate(timeout=120)
+        _, left = psutil.wait_procs(started, timeout=10)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-3000:]
-    assert err.count("interrupted") == 1 and "--resume goes on from it" in err, err[-3000:]
+        for child in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    assert proc.returncode == code, err[-3000:]
+    assert not left, f"still running after voxlake train exited: {left}"
+    assert err.count(said) == 1 and "--resume goes on from it" in err, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] >= 1

@@ -338,7 +338,11 @@ _RUN_TABLE_COLUMNS: tuple[Column, ...] = (
     Column("failures_by_code", "str", "JSON object: failure code to count."),
     Column("bytes_read", "int", "Bytes of source files read."),
     Column("duration_s", "float", "Wall-clock duration in seconds."),
-    Column("message", "str", "Error summary when the run failed."),
+    Column(
+        "message",
+        "str",
+        "Error summary when the run failed; what stopped it when interrupted (Ctrl-C or SIGTERM).",
+    ),
 )
 
 _LABEL_COLUMNS: tuple[Column, ...] = (

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +20,16 @@ from rich.markup import escape
 from voxlake import __version__
 from voxlake.errors import VoxlakeError
 
-__all__ = ["app", "catalog_app", "console", "docs_app", "interrupted", "main", "out"]
+__all__ = [
+    "Terminated",
+    "app",
+    "catalog_app",
+    "console",
+    "docs_app",
+    "interrupted",
+    "main",
+    "out",
+]
 
 console = Console(stderr=True)
 out = Console()
@@ -87,7 +100,16 @@ def parse_storage_options(text: str | None) -> dict[str, Any] | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors with a hint unless --debug."""
+    global _said_interrupted, _terminated
     args = list(sys.argv[1:] if argv is None else argv)
+    _said_interrupted = _terminated = False
+    with _sigterm_stops_like_ctrl_c():
+        code = _run(args)
+    if code:
+        sys.exit(code)
+
+
+def _run(args: list[str]) -> int:
     try:
         # Outside standalone mode, typer *returns* the code of a typer.Exit raised by a
         # command (and of Ctrl-C, which it turns into Exit(130)) instead of raising it.
@@ -100,12 +122,11 @@ def main(argv: list[str] | None = None) -> None:
         console.print(message, soft_wrap=True)
         if exc.hint:
             console.print(f"hint: {escape(exc.hint)}", soft_wrap=True)
-        sys.exit(2)
+        return 2
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        console.print("interrupted")
-        sys.exit(_INTERRUPTED)
+        code = _INTERRUPTED
     except Exception as exc:
         import click
 
@@ -116,27 +137,70 @@ def main(argv: list[str] | None = None) -> None:
         )
         if usage_error:
             exc.show()  # type: ignore[attr-defined]
-            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+            return int(exc.exit_code)  # type: ignore[attr-defined]
         if "--debug" in args:
             raise
         console.print(f"[red]error[/red] {type(exc).__name__}: {escape(str(exc))}", soft_wrap=True)
         console.print("hint: run again with --debug for the traceback")
-        sys.exit(1)
-    if code == _INTERRUPTED and not _said_interrupted:
-        console.print("interrupted")
-    if isinstance(code, int) and code:
-        sys.exit(code)
+        return 1
+    code = code if isinstance(code, int) else 0
+    if code in (_INTERRUPTED, _TERMINATED):
+        # typer turns any KeyboardInterrupt (Terminated too) into Exit(130).
+        code = _TERMINATED if _terminated else _INTERRUPTED
+        if not _said_interrupted:
+            console.print(_stopped_by())
+    return code
 
 
-#: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+#: The exit codes of a command stopped by Ctrl-C (128 + SIGINT) and by SIGTERM (128 + 15),
+#: as shells report them.
 _INTERRUPTED = 130
+_TERMINATED = 143
 _said_interrupted = False
+_terminated = False
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM stopped the command: raised where Ctrl-C raises ``KeyboardInterrupt``.
+
+    ``docker stop``, Kubernetes, systemd and batch schedulers at their time limit send
+    SIGTERM to the main process, then SIGKILL after a grace period. By default SIGTERM
+    killed voxlake at once, leaving its run ``running`` as after ``kill -9``; as a
+    ``KeyboardInterrupt`` every command stops as it does on Ctrl-C (an ingest commits its
+    run as ``interrupted``, a training stops its ranks) and exits 143.
+    """
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only it sets handlers
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        global _terminated
+        # A second SIGTERM ends the process at once, as it would have without this.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _terminated = True
+        raise Terminated("stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        # None: a handler not set from Python, which cannot be put back from here.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _stopped_by() -> str:
+    return "terminated (SIGTERM)" if _terminated else "interrupted"
 
 
 def interrupted(hint: str) -> typer.Exit:
-    """Say that Ctrl-C stopped the command and what to do next; returns the exit to raise."""
+    """Say that Ctrl-C (or SIGTERM) stopped the command and what to do next; returns the
+    exit to raise."""
     global _said_interrupted
-    console.print("interrupted")
+    console.print(_stopped_by())
     console.print(f"hint: {escape(hint)}", soft_wrap=True)
     _said_interrupted = True
-    return typer.Exit(_INTERRUPTED)
+    return typer.Exit(_TERMINATED if _terminated else _INTERRUPTED)

@@ -109,8 +109,8 @@ def ingest(
                     run.volumes(run.plan_and_submit(dask))
             finally:
                 run.drop_kept(dask)
-    except KeyboardInterrupt:
-        run.finish("interrupted", "interrupted by the user")
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI ("stopped by SIGTERM")
+        run.finish("interrupted", str(exc) or "interrupted by the user")
         raise
     except VoxlakeError as exc:
         run.finish("failed", f"{exc.code}: {exc.message}")

@@ -16,6 +16,7 @@ de-duplicated by sample number, so all ranks report the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -260,8 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _run_and_print(config, None)
     except KeyboardInterrupt:
-        # Ctrl-C reaches every rank of the terminal's process group (and torchrun passes
-        # it on): the `voxlake train` that launched them says so once, with what to do.
+        # The `voxlake train` (or launch()) that started the ranks sends each one SIGINT
+        # when it is stopped, and says so once, with what to do.
         return 130
     return 0
 
@@ -323,7 +324,42 @@ def launch(config: TrainConfig, nproc: int, *, selection: pd.DataFrame | None = 
     env = dict(os.environ)
     if config.storage_options:
         env[STORAGE_OPTIONS_ENV] = json.dumps(config.storage_options)
-    return subprocess.run(command, check=False, env=env).returncode
+    # torchrun in a session of its own (its ranks have theirs): a terminal's Ctrl-C reaches
+    # only this process, which stops the ranks itself (see _stop_ranks).
+    torchrun = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        return torchrun.wait()
+    except KeyboardInterrupt:  # Ctrl-C, a notebook's interrupt, or SIGTERM through the CLI
+        _stop_ranks(torchrun)
+        raise
+
+
+def _stop_ranks(torchrun: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
+    """Stop torchrun's ranks with one SIGINT each and wait for them (SIGKILL after ``grace_s``).
+
+    torchrun starts each rank in a session of its own, so no signal sent to this process or
+    its group reaches them; and torchrun, stopped by a signal, prints a traceback of its own
+    while it stops them. So torchrun is killed first and the ranks are each sent SIGINT,
+    on which they stop quietly (``main`` returns 130); the last checkpoint stays. Killing
+    torchrun alone (what ``subprocess.run`` did) left the ranks training, orphaned.
+    """
+    import signal
+
+    import psutil
+
+    try:
+        ranks = psutil.Process(torchrun.pid).children()
+    except psutil.NoSuchProcess:
+        ranks = []
+    torchrun.kill()
+    torchrun.wait()
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.send_signal(signal.SIGINT)
+    _, alive = psutil.wait_procs(ranks, timeout=grace_s)
+    for rank in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.kill()
 
 
 if __name__ == "__main__":
