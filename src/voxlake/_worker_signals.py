@@ -6,10 +6,16 @@ interrupted and closes the cluster; a worker that took the signal as well died m
 with a ``KeyboardInterrupt`` traceback of its own (two per worker, with its nanny's),
 burying the driver's message. Workers of a cluster given by address are never signalled
 from the driver's terminal and do not load this.
+
+A stopped run closes its cluster with volume tasks running, and each worker then logged a
+warning per running task ("Async instruction for <Task cancelled ...> ended with
+CancelledError"), which distributed's own comment says happens exclusively in
+``Worker.close()``; those lines are dropped too, and nothing else that logger says.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from typing import Any
@@ -21,3 +27,16 @@ def dask_setup(worker: Any) -> None:
     """Ignore SIGINT in this worker process (called by Dask as the worker starts)."""
     if threading.current_thread() is threading.main_thread():  # where signals are set
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    state_machine = logging.getLogger("distributed.worker.state_machine")
+    if not any(isinstance(f, _TasksCancelledOnClose) for f in state_machine.filters):
+        state_machine.addFilter(_TasksCancelledOnClose())
+
+
+class _TasksCancelledOnClose(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            record.levelno == logging.WARNING
+            and message.startswith("Async instruction for")
+            and message.endswith("ended with CancelledError")
+        )

@@ -100,3 +100,39 @@ def test_the_freeze_module_freezes_nothing_outside_the_forkserver() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"
+
+
+def _state_machine_says() -> tuple[list[str], bool]:
+    import logging
+    import signal
+
+    class Kept(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    logger = logging.getLogger("distributed.worker.state_machine")
+    kept = Kept()
+    logger.addHandler(kept)
+    try:
+        logger.warning("Async instruction for <Task cancelled name='x'> ended with CancelledError")
+        logger.warning("Async instruction for <Task name='y'> is something else")
+        logger.error("an error of the state machine")
+    finally:
+        logger.removeHandler(kept)
+    return kept.messages, signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_local_workers_leave_ctrl_c_to_the_driver_and_drop_close_noise(dask_client):
+    """The local cluster's worker preload: Ctrl-C is ignored (the driver stops the run), and
+    the one warning per running task that a closing worker logged ("Async instruction ...
+    ended with CancelledError") is dropped, while the rest of that logger still speaks."""
+    for messages, ignores_ctrl_c in dask_client.run(_state_machine_says).values():
+        assert ignores_ctrl_c
+        assert messages == [
+            "Async instruction for <Task name='y'> is something else",
+            "an error of the state machine",
+        ]
