@@ -173,7 +173,12 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _sigterm_stops_like_ctrl_c() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():  # only it sets handlers
+    # Only the main thread sets handlers; and one set by whoever started us (SIG_IGN, or an
+    # embedding program's own) is theirs to keep.
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         yield
         return
 
@@ -184,12 +189,11 @@ def _sigterm_stops_like_ctrl_c() -> Iterator[None]:
         _terminated = True
         raise Terminated("stopped by SIGTERM")
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
-        # None: a handler not set from Python, which cannot be put back from here.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _stopped_by() -> str:
