@@ -180,15 +180,24 @@ STOP = textwrap.dedent(
         def stop(event):
             progress(event)
             if event.stage == "volumes" and event.done >= 1:
-                if sys.argv[1] == "ctrl-c":  # as a terminal does: the whole group
+                if sys.argv[1].startswith("ctrl-c"):  # as a terminal does: the whole group
                     os.killpg(os.getpgrp(), signal.SIGINT)
                 else:  # as docker stop, Kubernetes or a batch scheduler do: the main process
                     os.kill(os.getpid(), signal.SIGTERM)
 
         return real_ingest(*args, progress=stop, **kwargs)
 
+    def finish_hit_again(self, status, message=None):  # Ctrl-C again as the run stops
+        if status == "interrupted":
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_finish(self, status, message)
+
     if __name__ == "__main__":
         voxlake.ingest.ingest = ingest  # the CLI imports it when it runs
+        if sys.argv[1] == "ctrl-c twice":
+            from voxlake.ingest.pipeline import _Run
+
+            real_finish, _Run.finish = _Run.finish, finish_hit_again
         main(["ingest", *sys.argv[2:], "--workers", "2", "--batch-size", "8"])
     """
 )
@@ -198,6 +207,8 @@ STOP = textwrap.dedent(
     ("how", "code", "said", "recorded"),
     [
         ("ctrl-c", 130, "interrupted", "interrupted by the user"),
+        # A second one while the stopped run is committed (it aborted the commit).
+        ("ctrl-c twice", 130, "interrupted", "interrupted by the user"),
         ("sigterm", 143, "terminated (SIGTERM)", "stopped by SIGTERM"),
     ],
 )
@@ -206,9 +217,10 @@ def test_a_stopped_cli_stops_cleanly_and_a_rerun_finishes(
 ):
     """`voxlake ingest` stopped by Ctrl-C in its terminal (SIGINT to its process group, the
     local cluster's workers included) or by SIGTERM to it alone (which killed it at once,
-    leaving its run 'running'): exit 130 / 143 with a hint, no worker tracebacks, the run
-    marked interrupted with what stopped it, only whole volumes visible; the same command
-    again finishes the job."""
+    leaving its run 'running'), or by Ctrl-C twice, the second while the stopped run is
+    committed: exit 130 / 143 with a hint, no worker tracebacks, the run marked interrupted
+    with what stopped it, only whole volumes visible; the same command again finishes the
+    job."""
     catalog_url, store_url = str(tmp_path / "cat"), str(tmp_path / "vol.zarr")
     script = tmp_path / "stop.py"
     script.write_text(STOP)

@@ -9,7 +9,10 @@ So a run killed anywhere leaves the catalog at its last commit and a re-run fini
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from typing import TYPE_CHECKING, Any
 
 from voxlake.cluster import dask_client
@@ -20,7 +23,7 @@ from voxlake.ingest._volume_stage import VolumeStage
 from voxlake.ingest.report import IngestReport, ProgressEvent, ProgressHandler
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
 __all__ = ["ingest"]
 
@@ -109,13 +112,47 @@ def ingest(
                     run.volumes(run.plan_and_submit(dask))
             finally:
                 run.drop_kept(dask)
+        # In the try: a Ctrl-C after the last volume but before this commit left 'running'.
+        return run.finish("completed")
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI ("stopped by SIGTERM")
-        run.finish("interrupted", str(exc) or "interrupted by the user")
+        with _interrupts_held():
+            run.finish("interrupted", str(exc) or "interrupted by the user")
         raise
     except VoxlakeError as exc:
-        run.finish("failed", f"{exc.code}: {exc.message}")
+        with _interrupts_held():
+            run.finish("failed", f"{exc.code}: {exc.message}")
         raise
     except Exception as exc:
-        run.finish("failed", f"{type(exc).__name__}")
+        with _interrupts_held():
+            run.finish("failed", f"{type(exc).__name__}")
         raise
-    return run.finish("completed")
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold off Ctrl-C (and the CLI's SIGTERM) while the run's last row is committed.
+
+    A second Ctrl-C during the commit of a stopping run aborted it and left the run
+    ``running`` for good: an impatient user's, or ``timeout -s INT``'s, which signals the
+    process and then its whole group (the process again). The run is stopping already, so
+    a signal that arrives meanwhile is dropped. SIG_DFL and SIG_IGN stay as they are (a
+    second SIGTERM through the CLI still ends the process at once).
+    """
+    if threading.current_thread() is not threading.main_thread():  # only it sets handlers
+        yield
+        return
+    held = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            held[signum] = handler
+            signal.signal(signum, _drop)
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+
+
+def _drop(signum: int, frame: object) -> None:
+    """A signal handler that does nothing."""
