@@ -241,10 +241,34 @@ class IngestConfig:
             )
         if self.on_error not in ("quarantine", "raise"):
             raise ConfigError(f"on_error must be 'quarantine' or 'raise', not {self.on_error!r}")
+        if not _is_memory_limit(self.memory_limit):
+            # Checked here, not by Dask as the cluster starts (after the run was opened).
+            raise ConfigError(
+                f"memory_limit {self.memory_limit!r} is not a size",
+                hint="e.g. 4GiB, 1500MB, a fraction of this machine's memory (0.25), auto, or "
+                "0 for no limit",
+            )
 
     def require_secret(self) -> str:
         """Return the secret or raise :class:`SecretMissingError`."""
         return resolve_secret(self.secret)
+
+
+def _is_memory_limit(value: object) -> bool:
+    """Whether Dask reads ``value`` as a worker memory limit (a size, a fraction, auto)."""
+    text = str(value).strip()
+    if not any(c.isdigit() for c in text):  # Dask reads "GiB" (and "") as 1 GiB (1 byte)
+        return text.lower() == "auto"
+    try:
+        return float(text) >= 0
+    except ValueError:
+        pass
+    from dask.utils import parse_bytes
+
+    try:
+        return parse_bytes(text) > 0
+    except ValueError:
+        return False
 
 
 def resolve_secret(secret: str | None) -> str:

@@ -413,6 +413,27 @@ def test_a_run_that_builds_volumes_needs_a_store(tmp_path, tiny_sample):
     assert not (tmp_path / "cat").exists()
 
 
+@pytest.mark.parametrize("limit", ["lots", "-1GiB", "GiB"])
+def test_a_memory_limit_dask_cannot_read_is_refused_before_the_run_opens(
+    tmp_path, tiny_sample, limit
+):
+    """Dask refused it only as the cluster started (a raw ValueError, after the catalog
+    and a 'failed' run were written); 'GiB' it read as 1 GiB."""
+    from voxlake.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"memory_limit .* is not a size") as info:
+        ingest(
+            [tiny_sample.root / "dicom"],
+            catalog=tmp_path / "cat",
+            store=tmp_path / "vol.zarr",
+            config=IngestConfig(secret=SECRET, memory_limit=limit),
+        )
+    assert "4GiB" in info.value.hint
+    assert not (tmp_path / "cat").exists()
+    for good in ("4GiB", "1500 MB", "0.25", "auto", "0"):
+        assert IngestConfig(memory_limit=good).memory_limit == good
+
+
 def test_the_cli_catalogs_headers_only_without_a_store(tmp_path, tiny_sample, dask_client):
     import subprocess
     import sys
