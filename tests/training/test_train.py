@@ -128,6 +128,16 @@ def test_auto_output_streams_the_stored_dtype_to_gpus_in_patch_mode(
     assert chosen == expected
 
 
+@pytest.mark.parametrize(
+    "sizes", [{"shape": (0, 32, 32)}, {"patch_size": (8, -1, 8)}, {"shape": (16, 16)}]
+)
+def test_a_shape_without_three_positive_sizes_is_refused(sizes: dict) -> None:
+    """`voxlake train --shape 0 32 32` raised a raw ValueError from inside the model."""
+    name = next(iter(sizes))
+    with pytest.raises(ConfigError, match=f"{name} must be three sizes of at least 1"):
+        TrainConfig(out="unused", **sizes)
+
+
 def test_more_ranks_than_gpus_is_refused_with_a_hint() -> None:
     with pytest.raises(ConfigError, match="2 ranks on this machine need one GPU each") as err:
         check_gpus_per_rank(2, 1)

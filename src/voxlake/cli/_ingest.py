@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 @app.command("sample-data")
 def sample_data(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write into (created).")],
-    seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed: same seed, same bytes.")] = 0,
     profile: Annotated[
         str, typer.Option(help="demo (realistic sizes) or tiny (for tests).")
     ] = "demo",

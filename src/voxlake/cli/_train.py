@@ -104,7 +104,7 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for everything.")] = Path(
         "demo-out"
     ),
-    seed: Annotated[int, typer.Option(help="Sample data seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Sample data seed.")] = 0,
     workers: Annotated[int, typer.Option(help="Local Dask workers.")] = 2,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
     profile: Annotated[str, typer.Option(help="Sample profile: demo or tiny.")] = "demo",

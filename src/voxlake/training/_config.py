@@ -112,6 +112,13 @@ class TrainConfig:
             raise ConfigError("mode must be volume or patch, patches_per_volume >= 1")
         if self.output not in ("auto", "float32", "stored"):
             raise ConfigError(f"output must be auto, float32 or stored, not {self.output!r}")
+        for name in ("shape", "patch_size"):
+            value = tuple(getattr(self, name))
+            if len(value) != 3 or min(value) < 1:
+                raise ConfigError(
+                    f"{name} must be three sizes of at least 1 (D H W), not {value}",
+                    hint=f"e.g. --{name.replace('_', '-')} 32 64 64",
+                )
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
