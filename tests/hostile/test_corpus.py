@@ -1,4 +1,4 @@
-"""The hostile corpus (93 cases, voxlake.testing.hostile) ingested in one run.
+"""The hostile corpus (95 cases, voxlake.testing.hostile) ingested in one run.
 
 Every bad input becomes exactly its coded failure rows, nothing else fails, every good
 series beside them is stored voxel for voxel, and a re-run adds nothing.

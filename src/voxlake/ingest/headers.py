@@ -293,8 +293,16 @@ def _instance_row(
         raise NotDicomError("DICOMDIR media directory (index, not an image)", code="dicomdir")
     # from the original: private tags go in deidentify()
     ids, derived = memo.ids_and_derived(ds, parser)
-    if not ids.get("SOPInstanceUID") and not ids.get("SeriesInstanceUID"):
-        raise HeaderError("missing SOPInstanceUID and SeriesInstanceUID", code="missing_uid")
+    if not ids.get("SeriesInstanceUID"):
+        # Type 1 in every composite object: without it the file can be in no series, so it
+        # would be neither a volume nor a failure. A file cut short right at an element
+        # boundary (before group 0020) reads as a whole header that lacks it.
+        what = "SeriesInstanceUID"
+        if not ids.get("SOPInstanceUID"):
+            what = "SOPInstanceUID and SeriesInstanceUID"
+        raise HeaderError(
+            f"missing {what} (not in the header, or the file ends before it)", code="missing_uid"
+        )
     # header_to_json(deidentify(ds)) and typed_columns() of it, without building it
     header_json, filled = cleaner.clean(
         ds, ids, reference=parser.generation, base=parser.base, changed=parser.changed

@@ -426,9 +426,13 @@ def _broken_dicom(b: Builder) -> None:
         ds.RescaleSlope = "inf"
     infinite_slope = io.BytesIO()
     save_dicom(ds, infinite_slope)
-    del ds.SOPInstanceUID, ds.SeriesInstanceUID
+    del ds.SeriesInstanceUID
+    no_series_uid = io.BytesIO()
+    save_dicom(ds, no_series_uid)
+    del ds.SOPInstanceUID
     no_uids = io.BytesIO()
     save_dicom(ds, no_uids)
+    patient_name = good.index(b"\x10\x00\x10\x00PN")  # the first element of group 0010
     # fmt: off
     b.file("truncated_header", "a slice cut inside its header", "truncated_header", good[:300])
     b.file("truncated_file_meta", "a slice cut inside its file meta", "truncated_header",
@@ -446,6 +450,11 @@ def _broken_dicom(b: Builder) -> None:
     b.file("dicomdir", "a DICOMDIR media index", "dicomdir", _dicomdir(), filename="DICOMDIR")
     b.file("missing_uids", "no SOPInstanceUID and no SeriesInstanceUID", "missing_uid",
            no_uids.getvalue())
+    b.file("missing_series_uid", "a slice without SeriesInstanceUID (catalogued in no "
+           "series: neither a volume nor a failure)", "missing_uid", no_series_uid.getvalue())
+    b.file("cut_at_element_boundary", "a slice cut right before PatientName: a whole header "
+           "without series or pixels (catalogued in no series)", "missing_uid",
+           good[:patient_name])
     b.file("infinite_rescale_slope", "RescaleSlope inf (would be taken as 1)", "bad_rescale",
            infinite_slope.getvalue())
     # fmt: on
