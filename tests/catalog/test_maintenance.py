@@ -125,6 +125,36 @@ def test_zero_retention_keeps_only_the_latest_version(catalog_and_store):
     assert int(latest.sql("SELECT count(*) AS n FROM volumes WHERE modality = 'CT'").n[0]) == 2
 
 
+def test_a_vacuumed_version_says_so_and_the_cli_exits_2(catalog_and_store, capsys):
+    """Version 1 after a zero-retention vacuum: reading it raised delta-rs's or DuckDB's
+    file-not-found (exit 1, a raw object-store message); now one coded error, every way
+    in, with the latest version as the way out."""
+    url, store, _ = catalog_and_store
+    vacuum_catalog(url, store=str(store), retention_hours=0)
+    old = open_catalog(url, version=1)
+    reads = {
+        "pandas": lambda: old.volumes,
+        "parquet SQL": lambda: old.sql("SELECT count(*) FROM volumes", engine="parquet"),
+        "arrow SQL": lambda: old.sql("SELECT count(*) FROM volumes", engine="arrow"),
+        "summary": old.summary,
+    }
+    for way, read in reads.items():
+        with pytest.raises(CatalogError, match="version 1 were removed by a vacuum") as info:
+            read()
+        assert info.value.code == "version_vacuumed", way
+        assert "latest (2)" in info.value.hint
+    query = "SELECT count(*) FROM volumes"
+    for command in (
+        ["catalog", "show", url, "--version", "1"],
+        ["catalog", "query", url, query, "--version", "1"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(command)
+        assert exited.value.code == 2
+        assert "[version_vacuumed]" in capsys.readouterr().err
+    assert len(open_catalog(url, version=2).volumes) == 2  # the kept version reads
+
+
 def test_vacuum_refuses_a_store_the_catalog_does_not_use(catalog_and_store, tmp_path):
     url, _, _ = catalog_and_store
     other = tmp_path / "other.zarr"

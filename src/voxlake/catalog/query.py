@@ -8,6 +8,7 @@ rows again later.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import os
@@ -21,7 +22,7 @@ from voxlake.catalog.tables import TABLES, _delta_options, data_files, table_url
 from voxlake.errors import CatalogError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
 
     import pandas as pd
     import pyarrow.dataset as pads
@@ -120,10 +121,29 @@ class Catalog:
         self, name: str, *, columns: list[str] | None = None, filter: Any = None
     ) -> pd.DataFrame:
         """Read table ``name`` into pandas, with optional column projection and filter."""
-        frame: pd.DataFrame = (
-            self.dataset(name).to_table(columns=columns, filter=filter).to_pandas()
-        )
+        with self._reading():
+            frame: pd.DataFrame = (
+                self.dataset(name).to_table(columns=columns, filter=filter).to_pandas()
+            )
         return frame
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Say so when an old pinned version's data files were removed by ``vacuum``
+        (Delta and DuckDB said only that some file was not found)."""
+        try:
+            yield
+        except Exception as exc:
+            latest = len(self._commits) if self._commits is not None else self.version
+            if self.version >= latest or not _missing_file(exc):
+                raise
+            raise CatalogError(
+                f"the files of catalog version {self.version} were removed by a vacuum",
+                code="version_vacuumed",
+                hint="a vacuum keeps the versions committed within its retention readable: "
+                f"pin one of those or the latest ({latest}); `voxlake catalog history` "
+                "lists them",
+            ) from exc
 
     # -- convenience frames ---------------------------------------------------------
     @functools.cached_property
@@ -198,7 +218,7 @@ class Catalog:
         from voxlake.catalog.engines import duckdb_connection, resolve_engine
 
         engine = resolve_engine(self, engine)
-        with self._lock:
+        with self._lock, self._reading():
             if engine not in self._duckdb:
                 self._duckdb[engine] = duckdb_connection(self, engine)
             try:
@@ -290,15 +310,19 @@ class Catalog:
         """Counts per table and per modality / failure code."""
         volumes = self.read("volumes", columns=["modality", "nbytes"])
         failures = self.read("failures", columns=["code"])
+        with self._reading():
+            rows = {
+                name: self.dataset(name).count_rows() for name in ("instances", "runs", "labels")
+            }
         return {
             "url": self.url,
             "version": self.version,
             "committed_at": self.committed_at,
-            "instances": self.dataset("instances").count_rows(),
+            "instances": rows["instances"],
             "volumes": len(volumes),
             "failures": len(failures),
-            "runs": self.dataset("runs").count_rows(),
-            "labels": self.dataset("labels").count_rows(),
+            "runs": rows["runs"],
+            "labels": rows["labels"],
             "volume_bytes": int(volumes["nbytes"].sum()) if len(volumes) else 0,
             "volumes_by_modality": volumes["modality"].value_counts().to_dict(),
             "failures_by_code": failures["code"].value_counts().to_dict(),
@@ -393,6 +417,19 @@ def open_catalog(
         storage_options=options,
         commits=commits,
     )
+
+
+def _missing_file(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says a file was not found."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, FileNotFoundError) or "No files found that match" in text:
+            return True
+        if "Object at location" in text and "not found" in text:  # delta-rs's object store
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _table_version(row: pd.Series, name: str) -> int | None:
