@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from voxlake.errors import ConfigError
@@ -115,7 +116,10 @@ def dask_client(config: IngestConfig, *, client: Any = None) -> Iterator[Any]:
     forked = config.workers > 1 and _forkserver_available()
     if forked:
         settings["distributed.worker.multiprocessing-method"] = "forkserver"
-    with dask.config.set(settings):
+    with dask.config.set(settings), warnings.catch_warnings():
+        # A busy dashboard port (another cluster, a notebook's): Dask serves on another one
+        # and warned about it at length; the link it got is what ingest prints.
+        warnings.filterwarnings("ignore", r"Port \d+ is already in use", UserWarning)
         if forked:
             _preload_forkserver()
         cluster = LocalCluster(

@@ -136,3 +136,19 @@ def test_local_workers_leave_ctrl_c_to_the_driver_and_drop_close_noise(dask_clie
             "Async instruction for <Task name='y'> is something else",
             "an error of the state machine",
         ]
+
+
+def test_a_busy_dashboard_port_is_no_warning(recwarn):
+    """Dask moves the dashboard to a free port (the link reports it) and warned at length
+    ("Port 8787 is already in use. Perhaps you already have a cluster running?")."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = IngestConfig(secret=SECRET, workers=1, dashboard_address=f"127.0.0.1:{port}")
+        with dask_client(config) as client:
+            link = client.dashboard_link
+    assert f":{port}/" not in link and link.startswith("http://127.0.0.1:")
+    assert [str(w.message) for w in recwarn if "already in use" in str(w.message)] == []
