@@ -70,3 +70,46 @@ def test_added_instances_rebuild_the_volume_and_old_versions_stay_readable(
     old_again, _ = read_volume(again.store_url, again.store_path)
     assert np.array_equal(old_again, expected[: n - 2])
     assert list(after.history().run_id.drop_duplicates()) == [first.run_id, second.run_id]
+
+
+def test_a_series_whose_files_were_overwritten_loses_its_volume_row(
+    tmp_path, tiny_sample, dask_client
+):
+    """An export folder refilled in place: every file of one series now holds another
+    series. The files' rows are replaced (by URL), and the old series' volume row, with no
+    file left behind it, is deleted instead of staying selectable for training; the new
+    series is built, and the version read before still shows the old volume."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    src = tmp_path / "dicom"
+    shutil.copytree(tiny_sample.root / "dicom", src)
+    catalog, store = str(tmp_path / "cat"), str(tmp_path / "vol.zarr")
+    config = IngestConfig(secret=SECRET)
+    first = ingest([src], catalog=catalog, store=store, config=config, client=dask_client)
+    assert first.failures == 0
+    before = open_catalog(catalog)
+    series = next(s for s in tiny_sample.series if len(s.files) >= 3)
+    old_key = keyed_hash(SECRET, "series", series.spec.series_instance_uid)
+    assert (before.volumes.series_key == old_key).sum() == 1
+    new_uid = generate_uid()
+    for file in series.files:
+        path = src / file.relative_to(tiny_sample.root / "dicom")
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = new_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(path)
+
+    second = ingest([src], catalog=catalog, store=store, config=config, client=dask_client)
+    assert second.failures == 0 and second.volumes_written == 1
+    assert second.volumes_retired == 1
+    after = open_catalog(catalog)
+    assert old_key not in set(after.volumes.series_key)
+    assert set(after.volumes.series_key) <= set(after.instances.series_key)
+    assert len(after.volumes) == len(before.volumes)
+    new = after.volumes[after.volumes.series_key == keyed_hash(SECRET, "series", new_uid)]
+    data, _ = read_volume(new.iloc[0].store_url, new.iloc[0].store_path)
+    assert np.array_equal(data, series.expected_volume())  # same pixels, other series
+    pinned = open_catalog(catalog, version=before.version)
+    assert (pinned.volumes.series_key == old_key).sum() == 1
+    assert "retire volumes" in set(after.history().operation)

@@ -423,6 +423,11 @@ class CatalogWriter:
             raise CatalogError(f"delete from {name!r} failed: {exc}") from exc
         target.update_incremental()
 
+    def delete_rows(self, name: str, rows: pa.Table, *, keys: tuple[str, ...], run_id: str) -> None:
+        """Delete from table ``name`` exactly the rows whose ``keys`` values ``rows`` holds."""
+        if rows.num_rows:
+            self.delete(name, _key_predicate(rows, keys), run_id=run_id)
+
     def record_commit(self, *, run_id: str, operation: str) -> int:
         """Append a ``_commits`` row with every table's latest version; return the version.
 

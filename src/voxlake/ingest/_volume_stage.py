@@ -116,7 +116,8 @@ class VolumeStage(RunState):
         # Files read by earlier runs (a --headers-only survey, say): their pixels are read
         # at the offsets those runs kept, like this run's own files.
         self.pixel_spans.update(stored_spans(instances, skip=self.pixel_spans))
-        volumes = catalog.read("volumes", columns=["volume_id", "revision"])
+        volumes = catalog.read("volumes", columns=["volume_id", "revision", "series_key"])
+        volumes = self._retire_volumes_without_files(volumes, instances)
         failures = catalog.read(
             "failures", columns=["failure_id", "code", "subject_kind", "subject"]
         )
@@ -169,6 +170,30 @@ class VolumeStage(RunState):
         self.commit({"failures": rows}, "assemble")
         self._note_failed(rows)
         return futures
+
+    def _retire_volumes_without_files(
+        self, volumes: pd.DataFrame, instances: pd.DataFrame
+    ) -> pd.DataFrame:
+        """Delete the volume rows whose series has no catalogued file left; return the rest.
+
+        A file's row is replaced when its URL is read again with other content, so a
+        series whose files were all overwritten in place (an export folder refilled) kept
+        a volume row with nothing behind it, which training still selected. Its store
+        group stays for pinned older versions until ``vacuum``. (Files that are gone from
+        their source keep their rows: a source not mounted must not empty the catalog.)
+        """
+        gone = volumes[~volumes.series_key.isin(set(instances.series_key.dropna()))]
+        if gone.empty:
+            return volumes
+        import pyarrow as pa
+
+        rows = pa.Table.from_pandas(gone[["volume_id", "revision"]], preserve_index=False)
+        self.writer.delete_rows("volumes", rows, keys=("volume_id", "revision"), run_id=self.run_id)
+        self.report.catalog_version = self.writer.record_commit(
+            run_id=self.run_id, operation="retire volumes"
+        )
+        self.report.volumes_retired = len(gone)
+        return volumes.drop(gone.index)
 
     def _without_damaged_archives(
         self, instances: pd.DataFrame

@@ -64,6 +64,8 @@ class IngestReport:
     instances: int = 0
     volumes_written: int = 0
     volumes_skipped: int = 0
+    #: Volume rows deleted because their series has no catalogued file left (overwritten).
+    volumes_retired: int = 0
     failures: int = 0
     failures_by_code: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
