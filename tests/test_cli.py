@@ -122,3 +122,114 @@ def test_a_refused_volume_is_one_summary_line_not_a_worker_traceback(tmp_path, t
     assert done.returncode == 0, done.stdout + done.stderr
     assert "failure: unknown_transfer_syntax │ 1" in done.stdout, done.stdout
     assert "Compute Failed" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def _main(*args: str) -> int:
+    """Run the console script's entry point in-process; its exit code."""
+    from voxlake.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def _volume_catalog(url: Path, *patients: str, secret: str = "cli-secret") -> str:
+    """A catalog with one volume per patient (no store: enough for labels and queries)."""
+    from voxlake.catalog import CatalogWriter
+    from voxlake.keys import keyed_hash, volume_id_for
+
+    rows = []
+    for patient in patients:
+        series = keyed_hash(secret, "series", f"{patient}.1")
+        patient_key = keyed_hash(secret, "patient", patient)
+        rows.append({"volume_id": volume_id_for(series), "revision": "r1", "series_key": series,
+                     "patient_key": patient_key, "nbytes": 1})  # fmt: skip
+    CatalogWriter(url).commit({"volumes": rows}, run_id="a", operation="t")
+    return str(url)
+
+
+def test_verify_refuses_missing_folders_and_no_references(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("not a reference")
+    missing = str(tmp_path / "nope")
+    assert _main("verify", missing, str(empty)) == 2
+    assert "error [source_not_found] input folder not found" in capsys.readouterr().err
+    assert _main("verify", str(empty), missing) == 2
+    assert "error [source_not_found] reference folder not found" in capsys.readouterr().err
+    assert _main("verify", str(empty), str(empty)) == 2
+    err = capsys.readouterr().err
+    assert "error [no_references]" in err and ".nii.gz" in err
+
+
+def test_verify_help_describes_which_input_a_reference_uses():
+    result = CliRunner().invoke(app, ["verify", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "Ref*" in text and "In" in text and "INPUT_DIR" in text
+    assert "dicom2nifti" in text and "name the input" in text
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_verify_names_the_in_folder_beside_a_ref_folder(tmp_path):
+    import nibabel as nib
+
+    volume = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    (tmp_path / "qa" / "In").mkdir(parents=True)
+    (tmp_path / "qa" / "Ref").mkdir()
+    (tmp_path / "other").mkdir()
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "qa" / "In" / "a.nii.gz")
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "qa" / "Ref" / "a.nii.gz")
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "other" / "b.nii.gz")
+    refs = tmp_path / "refs"
+    shutil.copytree(tmp_path / "qa", refs / "qa")
+    shutil.copy(tmp_path / "other" / "b.nii.gz", refs / "b.nii.gz")
+    # qa/Ref/a.nii.gz uses qa/In; b.nii.gz uses INPUT_DIR (other).
+    args = ["verify", str(tmp_path / "other"), str(refs), "--workers", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[1]: line for line in result.output.splitlines() if "voxels" in line}
+    assert lines["qa/Ref/a.nii.gz:"].endswith(f"(input {refs / 'qa' / 'In'})")
+    assert "(input" not in lines["b.nii.gz:"]
+    assert "matched 3 of 3" in result.output  # qa/In/a.nii.gz is a reference too
+
+
+def test_attach_labels_reports_matches_and_refuses_conflicts(tmp_path, capsys):
+    catalog = _volume_catalog(tmp_path / "cat", "P1", "P2")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("PatientID,label\nP1,1\nP2,0\nP9,1\nP1,1\n")
+    args = ["catalog", "attach-labels", catalog, str(csv), "--on", "PatientID"]
+    assert _main(*args, "--secret", "cli-secret") == 0
+    captured = capsys.readouterr()
+    assert "labels attached: 2 keys matched volumes, 1 matched none" in captured.out
+    assert "hint" not in captured.err
+
+    assert _main(*args, "--secret", "another-secret") == 0
+    captured = capsys.readouterr()
+    assert "labels attached: 0 keys matched volumes, 3 matched none" in captured.out
+    assert "hint:" in captured.err and "secret" in captured.err and "--on" in captured.err
+
+    csv.write_text("PatientID,label\nP1,1\nP2,0\nP1,0\n")
+    assert _main(*args, "--secret", "cli-secret") == 2
+    err = capsys.readouterr().err
+    assert "error [conflicting_labels] 1 PatientID" in err and "'P1'" in err
+    assert "P2" not in err
+
+
+def test_attach_labels_with_a_missing_csv_is_a_coded_error(tmp_path, capsys):
+    catalog = _volume_catalog(tmp_path / "cat", "P1")
+    args = ["catalog", "attach-labels", catalog, str(tmp_path / "nope.csv"), "--secret", "s"]
+    assert _main(*args) == 2
+    err = capsys.readouterr().err
+    assert "error [labels_not_found]" in err and "FileNotFoundError" not in err
+
+
+@pytest.mark.parametrize("sql", ["", "   ", "/* only a comment */", "-- a comment\n;"])
+def test_a_query_without_a_statement_is_a_usage_error(tmp_path, sql):
+    catalog = _volume_catalog(tmp_path / "cat", "P1")
+    result = CliRunner().invoke(app, ["catalog", "query", catalog, "--", sql])
+    assert result.exit_code == 2, result.output
+    assert "no SQL statement" in result.output

@@ -304,6 +304,76 @@ def test_show_command_and_its_errors(tiny_ingested, tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.fixture
+def odd_catalog(tmp_path):
+    """A catalog of one 3D volume, in folders whose names need quoting in a shell."""
+    from voxlake.catalog import CatalogWriter
+    from voxlake.volumes import write_volume
+    from voxlake.volumes.layout import volume_path
+
+    root = tmp_path / "odd out"
+    catalog, store = root / "cat alog", root / "vol's.zarr"
+    volume_id, path = "ab" * 12, volume_path("ab" * 12, "cd" * 8)
+    affine = HEAD_FIRST_AXIAL.tolist()
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    write_volume(
+        store, path, data, attributes={"volume_id": volume_id, "spacing": [2.0, 0.7, 0.7],
+                                       "affine": affine}
+    )  # fmt: skip
+    row = {
+        "volume_id": volume_id,
+        "revision": "cd" * 8,
+        "series_key": "ef" * 16,
+        "modality": "MR",
+        "store_url": str(store),
+        "store_path": path,
+        "shape": [4, 5, 6],
+        "spacing": [2.0, 0.7, 0.7],
+        "affine": HEAD_FIRST_AXIAL.ravel().tolist(),
+        "axes": "zyx",
+        "nbytes": 240,
+    }
+    CatalogWriter(catalog).commit({"volumes": [row]}, run_id="a", operation="t")
+    return str(catalog)
+
+
+def _show(*args: str) -> int:
+    from voxlake.cli import main
+
+    try:
+        main(["show", *args])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_show_hint_quotes_the_catalog_path(odd_catalog, tmp_path, capsys):
+    import shlex
+
+    assert _show(odd_catalog, "0123456789ab", "--out", str(tmp_path / "v.png")) == 2
+    err = capsys.readouterr().err
+    assert "[volume_not_found]" in err
+    hint = next(line for line in err.splitlines() if line.startswith("hint:"))
+    command = shlex.split(hint.split("with: ", 1)[1])
+    assert command[:4] == ["voxlake", "catalog", "query", odd_catalog]
+    assert command[4].startswith("SELECT volume_id") and len(command) == 5
+
+
+def test_show_refuses_a_time_point_of_a_3d_volume(odd_catalog, tmp_path, capsys):
+    png = str(tmp_path / "v.png")
+    assert _show(odd_catalog, "--out", png) == 0  # the volume draws
+    capsys.readouterr()
+    assert _show(odd_catalog, "--t", "3", "--out", png) == 2
+    err = capsys.readouterr().err
+    assert "error [bad_time_point]" in err and "no time axis" in err
+
+
+def test_show_refuses_a_dpi_below_1(odd_catalog, tmp_path, capsys):
+    assert _show(odd_catalog, "--dpi", "0", "--out", str(tmp_path / "v.png")) == 2
+    err = capsys.readouterr().err
+    assert "--dpi" in err and "ValueError" not in err
+
+
 def test_public_names_resolve():
     import importlib
 

@@ -12,7 +12,7 @@ import pytest
 
 from voxlake.catalog import CatalogWriter, attach_labels, isin, open_catalog
 from voxlake.catalog.schema import SCHEMAS, render_schema_markdown
-from voxlake.errors import CatalogError, ConfigError
+from voxlake.errors import CatalogError, ConfigError, SourceError
 from voxlake.keys import keyed_hash, volume_id_for
 
 SECRET = "catalog-test-secret"
@@ -178,6 +178,60 @@ def test_labels_by_accession_number_join_through_the_study(writer):
     )
     selection = open_catalog(writer.url).training_selection("sick").set_index("study_key")
     assert selection.loc[study[0], "sick"] == 0.0
+
+
+def test_conflicting_labels_are_refused_and_exact_duplicates_kept_once(writer, tmp_path):
+    writer.commit({"volumes": [volume("1.2.3"), volume("1.2.4")]}, run_id="a", operation="t")
+    version = open_catalog(writer.url).version
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "PatientID,label,grade\n"
+        "P-1.2.3,1,2\n"
+        "P-1.2.4,1,3\n"
+        " P-1.2.3,0,2\n"  # the same patient (identifiers are stripped), another label
+        "P-9,1,1\n"
+        "P-9,1,4\n"  # another patient, another grade
+        "P-1.2.4,1,3\n"  # an exact duplicate: fine
+    )
+    with pytest.raises(ConfigError) as info:
+        attach_labels(writer.url, csv, secret=SECRET, on="PatientID")
+    error = info.value
+    assert error.code == "conflicting_labels"
+    assert error.message.startswith("2 PatientID") and "label, grade" in error.message
+    assert "'P-1.2.3'" in error.message  # one example, as written in the CSV
+    text = f"{error.message} {error.hint}"
+    assert "P-9" not in text and "P-1.2.4" not in text  # nor other rows
+    assert keyed_hash(SECRET, "patient", "P-1.2.3") not in text
+    assert open_catalog(writer.url).version == version  # nothing attached
+
+    csv.write_text("PatientID,label\nP-1.2.3,1\nP-1.2.4,0\nP-1.2.3,1\n")
+    attach_labels(writer.url, csv, secret=SECRET, on="PatientID")
+    stored = open_catalog(writer.url).labels
+    assert len(stored) == 2 and stored.key.is_unique
+
+
+def test_a_missing_label_csv_is_a_coded_error(writer, tmp_path):
+    with pytest.raises(SourceError) as info:
+        attach_labels(writer.url, tmp_path / "nope.csv", secret=SECRET)
+    assert info.value.code == "labels_not_found" and "nope.csv" in info.value.message
+
+
+def test_match_labels_counts_keys_with_and_without_volumes(writer):
+    from voxlake.catalog.labels import LabelMatches, match_labels
+
+    study = keyed_hash(SECRET, "study", "1.9")
+    instances = [{"url": "/f.dcm", "study_key": study,
+                  "accession_key": keyed_hash(SECRET, "accession", "ACC-0")}]  # fmt: skip
+    volumes = [volume("1.2.3", study_key=study), volume("1.2.4")]
+    writer.commit({"instances": instances, "volumes": volumes}, run_id="a", operation="t")
+    series = pd.DataFrame({"SeriesInstanceUID": ["1.2.3", "1.2.4", "9.9", "1.2.3"],
+                           "label": [1, 0, 1, 1]})  # fmt: skip
+    assert match_labels(writer.url, series, secret=SECRET) == LabelMatches(2, 1)
+    assert match_labels(writer.url, series, secret="another") == LabelMatches(0, 3)
+    accession = pd.DataFrame({"AccessionNumber": ["ACC-0", "ACC-9"], "sick": [1, 0]})
+    assert match_labels(writer.url, accession, secret=SECRET, on="AccessionNumber") == LabelMatches(
+        1, 1
+    )
 
 
 def test_string_filters_push_down_after_upserts_and_deletes(writer):

@@ -142,3 +142,20 @@ def test_cli_split_persists_and_reports(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "30 new keys" in text and "catalog version 2" in text
     assert len(saved_splits(url)) == 30
+
+
+def test_cli_split_of_a_catalog_without_volumes_is_a_coded_error(tmp_path, capsys):
+    import datetime as dt
+
+    from voxlake.cli import main
+
+    url = str(tmp_path / "cat")
+    label = {"key_kind": "series", "key": "ab" * 16, "name": "label", "value": 1.0,
+             "source": "", "attached_at": dt.datetime.now(dt.UTC)}  # fmt: skip
+    CatalogWriter(url).commit({"labels": [label]}, run_id="a", operation="labels only")
+    with pytest.raises(SystemExit) as info:
+        main(["catalog", "split", url])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error [no_volumes]" in err and "no volumes to split" in err and "KeyError" not in err
+    assert saved_splits(url) == {}

@@ -101,7 +101,20 @@ def catalog_query(
 
     if fmt not in ("table", "csv", "json"):
         raise typer.BadParameter(f"{fmt!r} is not table, csv or json", param_hint="--format")
+    if not _has_statement(sql):
+        raise typer.BadParameter("no SQL statement (empty, or only comments)", param_hint="'SQL'")
     print_frame(open_catalog(url, version=version).sql(sql), fmt)
+
+
+def _has_statement(sql: str) -> bool:
+    """Whether ``sql`` holds a statement; SQL DuckDB cannot parse counts (the query then
+    reports the parse error)."""
+    import duckdb
+
+    try:
+        return bool(duckdb.extract_statements(sql))
+    except duckdb.Error:
+        return True
 
 
 @catalog_app.command("history")
@@ -133,10 +146,23 @@ def catalog_attach_labels(
     Example: `voxlake catalog attach-labels out/catalog data/sample/labels.csv`
     """
     from voxlake.catalog import attach_labels
+    from voxlake.catalog.labels import match_labels
     from voxlake.config import resolve_secret
 
-    version = attach_labels(url, labels_csv, secret=resolve_secret(secret), on=on)
-    out.print(f"labels attached; catalog version {version}")
+    key = resolve_secret(secret)
+    version = attach_labels(url, labels_csv, secret=key, on=on)
+    matches = match_labels(url, labels_csv, secret=key, on=on, version=version)
+    out.print(
+        f"labels attached: {matches.matched} keys matched volumes,"
+        f" {matches.unmatched} matched none; catalog version {version}"
+    )
+    if matches.unmatched and not matches.matched:
+        console.print(
+            f"hint: no {on} in the CSV matches a volume: is the secret the one used at"
+            " ingest, and --on the CSV's identifier column? (labels wait for data"
+            " ingested later)",
+            soft_wrap=True,
+        )
 
 
 @catalog_app.command("schema-doc")
@@ -171,8 +197,16 @@ def catalog_split(
     Run it again after each ingest: only new keys are added.
     Example: `voxlake catalog split out/catalog --by patient_key --seed 0`
     """
-    from voxlake.catalog import save_split
+    from voxlake.catalog import open_catalog, save_split
+    from voxlake.errors import CatalogError
 
+    cat = open_catalog(url)
+    if cat.read("volumes", columns=["volume_id"]).empty:
+        raise CatalogError(
+            f"catalog version {cat.version} has no volumes to split",
+            code="no_volumes",
+            hint="ingest some data first: voxlake ingest SOURCE --catalog URL --store URL",
+        )
     saved = save_split(url, by=by, fractions=fractions, seed=seed, name=name)
     counts = ", ".join(f"{k} {v}" for k, v in saved.counts().items())
     out.print(

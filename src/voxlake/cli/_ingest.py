@@ -66,6 +66,8 @@ def _print_report(report: IngestReport) -> None:
         ("catalog version", report.catalog_version),
     ):
         table.add_row(name, str(value))
+    if report.volumes_retired:
+        table.add_row("volumes retired (their files now hold others)", str(report.volumes_retired))
     for code, count in sorted(report.failures_by_code.items()):
         table.add_row(f"  failure: {code}", str(count))
     out.print(table)
@@ -280,16 +282,29 @@ def ingest(
 
 @app.command()
 def verify(
-    input_dir: Annotated[Path, typer.Argument(help="DICOM (or NIfTI) folder to ingest.")],
-    reference_dir: Annotated[Path, typer.Argument(help="Folder of reference .nii/.nii.gz.")],
+    input_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="DICOM (or NIfTI) folder to ingest for references without their own input."
+        ),
+    ],
+    reference_dir: Annotated[
+        Path, typer.Argument(help="Folder searched recursively for reference .nii/.nii.gz.")
+    ],
     workers: Annotated[int, typer.Option(help="Local Dask worker processes.")] = 2,
 ) -> None:
     """Ingest a folder and compare every reference NIfTI with the matching volume.
 
     Example: `voxlake verify dcm_qa/In dcm_qa/Ref`
 
+    The input ingested for a reference: a file under a `Ref*` folder whose parent also
+    holds an `In` folder (dcm2niix's dcm_qa layout) uses that `In`, not INPUT_DIR;
+    `X_ground_truth*.nii[.gz]` next to a folder `X` (dicom2nifti's layout) uses `X`;
+    any other reference uses INPUT_DIR. Lines name the input when it is not INPUT_DIR.
+
     Prints one line per reference (shape, voxel equality after reorientation to
-    canonical, affine error in mm) and `matched N of M`; exits 1 unless all match.
+    canonical, affine error in mm) and `matched N of M`; exits 1 unless all match, 2
+    when INPUT_DIR or REFERENCE_DIR is missing or REFERENCE_DIR holds no .nii/.nii.gz.
     Uses a throwaway catalog, store and secret. See docs/series-assembly.md.
     """
     from voxlake.config import IngestConfig

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.text import Text
 
 from voxlake.cli._app import app, console, docs_app, out, write_reference
-from voxlake.errors import VoxlakeError
+from voxlake.errors import ConfigError, StoreError, VoxlakeError
+
+if TYPE_CHECKING:
+    from voxlake.viz import VolumeView
+
+#: Lists a catalog's volumes (in the hint for an unknown volume id).
+LIST_VOLUMES_SQL = "SELECT volume_id, modality, series_description FROM volumes"
 
 
 def _parse_window(text: str | None) -> str | tuple[float, float] | None:
@@ -22,6 +29,35 @@ def _parse_window(text: str | None) -> str | tuple[float, float] | None:
             f"cannot read window {text!r}", code="bad_window", hint="e.g. --window 40,400"
         ) from exc
     return level, width
+
+
+def _load(
+    catalog: str, volume_id: str | None, version: int | None, store: str | None
+) -> VolumeView:
+    """:func:`voxlake.viz.load_volume`, with hints whose commands paste into a shell."""
+    from voxlake.viz import load_volume
+
+    try:
+        return load_volume(catalog, volume_id, version=version, store=store)
+    except StoreError as exc:
+        if exc.code != "volume_not_found" or volume_id is None:
+            raise
+        listing = f"voxlake catalog query {shlex.quote(catalog)} {shlex.quote(LIST_VOLUMES_SQL)}"
+        raise StoreError(
+            exc.message, code=exc.code, hint=f"list the ids with: {listing}", **exc.fields
+        ) from exc
+
+
+def _check_time_point(view: VolumeView, t: int) -> None:
+    """A volume without time points has only ``--t 0`` (4D ranges are checked when drawn)."""
+    timed = view.array.ndim == 4 and not view.colour
+    if not timed and t != 0:
+        kind = "a colour" if view.colour else "a 3D"
+        raise ConfigError(
+            f"time point {t} out of range: {kind} volume has no time axis",
+            code="bad_time_point",
+            hint="leave out --t (it is for 4D volumes)",
+        )
 
 
 @app.command()
@@ -48,7 +84,7 @@ def show(
         Optional[str],  # noqa: UP045
         typer.Option(help="Volume store root (default: the catalog row's store_url)."),
     ] = None,
-    dpi: Annotated[int, typer.Option(help="PNG resolution (12-inch-wide figure).")] = 100,
+    dpi: Annotated[int, typer.Option(min=1, help="PNG resolution (12-inch-wide figure).")] = 100,
 ) -> None:
     """Draw a volume: axial, coronal and sagittal planes through its centre, or a montage.
 
@@ -58,10 +94,11 @@ def show(
     Examples: `voxlake show out/catalog --out view.png`,
     `voxlake show out/catalog --window ct-lung --montage --out montage.png`
     """
-    from voxlake.viz import load_volume, plot_montage, plot_triplanar, save_figure
+    from voxlake.viz import plot_montage, plot_triplanar, save_figure
 
     with console.status("reading the volume..."):
-        view = load_volume(catalog, volume_id, version=version, store=store)
+        view = _load(catalog, volume_id, version, store)
+        _check_time_point(view, t)
         parsed = _parse_window(window)
         figure = (
             plot_montage(view, window=parsed, t=t)

@@ -15,6 +15,10 @@ Which input folder belongs to a reference:
   that ``In``;
 - otherwise the ``INPUT_DIR`` given.
 
+A result whose input folder is not ``INPUT_DIR`` names it on its line. A missing
+``INPUT_DIR`` or ``REFERENCE_DIR``, or no reference under ``REFERENCE_DIR``, is a
+:class:`~voxlake.errors.SourceError` (nothing is ingested).
+
 A dcm2niix JSON sidecar narrows the candidates to its ``SeriesNumber`` and, when it says
 ``UsePhilipsFloatNotDisplayScaling: 1``, the input is ingested with
 ``philips_scaling="precise"`` (dcm2niix's default for Philips). A ``.bval`` next to the
@@ -33,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+from voxlake.errors import SourceError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -69,10 +75,14 @@ class ReferenceResult:
     reference_shape: tuple[int, ...] = ()
     max_abs_diff: float | None = None
     affine_error_mm: float | None = None
+    #: True when ``input`` came from the reference's layout (an ``In`` folder beside its
+    #: ``Ref*`` folder, or dicom2nifti's ``X``), not the ``INPUT_DIR`` given.
+    own_input: bool = False
 
     def line(self) -> str:
         verdict = "match   " if self.matched else "MISMATCH"
-        return f"{verdict} {self.reference}: {self.detail}"
+        where = f" (input {self.input})" if self.own_input else ""
+        return f"{verdict} {self.reference}: {self.detail}{where}"
 
 
 @dataclass
@@ -267,7 +277,15 @@ class _Plan:
 
 
 def _plans(input_dir: Path, reference_dir: Path) -> Iterator[_Plan]:
-    for reference in find_references(reference_dir):
+    references = find_references(reference_dir)
+    if not references:
+        raise SourceError(
+            f"no reference NIfTI (.nii / .nii.gz) under {reference_dir}: nothing to compare",
+            code="no_references",
+            hint="REFERENCE_DIR is searched recursively for .nii and .nii.gz files"
+            " (a converter's output); check the path",
+        )
+    for reference in references:
         source = input_for(reference, input_dir)
         side = _sidecar(reference, ".json")
         precise = False
@@ -301,15 +319,29 @@ def verify(
         Base ingest options; a random secret is used when it has none.
     workdir
         Where the throwaway catalogs and stores go (default: a temporary folder).
+
+    Raises
+    ------
+    SourceError
+        ``source_not_found`` when ``input_dir`` or ``reference_dir`` does not exist;
+        ``no_references`` when ``reference_dir`` holds no ``.nii`` / ``.nii.gz``.
     """
     from voxlake.cluster import dask_client
     from voxlake.config import IngestConfig
 
+    for what, folder in (("input", input_dir), ("reference", reference_dir)):
+        if not Path(folder).exists():
+            raise SourceError(
+                f"{what} folder not found: {os.fspath(folder)}",
+                code="source_not_found",
+                hint="usage: voxlake verify INPUT_DIR REFERENCE_DIR (both must exist)",
+            )
     base = config or IngestConfig(dashboard_address=":0")
     if not base.secret:
         base = replace(base, secret=secrets.token_hex(16))
     plans = list(_plans(Path(input_dir), Path(reference_dir)))
     root = Path(reference_dir)
+    given = Path(input_dir).resolve()
     report = VerifyReport()
     with tempfile.TemporaryDirectory(prefix="voxlake-verify-", dir=workdir) as tmp:
         cache: dict[tuple[Path, bool], _Ingested] = {}
@@ -323,5 +355,7 @@ def verify(
                     config_for = replace(base, philips_scaling=scaling)
                     cache[key] = _ingest(plan.source, config_for, dask, Path(tmp))
                 label = str(plan.reference.relative_to(root))
-                report.results.append(_evaluate(plan.reference, label, plan.source, cache[key]))
+                result = _evaluate(plan.reference, label, plan.source, cache[key])
+                own = plan.source.resolve() != given
+                report.results.append(replace(result, own_input=own))
     return report
