@@ -168,6 +168,15 @@ class IngestConfig:
         store. A later run without it builds the volumes from the catalog without
         reading unchanged files' headers again (native slices are read at the pixel
         offsets the survey kept).
+    prune
+        Delete the catalog rows of files that were catalogued under one of the run's
+        sources and that its listing no longer finds (deleted, moved or renamed); the
+        volumes built from them are then retired, or rebuilt from the series' remaining
+        files. Without it such files keep their rows and the run only counts them
+        (``files_missing``). A source that lists no file at all is never pruned (a share
+        that is not mounted must not empty the catalog), nor is anything under a folder
+        or archive the listing could not read whole. A ``--headers-only`` run prunes the
+        file rows; the next full run retires their volumes.
     max_voxels
         Refuse (before allocating) any volume declaring more voxels than this.
     max_file_bytes
@@ -215,6 +224,7 @@ class IngestConfig:
     pacs_cache_bytes: int = 8 * 1024**3
     on_error: Literal["quarantine", "raise"] = "quarantine"
     headers_only: bool = False
+    prune: bool = False
     max_voxels: int = 2_000_000_000
     max_file_bytes: int = 4 * 1024**3
     spacing_tolerance: float = 0.05

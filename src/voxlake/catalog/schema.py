@@ -334,6 +334,18 @@ _RUN_TABLE_COLUMNS: tuple[Column, ...] = (
     Column("instances", "int", "Instances catalogued."),
     Column("volumes_written", "int", "Volumes written."),
     Column("volumes_skipped", "int", "Volumes already up to date."),
+    Column(
+        "volumes_retired",
+        "int",
+        "Volume rows deleted because a file they were built from changed or was pruned.",
+    ),
+    Column(
+        "files_missing",
+        "int",
+        "Catalogued files under the run's sources that its listing did not find (gone,"
+        " moved or renamed); their rows stay unless the run pruned them.",
+    ),
+    Column("files_pruned", "int", "Rows of missing files the run deleted (--prune)."),
     Column("failures", "int", "Failure rows written."),
     Column("failures_by_code", "str", "JSON object: failure code to count."),
     Column("bytes_read", "int", "Bytes of source files read."),

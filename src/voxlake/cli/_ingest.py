@@ -50,6 +50,10 @@ FAILURES_QUERY = (
 )
 
 
+#: Shorter de-identification secrets are warned about (the keys are HMACs of it).
+MIN_SECRET_CHARS = 16
+
+
 def _print_report(report: IngestReport) -> None:
     table = Table(title=f"ingest run {report.run_id}: {report.status}", show_header=False)
     written = "none: headers only" if report.headers_only else report.volumes_written
@@ -67,7 +71,15 @@ def _print_report(report: IngestReport) -> None:
     ):
         table.add_row(name, str(value))
     if report.volumes_retired:
-        table.add_row("volumes retired (their files now hold others)", str(report.volumes_retired))
+        table.add_row(
+            "volumes retired (their files changed or are gone)", str(report.volumes_retired)
+        )
+    if report.files_pruned:
+        table.add_row("files gone from the sources: rows pruned", str(report.files_pruned))
+    elif report.files_missing:
+        table.add_row(
+            "files gone from the sources (kept; --prune drops them)", str(report.files_missing)
+        )
     for code, count in sorted(report.failures_by_code.items()):
         table.add_row(f"  failure: {code}", str(count))
     out.print(table)
@@ -142,6 +154,8 @@ def run_ingest(
             "nothing half-written is visible: run the same command again to finish"
         ) from None
     _print_report(report)
+    for source in report.empty_sources:
+        console.print(f"warning: no file found under {source}", soft_wrap=True, markup=False)
     if report.headers_only and report.status == "completed":
         console.print(
             "headers only: run the same command with --store URL (without --headers-only)"
@@ -170,6 +184,15 @@ def ingest(
             "--headers-only",
             help="Catalog the files' de-identified headers only: plan and build no volume."
             " A later run without it builds the volumes.",
+        ),
+    ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Drop the catalog rows of files that were catalogued under these sources and"
+            " are gone from them (deleted, moved, renamed); their volumes are retired or"
+            " rebuilt from the rest. A source that lists nothing is never pruned.",
         ),
     ] = False,
     workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes.")] = None,  # noqa: UP045
@@ -248,6 +271,8 @@ def ingest(
     overrides: dict[str, Any] = {"on_error": on_error}
     if headers_only:
         overrides["headers_only"] = True
+    if prune:
+        overrides["prune"] = True
     for name, value in (
         ("workers", workers),
         ("scheduler", scheduler),
@@ -263,7 +288,28 @@ def ingest(
     config = dataclasses.replace(config, **overrides)
     if store is None and not config.headers_only:
         raise typer.BadParameter("--store is required unless --headers-only", param_hint="--store")
-    config.require_secret()
+    if config.scheduler:
+        local = [
+            f"--{n.replace('_', '-')}"
+            for n, v in (("workers", workers), ("memory_limit", memory_limit))
+            if v is not None
+        ]
+        if local:
+            console.print(
+                f"warning: {' and '.join(local)} ignored: the cluster at {config.scheduler}"
+                " has its own workers",
+                soft_wrap=True,
+                markup=False,
+            )
+    if len(config.require_secret()) < MIN_SECRET_CHARS:
+        console.print(
+            f"warning: the de-identification secret has fewer than {MIN_SECRET_CHARS}"
+            " characters, so the keys in the catalog could be traced back to patients by"
+            " guessing it; use a long random one, e.g. from"
+            " python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            soft_wrap=True,
+            markup=False,
+        )
     report = run_ingest(
         sources,
         catalog=catalog,

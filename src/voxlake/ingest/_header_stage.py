@@ -18,7 +18,7 @@ from voxlake.ingest._run_state import APPEND_ATTEMPTS, RETRYABLE_CODES, RunState
 from voxlake.ingest.archives import archive_of
 from voxlake.ingest.headers import HeaderBatch, catalog_headers, failure_row
 from voxlake.ingest.report import ProgressEvent
-from voxlake.ingest.sources import iter_file_batches
+from voxlake.ingest.sources import is_under, iter_file_batches, recorded_source, source_root
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -105,6 +105,10 @@ def header_tasks(refs: list[FileRef], size: int) -> Iterator[list[FileRef]]:
         yield task
 
 
+#: URLs per delete predicate when pruning.
+_PRUNE_CHUNK = 5000
+
+
 class HeaderStage(RunState):
     """The header pass of a run."""
 
@@ -145,6 +149,9 @@ class HeaderStage(RunState):
         from distributed import as_completed
 
         ok, bad = self.seen_files()
+        known = set(ok) | set(bad)  # catalogued before this run: see _note_missing
+        seen: set[str] = set()  # every URL this run's listing yielded
+        trouble: set[str] = set()  # where the listing hit a problem
         pending = as_completed()
         listed: set[str] = set()  # archives with members in this run's listing
         submitted = 0
@@ -170,6 +177,8 @@ class HeaderStage(RunState):
             secret=self.secret,
         ):
             self.report.files_seen += len(files)
+            seen.update(f.url for f in files)
+            trouble.update(p.url for p in problems)
             listed.update(filter(None, map(archive_of, (f.url for f in files))))
             self.damaged_archives.update(p.url for p in problems if p.code == "corrupt_archive")
             self.locators.update((f.url, f.locator) for f in files if f.locator)
@@ -209,6 +218,47 @@ class HeaderStage(RunState):
         if results:
             collect(HeaderBatch(), flush=True)
         self._heal_archives(listed - self.damaged_archives)
+        self._note_missing(known, seen | listed | trouble, trouble | self.damaged_archives)
+
+    def _note_missing(self, known: set[str], seen: set[str], trouble: set[str]) -> None:
+        """Find the catalogued files under this run's sources that the listing did not
+        yield: deleted, moved or renamed since they were catalogued (:meth:`prune` drops
+        them). A source that listed nothing (an empty folder, a share not mounted) is left
+        out, and so is whatever lies under a folder or archive the listing could not read
+        whole: absence there proves nothing."""
+        roots: list[str] = []
+        for source in self.sources:
+            root = source_root(source, self.config.storage_options)
+            if root is None:  # a PACS query
+                continue
+            if any(is_under(url, root) for url in seen):
+                roots.append(root)
+            else:
+                self.report.empty_sources.append(recorded_source(source))
+        self.missing = sorted(
+            url
+            for url in known - seen
+            if any(is_under(url, root) for root in roots)
+            and not any(is_under(url, place) for place in trouble)
+        )
+        self.report.files_missing = len(self.missing)
+
+    def prune(self) -> None:
+        """Delete the rows (instances and file failures) of the files the listing did not
+        find (:meth:`_note_missing`), in one catalog commit. The volume stage then retires
+        or rebuilds the volumes built from them."""
+        if not self.config.prune or not self.missing:
+            return
+        for start in range(0, len(self.missing), _PRUNE_CHUNK):
+            urls = sql_list(self.missing[start : start + _PRUNE_CHUNK])
+            self.writer.delete("instances", f"url IN ({urls})", run_id=self.run_id)
+            self.writer.delete(
+                "failures", f"subject_kind = 'file' AND subject IN ({urls})", run_id=self.run_id
+            )
+        self.report.catalog_version = self.writer.record_commit(
+            run_id=self.run_id, operation="prune"
+        )
+        self.report.files_pruned = len(self.missing)
 
     def _heal_archives(self, clean: set[str]) -> None:
         """Clear the failure rows of archives that failed before and list cleanly now (a

@@ -105,6 +105,12 @@ class RunState:
         self.foreign_failures: ForeignRows | None = None  # set by plan_and_submit
         # Archives this run's listing found cut or damaged: their series are refused.
         self.damaged_archives: set[str] = set()
+        # (volume_id, revision) of committed volumes built from files since replaced,
+        # whose rebuild this run submitted: retired if the rebuild fails (set by
+        # plan_and_submit).
+        self.stale: dict[str, str] = {}
+        # Catalogued URLs under this run's sources that its listing did not find.
+        self.missing: list[str] = []
 
     def run_row(self, status: str, message: str | None = None) -> dict[str, Any]:
         r = self.report
@@ -121,6 +127,9 @@ class RunState:
             "instances": r.instances,
             "volumes_written": r.volumes_written,
             "volumes_skipped": r.volumes_skipped,
+            "volumes_retired": r.volumes_retired,
+            "files_missing": r.files_missing,
+            "files_pruned": r.files_pruned,
             "failures": r.failures,
             "failures_by_code": json.dumps(dict(self.codes), sort_keys=True),
             "bytes_read": r.bytes_read,

@@ -104,6 +104,29 @@ def _digest(*parts: str) -> str:
     return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).hexdigest()
 
 
+def _stale_volumes(volumes: pd.DataFrame, instances: pd.DataFrame) -> pd.DataFrame:
+    """The volume rows built from a file the catalog no longer holds with that content.
+
+    A file's row is replaced when its URL is read again with other content (an export
+    folder refilled in place), so a volume can outlive its inputs: its series may now hold
+    other slices, fail to assemble, or be gone altogether, and training would still select
+    the old volume. Files gone from their source keep their rows (a source not mounted must
+    not empty the catalog), so their volumes are not stale. Rows without source hashes
+    (older catalogs) are stale only when their series has no file left."""
+    if volumes.empty:
+        return volumes
+    hashes = set(instances.content_hash.dropna())
+    series = set(instances.series_key.dropna())
+
+    def stale(row: pd.Series) -> bool:
+        sources = row.source_hashes
+        if sources is None or len(sources) == 0:
+            return row.series_key not in series
+        return not hashes.issuperset(sources)
+
+    return volumes[volumes.apply(stale, axis=1).astype(bool)]
+
+
 class VolumeStage(RunState):
     """The volume builds of a run."""
 
@@ -116,8 +139,10 @@ class VolumeStage(RunState):
         # Files read by earlier runs (a --headers-only survey, say): their pixels are read
         # at the offsets those runs kept, like this run's own files.
         self.pixel_spans.update(stored_spans(instances, skip=self.pixel_spans))
-        volumes = catalog.read("volumes", columns=["volume_id", "revision", "series_key"])
-        volumes = self._retire_volumes_without_files(volumes, instances)
+        volumes = catalog.read(
+            "volumes", columns=["volume_id", "revision", "series_key", "source_hashes"]
+        )
+        stale = _stale_volumes(volumes, instances)
         failures = catalog.read(
             "failures", columns=["failure_id", "code", "subject_kind", "subject"]
         )
@@ -138,6 +163,7 @@ class VolumeStage(RunState):
         )
         rows: list[dict[str, Any]] = []
         futures: dict[Any, VolumePlan] = {}
+        rebuilt: set[str] = set()
         instances, refused = self._without_damaged_archives(instances)
         rows += [r for r in refused if r["failure_id"] not in known_failures]
         for result in iter_volume_plans(
@@ -166,34 +192,30 @@ class VolumeStage(RunState):
                 self.report.volumes_skipped += 1
             else:
                 futures[self._submit(client, plan)] = plan
+                rebuilt.add(plan.volume_id)
+        # A stale volume that is being rebuilt is replaced by its new row (or retired if
+        # the build fails); the others are retired now.
+        self.stale = dict(zip(stale.volume_id, stale.revision, strict=True))
+        self.stale = {k: v for k, v in self.stale.items() if k in rebuilt}
+        self._retire(stale[~stale.volume_id.isin(rebuilt)])
         self.count_failures(rows)
         self.commit({"failures": rows}, "assemble")
         self._note_failed(rows)
         return futures
 
-    def _retire_volumes_without_files(
-        self, volumes: pd.DataFrame, instances: pd.DataFrame
-    ) -> pd.DataFrame:
-        """Delete the volume rows whose series has no catalogued file left; return the rest.
-
-        A file's row is replaced when its URL is read again with other content, so a
-        series whose files were all overwritten in place (an export folder refilled) kept
-        a volume row with nothing behind it, which training still selected. Its store
-        group stays for pinned older versions until ``vacuum``. (Files that are gone from
-        their source keep their rows: a source not mounted must not empty the catalog.)
-        """
-        gone = volumes[~volumes.series_key.isin(set(instances.series_key.dropna()))]
-        if gone.empty:
-            return volumes
+    def _retire(self, volumes: pd.DataFrame) -> None:
+        """Delete the rows of ``volumes`` (their store groups stay for pinned older
+        versions until ``vacuum``) in a commit of their own."""
+        if volumes.empty:
+            return
         import pyarrow as pa
 
-        rows = pa.Table.from_pandas(gone[["volume_id", "revision"]], preserve_index=False)
+        rows = pa.Table.from_pandas(volumes[["volume_id", "revision"]], preserve_index=False)
         self.writer.delete_rows("volumes", rows, keys=("volume_id", "revision"), run_id=self.run_id)
         self.report.catalog_version = self.writer.record_commit(
             run_id=self.run_id, operation="retire volumes"
         )
-        self.report.volumes_retired = len(gone)
-        return volumes.drop(gone.index)
+        self.report.volumes_retired += len(volumes)
 
     def _without_damaged_archives(
         self, instances: pd.DataFrame
@@ -337,3 +359,17 @@ class VolumeStage(RunState):
             self.writer.delete("failures", predicate, run_id=self.run_id)
         self.commit({"volumes": rows, "failures": failures}, "volumes")
         self._note_failed(failures)
+        failed = {f["subject"] for f in failures} & self.stale.keys()
+        if failed:  # their inputs changed and no longer build: retire the old rows
+            import pandas as pd
+
+            self._retire(
+                pd.DataFrame(
+                    {
+                        "volume_id": sorted(failed),
+                        "revision": [self.stale[v] for v in sorted(failed)],
+                    }
+                )
+            )
+            for volume_id in failed:
+                del self.stale[volume_id]

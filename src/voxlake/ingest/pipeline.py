@@ -108,6 +108,7 @@ def ingest(
             try:
                 run.headers(dask)
                 run.check_sources()
+                run.prune()
                 if not config.headers_only:
                     run.volumes(run.plan_and_submit(dask))
             finally:

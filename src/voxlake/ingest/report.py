@@ -64,8 +64,14 @@ class IngestReport:
     instances: int = 0
     volumes_written: int = 0
     volumes_skipped: int = 0
-    #: Volume rows deleted because their series has no catalogued file left (overwritten).
+    #: Volume rows deleted because a file they were built from changed or was pruned.
     volumes_retired: int = 0
+    #: Catalogued files under the sources that the listing did not find (rows kept).
+    files_missing: int = 0
+    #: Rows of missing files deleted (``prune``).
+    files_pruned: int = 0
+    #: Sources that listed no file at all (an empty folder, a share not mounted).
+    empty_sources: list[str] = field(default_factory=list)
     failures: int = 0
     failures_by_code: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0

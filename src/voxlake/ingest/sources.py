@@ -40,11 +40,13 @@ __all__ = [
     "FileRef",
     "ListingProblem",
     "archive_protocol",
+    "is_under",
     "iter_file_batches",
     "list_source",
     "local_path_of",
     "open_kwargs",
     "recorded_source",
+    "source_root",
 ]
 
 #: A UID as PS3.5 9.1 writes it. PACS sources build their in-memory addresses from the
@@ -134,6 +136,30 @@ def local_path_of(url: str) -> str | None:
     if "://" in url:
         return None
     return url
+
+
+def source_root(url: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The location every URL :func:`list_source` yields for ``url`` is at or under (see
+    :func:`is_under`); None for a PACS query, whose listing is no place."""
+    from voxlake.ingest import dicomweb, dimse
+
+    if dicomweb.is_dicomweb(url) or dimse.is_dimse(url):
+        return None
+    local = local_path_of(url)
+    if local is not None:
+        return _local_url(os.path.abspath(local)).rstrip("/") or "/"
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return f"{protocol}://{path.rstrip('/')}"
+
+
+def is_under(url: str, root: str) -> bool:
+    """Whether the file ``url`` (an archive member: its archive) is ``root`` or lies
+    under it."""
+    location = url.rpartition("::")[2]
+    return location == root or location.startswith(root if root.endswith("/") else root + "/")
 
 
 def _walk_local(root: str) -> Iterator[FileRef | ListingProblem]:
@@ -423,9 +449,11 @@ def iter_file_batches(
     max_member_bytes: int = _UNLIMITED,
     secret: str | None = None,
 ) -> Iterator[tuple[list[FileRef], list[ListingProblem]]]:
-    """Yield ``(files, problems)`` batches of at most ``batch_size`` files across sources."""
+    """Yield ``(files, problems)`` batches of at most ``batch_size`` files across sources,
+    each file once however many of the sources hold it (a folder and a subfolder of it)."""
     files: list[FileRef] = []
     problems: list[ListingProblem] = []
+    listed: set[str] = set()
     for source in sources:
         for item in list_source(
             source,
@@ -433,6 +461,9 @@ def iter_file_batches(
             max_member_bytes=max_member_bytes,
             secret=secret,
         ):
+            if item.url in listed:
+                continue
+            listed.add(item.url)
             if isinstance(item, ListingProblem):
                 problems.append(item)
                 continue
