@@ -224,6 +224,20 @@ def test_s3_source_into_s3_catalog_and_store(tiny_sample, s3_bucket, dask_client
         client=dask_client,
     )
     assert again.files_skipped == again.files_seen and again.volumes_written == 0
+    # A series deleted from the bucket, pruned (the source given with a trailing slash).
+    gone = tiny_sample.series[0]
+    for path in gone.files:
+        fs.rm(f"{bucket}/archive/dicom/{path.relative_to(tiny_sample.root / 'dicom')}")
+    pruned = ingest(
+        [f"s3://{bucket}/archive/dicom/"], catalog=catalog_url, store=store_url,
+        config=IngestConfig(secret=SECRET, storage_options=options, prune=True),
+        catalog_storage_options=options, store_storage_options=options, client=dask_client,
+    )  # fmt: skip
+    assert pruned.files_missing == pruned.files_pruned == len(gone.files)
+    assert pruned.volumes_retired == 1 and not pruned.empty_sources
+    after = open_catalog(catalog_url, storage_options=options)
+    assert len(after.instances) == len(catalog.instances) - len(gone.files)
+    assert len(after.volumes) == len(catalog.volumes) - 1
 
 
 @pytest.mark.parametrize(
