@@ -233,3 +233,50 @@ def test_a_query_without_a_statement_is_a_usage_error(tmp_path, sql):
     result = CliRunner().invoke(app, ["catalog", "query", catalog, "--", sql])
     assert result.exit_code == 2, result.output
     assert "no SQL statement" in result.output
+
+
+#: Cells each format wrote badly: a list (numpy repr in the table), a path (``\/`` in
+#: JSON), a timestamp with microseconds (cut to milliseconds), a DATE (a timestamp), a
+#: HUGEINT (a float) and a BLOB (``bytearray(b'...')`` in CSV).
+ODD_CELLS = (
+    "SELECT [3.0, 4.0, 4.0] AS spacing, 'a/b' AS path,"
+    " TIMESTAMPTZ '2024-01-02 03:04:05.123456+00' AS at, DATE '2024-01-02' AS day,"
+    " 170141183460469231731687303715884105727::HUGEINT AS big, '\\x01\\xAB'::BLOB AS raw,"
+    " NULL::VARCHAR AS nothing FROM volumes"
+)
+
+
+def _query(catalog: str, fmt: str, capsys) -> str:
+    capsys.readouterr()
+    assert _main("catalog", "query", catalog, ODD_CELLS, "--format", fmt) == 0
+    return capsys.readouterr().out
+
+
+def test_query_json_writes_exact_values(tmp_path, capsys):
+    catalog = _volume_catalog(tmp_path / "cat", "P-1")
+    text = _query(catalog, "json", capsys)
+    assert "\\/" not in text
+    assert json.loads(text) == [
+        {"spacing": [3.0, 4.0, 4.0], "path": "a/b", "at": "2024-01-02T03:04:05.123456+00:00",
+         "day": "2024-01-02", "big": 170141183460469231731687303715884105727, "raw": "01ab",
+         "nothing": None}
+    ]  # fmt: skip
+
+
+def test_query_csv_and_table_write_lists_as_json_and_blobs_as_hex(tmp_path, capsys, monkeypatch):
+    from voxlake.cli._app import out
+
+    monkeypatch.setattr(out, "_width", 250)  # every cell on one line
+    catalog = _volume_catalog(tmp_path / "cat", "P-1")
+    row = pd.read_csv(io.StringIO(_query(catalog, "csv", capsys)), dtype=str).iloc[0]
+    assert json.loads(row.spacing) == [3.0, 4.0, 4.0]
+    assert row.raw == "01ab" and row.day == "2024-01-02"
+    assert row.big == "170141183460469231731687303715884105727"
+    table = _query(catalog, "table", capsys)
+    assert "[3.0, 4.0, 4.0]" in table and "[3. 4. 4.]" not in table
+    assert "01ab" in table and "bytearray" not in table and "nan" not in table
+
+
+def test_query_format_help_says_how_cells_are_written():
+    result = CliRunner().invoke(app, ["catalog", "query", "--help"], env={"COLUMNS": "200"})
+    assert "hexadecimal" in result.output and "ISO 8601" in result.output

@@ -383,3 +383,48 @@ def test_public_names_resolve():
 
 
 VIZ_MODULES = ("catalog", "figures", "orientation", "view", "windows")
+
+
+def test_a_too_short_volume_id_prefix_says_how_many_characters(odd_catalog, tmp_path, capsys):
+    """`voxlake show CATALOG ababa` (a real prefix, one character short) said "no volume"."""
+    with pytest.raises(ConfigError) as info:
+        load_volume(odd_catalog, "ababa")
+    assert info.value.code == "volume_id_too_short"
+    assert "at least 6 characters" in info.value.message
+    assert load_volume(odd_catalog, "ababab").volume_id == "ab" * 12
+    assert _show(odd_catalog, "ababa", "--out", str(tmp_path / "v.png")) == 2
+    assert "error [volume_id_too_short]" in capsys.readouterr().err
+
+
+def test_the_library_hint_for_an_unknown_volume_pastes_into_a_shell(odd_catalog):
+    import shlex
+
+    from voxlake.errors import StoreError
+
+    with pytest.raises(StoreError) as info:
+        load_volume(odd_catalog, "0123456789ab")
+    assert info.value.code == "volume_not_found"
+    command = shlex.split(info.value.hint.split("with: ", 1)[1])
+    assert command[:4] == ["voxlake", "catalog", "query", odd_catalog] and len(command) == 5
+
+
+@pytest.mark.parametrize(
+    ("suffix", "magic"),
+    [(".jpg", b"\xff\xd8\xff"), (".JPEG", b"\xff\xd8\xff"), (".pdf", b"%PDF"),
+     (".svg", b"<?xml"), ("", b"\x89PNG")],
+)  # fmt: skip
+def test_save_figure_writes_the_format_its_suffix_names(tmp_path, suffix, magic):
+    figure = plot_triplanar(np.zeros((4, 5, 6)))
+    path = Path(save_figure(figure, tmp_path / f"view{suffix}", dpi=20))
+    assert path.read_bytes().startswith(magic)
+
+
+def test_an_image_suffix_matplotlib_cannot_write_is_a_usage_error(odd_catalog, tmp_path, capsys):
+    with pytest.raises(ConfigError) as info:
+        save_figure(plot_triplanar(np.zeros((4, 5, 6))), tmp_path / "view.txt")
+    assert info.value.code == "bad_image_format" and ".png" in (info.value.hint or "")
+    assert _show(odd_catalog, "--out", str(tmp_path / "view.bmpx")) == 2
+    assert "error [bad_image_format]" in capsys.readouterr().err
+    assert not list(tmp_path.glob("view*"))
+    assert _show(odd_catalog, "--out", str(tmp_path / "view.jpg")) == 0
+    assert (tmp_path / "view.jpg").read_bytes().startswith(b"\xff\xd8\xff")

@@ -22,7 +22,14 @@ from voxlake.errors import ConfigError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["SPLITS", "assign_split", "check_fractions", "hash_uniform", "split_frame"]
+__all__ = [
+    "SPLITS",
+    "assign_split",
+    "check_fractions",
+    "format_fractions",
+    "hash_uniform",
+    "split_frame",
+]
 
 #: Split names, in the order of the ``fractions`` argument.
 SPLITS: tuple[str, str, str] = ("train", "validation", "test")
@@ -44,10 +51,27 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
         positive train share.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions):
-        raise ConfigError(f"fractions must be three non-negative numbers, got {fractions}")
+        raise ConfigError(
+            f"fractions must be three non-negative numbers, got {format_fractions(fractions)}"
+        )
     if abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
-        raise ConfigError(f"fractions must sum to 1 with a positive train part, got {fractions}")
+        raise ConfigError(
+            f"fractions must sum to 1 with a positive train part, got {format_fractions(fractions)}"
+        )
     return (float(fractions[0]), float(fractions[1]), float(fractions[2]))
+
+
+def format_fractions(fractions: Sequence[float]) -> str:
+    """Fractions as people write them, ``[0.7, 0.15, 0.15]`` (numpy scalars, as read from
+    the catalog, printed ``np.float64(0.7)``)."""
+    return "[" + ", ".join(_number(f) for f in fractions) + "]"
+
+
+def _number(value: object) -> str:
+    try:
+        return repr(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _distance(u: float, low: float, high: float) -> float:

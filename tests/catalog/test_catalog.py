@@ -303,3 +303,19 @@ def test_instances_are_clustered_so_lookups_read_few_row_groups(writer):
     one_group = [f"{i:08d}" for i in range(10, 90)]  # 80 keys, all in the first row group
     assert fragment.subset(filter=isin("series_key", one_group)).num_row_groups == 1
     assert fragment.subset(filter=pc.field("series_key") == "00004100").num_row_groups == 1
+
+
+def test_an_unknown_label_is_a_coded_error_listing_the_attached_ones(writer):
+    writer.commit({"volumes": [volume("1.2.3")]}, run_id="a", operation="t")
+    with pytest.raises(CatalogError) as info:
+        open_catalog(writer.url).training_selection("sick")
+    assert info.value.code == "no_such_label" and "attach-labels" in info.value.hint
+    labels = pd.DataFrame({"SeriesInstanceUID": ["1.2.3"], "sick": [1], "grade": [2]})
+    attach_labels(writer.url, labels, secret=SECRET)
+    cat = open_catalog(writer.url)
+    with pytest.raises(CatalogError) as info:
+        cat.training_selection("nosuch")
+    assert info.value.code == "no_such_label"
+    assert "no label 'nosuch' in catalog version" in info.value.message
+    assert "labels attached: grade, sick" in info.value.hint
+    assert len(cat.training_selection("sick")) == 1

@@ -159,3 +159,41 @@ def test_cli_split_of_a_catalog_without_volumes_is_a_coded_error(tmp_path, capsy
     err = capsys.readouterr().err
     assert "error [no_volumes]" in err and "no volumes to split" in err and "KeyError" not in err
     assert saved_splits(url) == {}
+
+
+def test_a_changed_split_names_its_saved_fractions_as_numbers(tmp_path):
+    url = str(tmp_path / "cat")
+    CatalogWriter(url).commit({"volumes": volumes_for(range(5))}, run_id="a", operation="v")
+    save_split(url, seed=0)
+    with pytest.raises(ConfigError) as info:
+        save_split(url, seed=1)
+    assert "fractions=[0.7, 0.15, 0.15]" in info.value.message
+    assert "np.float64" not in info.value.message
+    with pytest.raises(ConfigError, match=r"got \[0\.5, 0\.5, 0\.5\]"):
+        save_split(url, fractions=(0.5, 0.5, 0.5), name="other")
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_a_blank_split_name_is_refused(tmp_path, capsys, name):
+    from voxlake.cli import main
+
+    url = str(tmp_path / "cat")
+    CatalogWriter(url).commit({"volumes": volumes_for(range(5))}, run_id="a", operation="v")
+    with pytest.raises(ConfigError) as info:
+        save_split(url, name=name)
+    assert info.value.code == "bad_split_name"
+    with pytest.raises(SystemExit) as exited:
+        main(["catalog", "split", url, "--name", name])
+    assert exited.value.code == 2
+    assert "error [bad_split_name]" in capsys.readouterr().err
+    assert open_catalog(url).splits.empty  # nothing saved
+
+
+def test_save_split_of_a_catalog_without_volumes_is_the_coded_error(tmp_path):
+    url = str(tmp_path / "cat")
+    CatalogWriter(url).commit({"volumes": []}, run_id="a", operation="nothing")
+    for split in (lambda: save_split(url), lambda: open_catalog(url).split()):
+        with pytest.raises(CatalogError) as info:
+            split()
+        assert info.value.code == "no_volumes"
+        assert "no volumes to split" in info.value.message and "voxlake ingest" in info.value.hint

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from voxlake.catalog.tables import CatalogWriter
-from voxlake.errors import ConfigError, SourceError
+from voxlake.errors import CatalogError, ConfigError, SourceError
 from voxlake.keys import keyed_hash
 
 if TYPE_CHECKING:
@@ -251,11 +251,18 @@ def label_volumes(catalog: Catalog, label: str) -> pd.DataFrame:
 
     A volume takes its series label, else its study label (by StudyInstanceUID, else by
     AccessionNumber), else its patient label.
+
+    Raises
+    ------
+    CatalogError
+        ``no_such_label`` when no label ``label`` is attached at this catalog version
+        (the hint lists those that are).
     """
     from voxlake.catalog.engines import isin
 
-    volumes = catalog.volumes.copy()
     labels = catalog.labels
+    _check_label(catalog, label, labels)
+    volumes = catalog.volumes.copy()
     labels = labels[labels["name"] == label]
     volumes[label] = float("nan")
     for kind in _PRECEDENCE:
@@ -281,3 +288,25 @@ def label_volumes(catalog: Catalog, label: str) -> pd.DataFrame:
             values = volumes[f"{kind}_key"].map(mapping)
         volumes[label] = values.where(values.notna(), volumes[label])
     return volumes[volumes[label].notna()].reset_index(drop=True)
+
+
+#: Label names listed in the hint of ``no_such_label`` (beyond: "and N more").
+_LISTED_LABELS = 20
+
+
+def _check_label(catalog: Catalog, label: str, labels: pd.DataFrame) -> None:
+    names = sorted({str(n) for n in labels["name"].dropna()})
+    if label in names:
+        return
+    if names:
+        listed = ", ".join(names[:_LISTED_LABELS])
+        more = f" and {len(names) - _LISTED_LABELS} more" if len(names) > _LISTED_LABELS else ""
+        hint = f"labels attached: {listed}{more} (--label NAME)"
+    else:
+        hint = "attach labels first: voxlake catalog attach-labels URL LABELS_CSV"
+    raise CatalogError(
+        f"no label {label!r} in catalog version {catalog.version}",
+        code="no_such_label",
+        hint=hint,
+        labels=len(names),
+    )

@@ -212,9 +212,14 @@ class Catalog:
         remote one (see :mod:`voxlake.catalog.engines`). Connections and parsed Parquet
         footers are kept per :class:`Catalog` and engine, so repeated queries pay only for
         the scan (queries on one catalog run one at a time).
+
+        128-bit integers (``sum()`` of an integer column is a ``HUGEINT``) come back as
+        integers, not floats; ``frame.attrs["sql_types"]`` maps each column to its DuckDB
+        type (``DATE``, ``BLOB``...).
         """
         import duckdb
 
+        from voxlake.catalog._frames import result_frame
         from voxlake.catalog.engines import duckdb_connection, resolve_engine
 
         engine = resolve_engine(self, engine)
@@ -222,7 +227,7 @@ class Catalog:
             if engine not in self._duckdb:
                 self._duckdb[engine] = duckdb_connection(self, engine)
             try:
-                frame: pd.DataFrame = self._duckdb[engine].execute(query).df()
+                frame = result_frame(self._duckdb[engine].execute(query))
             except duckdb.Error as exc:
                 raise CatalogError(f"SQL failed: {exc}", code="bad_sql") from exc
         return frame
@@ -236,15 +241,20 @@ class Catalog:
 
     # -- history ---------------------------------------------------------------------
     def history(self) -> pd.DataFrame:
-        """One row per catalog version up to the pinned one, with its run's status."""
+        """One row per catalog version up to the pinned one, with its run's status.
+
+        Commits that are not part of an ingest run (labels, splits, optimize) have no
+        run: their ``status`` and run counts are null. ``vacuumed`` is True where a
+        vacuum removed files the version reads (reading it raises ``version_vacuumed``);
+        finding out lists the folder of each table a vacuum removed files from and reads
+        the Delta log of each of its versions (tables never vacuumed are not read).
+        """
+        from voxlake.catalog._history import catalog_history
+
         commits = (
             self._commits if self._commits is not None else _commits(self.url, self.storage_options)
         )
-        commits = commits.copy()
-        commits.insert(0, "version", range(1, len(commits) + 1))
-        commits = commits[commits["version"] <= self.version]
-        runs = self.runs[["run_id", "status", "files_seen", "volumes_written", "failures"]]
-        return commits.merge(runs, on="run_id", how="left")
+        return catalog_history(self, commits)
 
     # -- training helpers ------------------------------------------------------------
     def training_selection(self, label: str = "label", *, split: str | None = None) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from voxlake.errors import CatalogError, ConfigError
-from voxlake.splits import SPLITS, assign_split, check_fractions
+from voxlake.splits import SPLITS, assign_split, check_fractions, format_fractions
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -28,7 +28,15 @@ if TYPE_CHECKING:
 
     from voxlake.catalog.query import Catalog
 
-__all__ = ["SPLITS", "SPLIT_BY", "SavedSplit", "apply_saved_split", "compute_split", "save_split"]
+__all__ = [
+    "SPLITS",
+    "SPLIT_BY",
+    "SavedSplit",
+    "apply_saved_split",
+    "check_split_name",
+    "compute_split",
+    "save_split",
+]
 
 #: Volume columns a split can group by.
 SPLIT_BY: tuple[str, ...] = ("patient_key", "study_key", "series_key", "volume_id")
@@ -78,7 +86,7 @@ def _check_same(saved: pd.DataFrame, *, name: str, by: str, seed: int, fractions
     if first["by"] != by or int(first["seed"]) != seed or not same_fractions:
         raise ConfigError(
             f"split {name!r} was saved with by={first['by']}, seed={int(first['seed'])},"
-            f" fractions={list(first['fractions'])}; it cannot change",
+            f" fractions={format_fractions(first['fractions'])}; it cannot change",
             hint="choose another --name for a different assignment",
         )
 
@@ -108,15 +116,25 @@ def compute_split(
     """Assign a split to every distinct ``by`` value of the catalog's volumes (no write).
 
     Keys already saved under ``name`` keep their split; the others are hashed. Raises
-    :class:`~voxlake.errors.ConfigError` if ``name`` was saved with other parameters.
+    :class:`~voxlake.errors.ConfigError` if ``name`` was saved with other parameters or
+    is blank (``bad_split_name``), and :class:`~voxlake.errors.CatalogError`
+    ``no_volumes`` when the catalog has no volumes.
     """
+    import numpy as np
     import pandas as pd
 
     if by not in SPLIT_BY:
         raise ConfigError(f"cannot split by {by!r}", hint=f"use one of {', '.join(SPLIT_BY)}")
+    check_split_name(name)
     fractions = check_fractions(fractions)
-    column = catalog.dataset("volumes").to_table(columns=[by]).column(0)
-    keys = sorted({str(k) for k in column.to_pylist() if k is not None})
+    column = catalog.read("volumes", columns=[by])[by]
+    if column.empty:
+        raise CatalogError(
+            f"catalog version {catalog.version} has no volumes to split",
+            code="no_volumes",
+            hint="ingest some data first: voxlake ingest SOURCE --catalog URL --store URL",
+        )
+    keys = sorted({str(k) for k in column.dropna().tolist()})
     saved = _saved(catalog, name)
     if len(saved):
         _check_same(saved, name=name, by=by, seed=seed, fractions=fractions)
@@ -126,9 +144,26 @@ def compute_split(
         {
             "key": keys,
             "split": [assigned[k] for k in keys],
-            "saved": [k in persisted for k in keys],
+            "saved": np.array([k in persisted for k in keys], dtype=bool),
         }
     )
+
+
+def check_split_name(name: str) -> str:
+    """Refuse a split name that is empty or only whitespace (``--name ""``); return it.
+
+    Raises
+    ------
+    ConfigError
+        ``bad_split_name``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(
+            f"split name {name!r} is blank: a split is read back by its name",
+            code="bad_split_name",
+            hint="give a name such as 'default' (--name)",
+        )
+    return name
 
 
 def save_split(
@@ -164,6 +199,14 @@ def save_split(
     run_id
         Recorded on the catalog commit.
 
+    Raises
+    ------
+    CatalogError
+        ``no_volumes`` when the catalog has no volumes to split.
+    ConfigError
+        ``bad_split_name`` for a blank ``name``; a ``name`` saved before with other
+        parameters; bad ``by`` or ``fractions``.
+
     Examples
     --------
     >>> save_split("catalog", by="patient_key", seed=0).counts()  # doctest: +SKIP
@@ -172,6 +215,7 @@ def save_split(
     from voxlake.catalog.query import open_catalog
     from voxlake.catalog.tables import CatalogWriter
 
+    check_split_name(name)
     fractions = check_fractions(fractions)
     writer = CatalogWriter(catalog_url, storage_options=storage_options)
     catalog = open_catalog(catalog_url, storage_options=storage_options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -13,25 +13,46 @@ from rich.text import Text
 
 from voxlake.cli._app import catalog_app, console, out, write_reference
 
+if TYPE_CHECKING:
+    from collections.abc import Collection
 
-def print_frame(frame: Any, fmt: str) -> None:
+
+#: What ``--format`` takes, and how csv / json cells are written (in the options' help).
+FORMATS = ("table", "csv", "json")
+FORMAT_HELP = (
+    "table, csv or json. csv and json go to stdout as they are: lists and structs as"
+    " JSON, BLOBs as hexadecimal, timestamps in ISO 8601 with every digit, dates as"
+    " YYYY-MM-DD."
+)
+
+
+def print_frame(
+    frame: Any, fmt: str, *, no_wrap: Collection[str] = (), caption: str | None = None
+) -> None:
     """Print a query result: a table for people, or CSV / JSON for programs.
 
     CSV and JSON are written to stdout as they are: through rich they were wrapped at the
     console's width (80 columns when piped), their brackets read as markup, and a large
-    result took minutes of highlighting. Table cells are plain text, never markup.
+    result took minutes of highlighting. Table cells are plain text, never markup, and
+    never cut short: a narrow terminal folds them (``no_wrap`` columns, such as ids,
+    keep one line while the others can give way). Missing values print blank.
     """
     if fmt == "csv":
-        _write(_plain_lists(frame).to_csv(index=False))
+        _write(_plain_cells(frame).to_csv(index=False))
     elif fmt == "json":
-        _write(frame.to_json(orient="records", date_format="iso") + "\n")
+        _write(_json_records(frame) + "\n")
     else:
-        table = Table(show_lines=False)
+        table = Table(show_lines=False, caption=caption)
         for column in frame.columns:
-            table.add_column(Text(str(column)))
-        for row in frame.itertuples(index=False):
-            table.add_row(*(Text(str(v)) for v in row))
+            table.add_column(Text(str(column)), overflow="fold", no_wrap=column in no_wrap)
+        for row in _plain_cells(frame).itertuples(index=False):
+            table.add_row(*(Text("" if _missing(v) else str(v)) for v in row))
         out.print(table)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"{fmt!r} is not table, csv or json", param_hint="--format")
 
 
 def _write(text: str) -> None:
@@ -39,9 +60,22 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _plain_lists(frame: Any) -> Any:
-    """List and struct cells (DuckDB hands them over as numpy arrays and dicts) as JSON,
-    not as numpy's repr: ``["ORIGINAL", "PRIMARY"]``."""
+def _missing(value: Any) -> bool:
+    import pandas as pd
+
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
+def _sql_types(frame: Any) -> dict[str, str]:
+    types = frame.attrs.get("sql_types") if hasattr(frame, "attrs") else None
+    return dict(types) if isinstance(types, dict) else {}
+
+
+def _plain_cells(frame: Any) -> Any:
+    """Cells as CSV and the table print them: list and struct cells (DuckDB hands them
+    over as numpy arrays and dicts) as JSON, not numpy's repr (``["ORIGINAL",
+    "PRIMARY"]``), BLOBs as hexadecimal, not ``bytearray(b'...')``, DATE columns as
+    ``YYYY-MM-DD``."""
     import numpy as np
     from pandas.api.types import is_object_dtype
 
@@ -49,14 +83,94 @@ def _plain_lists(frame: Any) -> Any:
         if isinstance(value, np.ndarray):
             value = value.tolist()
         if isinstance(value, list | dict):
-            return json.dumps(value, default=str)
+            return json.dumps(_json_value(value))
+        if isinstance(value, bytes | bytearray | memoryview):
+            return bytes(value).hex()
         return value
 
+    types = _sql_types(frame)
     frame = frame.copy()
     for column in frame.columns:
-        if is_object_dtype(frame[column]):
+        if types.get(str(column)) == "DATE":
+            frame[column] = frame[column].map(lambda v: None if _missing(v) else _date(v))
+        elif is_object_dtype(frame[column]):
             frame[column] = frame[column].map(cell)
     return frame
+
+
+def _date(value: Any) -> str:
+    return str(value.date().isoformat() if hasattr(value, "date") else value)
+
+
+def _json_records(frame: Any) -> str:
+    """``frame`` as a JSON array of objects: exact integers, ISO timestamps with every
+    digit, DATE columns as ``YYYY-MM-DD``, BLOBs as hexadecimal, missing values null
+    (``DataFrame.to_json`` wrote ``\\/``, milliseconds, dates as timestamps and 128-bit
+    integers as floats)."""
+    types = _sql_types(frame)
+    columns = [str(c) for c in frame.columns]
+    dates = {i for i, c in enumerate(columns) if types.get(c) == "DATE"}
+    integers = {i for i, c in enumerate(columns) if _is_integer_type(types.get(c, ""))}
+    records = []
+    for row in frame.itertuples(index=False):
+        record: dict[str, Any] = {}
+        for i, (column, value) in enumerate(zip(columns, row, strict=True)):
+            if i in dates and not _missing(value):
+                record[column] = _date(value)
+            elif i in integers and isinstance(value, float) and value.is_integer():
+                record[column] = int(value)
+            else:
+                record[column] = _json_value(value)
+        records.append(record)
+    return json.dumps(records, separators=(",", ":"))
+
+
+_INTEGER_TYPES = frozenset(
+    f"{sign}{name}"
+    for sign in ("", "U")
+    for name in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT")
+)
+
+
+def _is_integer_type(kind: str) -> bool:
+    return kind in _INTEGER_TYPES
+
+
+def _json_value(value: Any) -> Any:
+    """A cell as a JSON value (numpy scalars, arrays, timestamps, bytes included)."""
+    import datetime as dt
+    import decimal
+    import math
+
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if _missing(value):
+        return None
+    if isinstance(value, np.generic):
+        if isinstance(value, np.datetime64 | np.timedelta64):
+            value = pd.Timestamp(value) if isinstance(value, np.datetime64) else pd.Timedelta(value)
+        else:
+            value = value.item()
+    if isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dt.datetime | dt.date | dt.time | pd.Timedelta):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return pd.Timedelta(value).isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return str(value)
 
 
 @catalog_app.command("show")
@@ -90,7 +204,7 @@ def catalog_query(
         typer.Argument(help="DuckDB SQL over instances, volumes, failures, runs, labels, splits."),
     ],
     version: Annotated[Optional[int], typer.Option(help="Catalog version to read.")] = None,  # noqa: UP045
-    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "table",
 ) -> None:
     """Run SQL against the catalog.
 
@@ -99,8 +213,7 @@ def catalog_query(
     """
     from voxlake.catalog import open_catalog
 
-    if fmt not in ("table", "csv", "json"):
-        raise typer.BadParameter(f"{fmt!r} is not table, csv or json", param_hint="--format")
+    _check_format(fmt)
     if not _has_statement(sql):
         raise typer.BadParameter("no SQL statement (empty, or only comments)", param_hint="'SQL'")
     print_frame(open_catalog(url, version=version).sql(sql), fmt)
@@ -118,15 +231,39 @@ def _has_statement(sql: str) -> bool:
 
 
 @catalog_app.command("history")
-def catalog_history(url: Annotated[str, typer.Argument(help="Catalog root.")]) -> None:
+def catalog_history(
+    url: Annotated[str, typer.Argument(help="Catalog root.")],
+    fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "table",
+) -> None:
     """List catalog versions with the run and operation that made each.
+
+    `status` is the ingest run's (blank for labels, splits, optimize). Versions whose
+    files a vacuum removed (no longer readable) are starred in the table and have
+    `vacuumed` true in csv and json.
 
     Example: `voxlake catalog history out/catalog`
     """
     from voxlake.catalog import open_catalog
 
+    _check_format(fmt)
     frame = open_catalog(url).history()
-    print_frame(frame[["version", "committed_at", "run_id", "operation", "status"]], "table")
+    frame = frame[["version", "committed_at", "run_id", "operation", "status", "vacuumed"]]
+    if fmt != "table":
+        print_frame(frame, fmt)
+        return
+    # Fits 80 columns with run ids whole: seconds are enough to read (versions order the
+    # commits; csv and json keep every digit), and vacuumed versions are starred.
+    caption = (
+        "* vacuumed: a vacuum removed files of these versions, they cannot be read"
+        if frame["vacuumed"].any()
+        else None
+    )
+    frame = frame.drop(columns="vacuumed").assign(
+        version=[f"{v}{'*' if gone else ''}" for v, gone in zip(
+            frame["version"], frame["vacuumed"], strict=True)],
+        committed_at=frame["committed_at"].dt.strftime("%Y-%m-%d %H:%M:%S"),
+    )  # fmt: skip
+    print_frame(frame, fmt, no_wrap=("version", "run_id", "status"), caption=caption)
 
 
 @catalog_app.command("attach-labels")
@@ -197,16 +334,8 @@ def catalog_split(
     Run it again after each ingest: only new keys are added.
     Example: `voxlake catalog split out/catalog --by patient_key --seed 0`
     """
-    from voxlake.catalog import open_catalog, save_split
-    from voxlake.errors import CatalogError
+    from voxlake.catalog import save_split
 
-    cat = open_catalog(url)
-    if cat.read("volumes", columns=["volume_id"]).empty:
-        raise CatalogError(
-            f"catalog version {cat.version} has no volumes to split",
-            code="no_volumes",
-            hint="ingest some data first: voxlake ingest SOURCE --catalog URL --store URL",
-        )
     saved = save_split(url, by=by, fractions=fractions, seed=seed, name=name)
     counts = ", ".join(f"{k} {v}" for k, v in saved.counts().items())
     out.print(

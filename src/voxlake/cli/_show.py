@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -10,13 +9,10 @@ import typer
 from rich.text import Text
 
 from voxlake.cli._app import app, console, docs_app, out, write_reference
-from voxlake.errors import ConfigError, StoreError, VoxlakeError
+from voxlake.errors import ConfigError, VoxlakeError
 
 if TYPE_CHECKING:
     from voxlake.viz import VolumeView
-
-#: Lists a catalog's volumes (in the hint for an unknown volume id).
-LIST_VOLUMES_SQL = "SELECT volume_id, modality, series_description FROM volumes"
 
 
 def _parse_window(text: str | None) -> str | tuple[float, float] | None:
@@ -29,23 +25,6 @@ def _parse_window(text: str | None) -> str | tuple[float, float] | None:
             f"cannot read window {text!r}", code="bad_window", hint="e.g. --window 40,400"
         ) from exc
     return level, width
-
-
-def _load(
-    catalog: str, volume_id: str | None, version: int | None, store: str | None
-) -> VolumeView:
-    """:func:`voxlake.viz.load_volume`, with hints whose commands paste into a shell."""
-    from voxlake.viz import load_volume
-
-    try:
-        return load_volume(catalog, volume_id, version=version, store=store)
-    except StoreError as exc:
-        if exc.code != "volume_not_found" or volume_id is None:
-            raise
-        listing = f"voxlake catalog query {shlex.quote(catalog)} {shlex.quote(LIST_VOLUMES_SQL)}"
-        raise StoreError(
-            exc.message, code=exc.code, hint=f"list the ids with: {listing}", **exc.fields
-        ) from exc
 
 
 def _check_time_point(view: VolumeView, t: int) -> None:
@@ -67,7 +46,12 @@ def show(
         Optional[str],  # noqa: UP045
         typer.Argument(help="Volume id or a unique prefix (6+ characters); default: the first."),
     ] = None,
-    out_file: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("view.png"),
+    out_file: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Image to write; its suffix names the format: png, jpg, pdf, svg..."
+        ),
+    ] = Path("view.png"),
     window: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
@@ -84,7 +68,9 @@ def show(
         Optional[str],  # noqa: UP045
         typer.Option(help="Volume store root (default: the catalog row's store_url)."),
     ] = None,
-    dpi: Annotated[int, typer.Option(min=1, help="PNG resolution (12-inch-wide figure).")] = 100,
+    dpi: Annotated[
+        int, typer.Option(min=1, help="Raster image resolution (12-inch-wide figure).")
+    ] = 100,
 ) -> None:
     """Draw a volume: axial, coronal and sagittal planes through its centre, or a montage.
 
@@ -94,10 +80,11 @@ def show(
     Examples: `voxlake show out/catalog --out view.png`,
     `voxlake show out/catalog --window ct-lung --montage --out montage.png`
     """
-    from voxlake.viz import plot_montage, plot_triplanar, save_figure
+    from voxlake.viz import image_format, load_volume, plot_montage, plot_triplanar, save_figure
 
+    image_format(out_file)  # a suffix it cannot write is refused before any reading
     with console.status("reading the volume..."):
-        view = _load(catalog, volume_id, version, store)
+        view = load_volume(catalog, volume_id, version=version, store=store)
         _check_time_point(view, t)
         parsed = _parse_window(window)
         figure = (

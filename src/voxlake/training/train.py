@@ -277,10 +277,17 @@ def _print_epoch(row: dict[str, Any]) -> None:
     )
 
 
+def _metric(name: str, value: float) -> str:
+    """``count 2``, not ``count 2.000``: counts are whole however the metrics store them."""
+    if name == "count" and value.is_integer():
+        return f"{name} {int(value)}"
+    return f"{name} {value:.3f}"
+
+
 def _run_and_print(config: TrainConfig, selection: pd.DataFrame | None) -> None:
     report = run_training(config, selection, on_epoch=_print_epoch)
     if World.detect().is_main:
-        test = ", ".join(f"{k} {v:.3f}" for k, v in report.test.items() if isinstance(v, float))
+        test = ", ".join(_metric(k, v) for k, v in report.test.items() if isinstance(v, float))
         print(f"test: {test}; metrics in {report.metrics_path}", flush=True)
 
 

@@ -28,16 +28,25 @@ on matplotlib's Agg canvas directly; pyplot and its global state are never touch
 from __future__ import annotations
 
 from voxlake.viz.catalog import load_volume, show_volume
-from voxlake.viz.figures import Plane, plot_montage, plot_triplanar, save_figure
+from voxlake.viz.figures import (
+    IMAGE_FORMATS,
+    Plane,
+    image_format,
+    plot_montage,
+    plot_triplanar,
+    save_figure,
+)
 from voxlake.viz.orientation import display_orientation
 from voxlake.viz.view import VolumeView
 from voxlake.viz.windows import WINDOWS, resolve_window
 
 __all__ = [
+    "IMAGE_FORMATS",
     "WINDOWS",
     "Plane",
     "VolumeView",
     "display_orientation",
+    "image_format",
     "load_volume",
     "plot_montage",
     "plot_triplanar",

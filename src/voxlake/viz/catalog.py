@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from voxlake.errors import StoreError
-from voxlake.viz.figures import plot_montage, plot_triplanar, save_figure
+from voxlake.errors import ConfigError, StoreError
+from voxlake.viz.figures import image_format, plot_montage, plot_triplanar, save_figure
 from voxlake.viz.view import VolumeView
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["load_volume", "show_volume"]
+
+#: Fewest characters of a volume id accepted as a prefix (a full id is always accepted).
+_MIN_PREFIX = 6
+
+#: Lists a catalog's volumes (in the hint for an unknown volume id).
+_LIST_SQL = "SELECT volume_id, modality, series_description FROM volumes"
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -62,6 +69,14 @@ def load_volume(
     -------
     VolumeView
         The lazy array and its spacing, affine, units and descriptions.
+
+    Raises
+    ------
+    StoreError
+        ``volume_not_found`` (its hint is a shell command listing the ids) or
+        ``ambiguous_volume_id``.
+    ConfigError
+        ``volume_id_too_short`` for a prefix of fewer than 6 characters.
     """
     import pyarrow.compute as pc
 
@@ -70,8 +85,8 @@ def load_volume(
 
     cat = open_catalog(catalog, version=version, storage_options=storage_options)
     ids = sorted(cat.read("volumes", columns=["volume_id"])["volume_id"].astype(str))
-    listing = f'voxlake catalog query {os.fspath(catalog)} "SELECT volume_id, modality, '
-    listing += 'series_description FROM volumes"'
+    # Quoted so that the hint pastes into a shell whatever the catalog path holds.
+    listing = f"voxlake catalog query {shlex.quote(os.fspath(catalog))} {shlex.quote(_LIST_SQL)}"
     if volume_id is None:
         if not ids:
             raise StoreError(
@@ -80,9 +95,19 @@ def load_volume(
                 hint="ingest some data first: voxlake ingest SOURCE --catalog URL --store URL",
             )
         volume_id = ids[0]
-    matches = sorted(i for i in ids if i.startswith(volume_id)) if len(volume_id) >= 6 else []
     if volume_id in set(ids):
         matches = [volume_id]
+    elif len(volume_id) < _MIN_PREFIX:
+        raise ConfigError(
+            f"volume id prefix {volume_id!r} is too short: give at least {_MIN_PREFIX}"
+            " characters of the id",
+            code="volume_id_too_short",
+            hint=f"list the ids with: {listing}",
+            length=len(volume_id),
+            minimum=_MIN_PREFIX,
+        )
+    else:
+        matches = sorted(i for i in ids if i.startswith(volume_id))
     if not matches:
         raise StoreError(
             f"no volume {volume_id!r} in catalog version {cat.version}",
@@ -148,9 +173,11 @@ def show_volume(
     t
         Time point of a 4D volume.
     out
-        Also write the figure to this PNG file.
+        Also write the figure to this file, in the format its suffix names (png, jpg,
+        pdf, svg...: :data:`~voxlake.viz.IMAGE_FORMATS`).
     dpi
-        Resolution of the PNG (a 12-inch-wide figure at 100 dpi is 1200 pixels wide).
+        Resolution of raster images (a 12-inch-wide figure at 100 dpi is 1200 pixels
+        wide).
 
     Returns
     -------
@@ -162,6 +189,8 @@ def show_volume(
     >>> show_volume("out/catalog", "06fb4940c0e9", window="ct-lung", out="view.png")
     ... # doctest: +SKIP
     """
+    if out is not None:
+        image_format(out)  # refuse a suffix it cannot write before reading anything
     view = load_volume(
         catalog,
         volume_id,

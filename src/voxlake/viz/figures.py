@@ -18,7 +18,14 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["Plane", "plot_montage", "plot_triplanar", "save_figure"]
+__all__ = [
+    "IMAGE_FORMATS",
+    "Plane",
+    "image_format",
+    "plot_montage",
+    "plot_triplanar",
+    "save_figure",
+]
 
 Plane = Literal["axial", "coronal", "sagittal"]
 
@@ -309,11 +316,40 @@ def plot_montage(
     return figure
 
 
+#: File suffixes :func:`save_figure` writes (matplotlib's Agg formats, and its vector ones;
+#: pgf is left out: it needs a LaTeX installation).
+IMAGE_FORMATS: tuple[str, ...] = (
+    "png", "jpg", "jpeg", "tif", "tiff", "webp", "gif", "pdf", "svg", "svgz", "eps", "ps",
+)  # fmt: skip
+
+
+def image_format(out: str | os.PathLike[str]) -> str:
+    """The image format the suffix of ``out`` names (``png`` without a suffix).
+
+    Raises
+    ------
+    ConfigError
+        ``bad_image_format`` for a suffix not in :data:`IMAGE_FORMATS`.
+    """
+    suffix = os.path.splitext(os.fspath(out))[1].lower().lstrip(".")
+    if not suffix:
+        return "png"
+    if suffix not in IMAGE_FORMATS:
+        raise ConfigError(
+            f"cannot write a .{suffix} image",
+            code="bad_image_format",
+            hint=f"use one of the suffixes {', '.join('.' + f for f in IMAGE_FORMATS)}",
+        )
+    return suffix
+
+
 def save_figure(figure: Figure, out: str | os.PathLike[str], *, dpi: int = 100) -> str:
-    """Write ``figure`` as a PNG of exactly ``figsize x dpi`` pixels; return the path."""
+    """Write ``figure`` in the format its suffix names (:func:`image_format`); return the
+    path. Raster images are exactly ``figsize x dpi`` pixels."""
     path = os.fspath(out)
+    fmt = image_format(path)
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    figure.savefig(path, dpi=dpi, format="png", facecolor="white")
+    figure.savefig(path, dpi=dpi, format=fmt, facecolor="white")
     return path
