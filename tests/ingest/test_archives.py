@@ -469,3 +469,26 @@ def test_a_cut_zip_with_a_bad_crc_stops_there(tmp_path):
     with pytest.raises(SourceError) as info:  # a worker asked for it checks the CRC too
         open_bytes(f"zip://IM3::{path}", max_bytes=1 << 20)
     assert info.value.code == "corrupt_archive"
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_a_chained_url_lists_that_part_of_the_archive(tmp_path, kind):
+    """``zip://S0::a.zip`` (a folder of the archive) and ``zip://S0/IM0000.dcm::a.zip``
+    (one member) list those members under the URLs the whole archive gives them; the
+    member reads as extracted. A member that is not there, or a protocol that is not the
+    archive's, is a coded error."""
+    path = _write(tmp_path / f"a.{kind}", kind, _members(20))
+    protocol = "zip" if kind == "zip" else "tar"
+    whole = {ref.url for ref in list_source(path)}
+    folder = [ref.url for ref in list_source(f"{protocol}://S0/::{path}")]
+    assert folder and set(folder) == {u for u in whole if _member(u).startswith("S0/")}
+    (one,) = list_source(f"{protocol}://S1/IM0001.dcm::{path}")
+    assert one.url in whole
+    assert open_bytes(one.url, max_bytes=1 << 20) == _extracted(path)["S1/IM0001.dcm"]
+    with pytest.raises(SourceError) as missing:
+        list(list_source(f"{protocol}://S1/IM9999.dcm::{path}"))
+    assert missing.value.code == "source_not_found"
+    other = "tar" if protocol == "zip" else "zip"
+    with pytest.raises(SourceError) as wrong:
+        list(list_source(f"{other}://S0::{path}"))
+    assert wrong.value.code == "bad_source"

@@ -258,8 +258,8 @@ def ingest(
 
     Example: `voxlake ingest data/sample/dicom --catalog out/catalog --store out/volumes.zarr`
 
-    Sources: folders, files, .zip/.tar(.gz) archives (read member by member), s3:// (or any
-    fsspec) prefixes, and PACS queries such as
+    Sources: folders, files, .zip/.tar(.gz) archives (read member by member) or a part of
+    one (`zip://P001::/data/a.zip`), s3:// (or any fsspec) prefixes, and PACS queries such as
     `dicomweb+http://pacs:8042/dicom-web?StudyInstanceUID=1.2.3` (DICOMweb) or
     `dimse://PACS@pacs:104?StudyInstanceUID=1.2.3` (C-FIND and C-GET).
 

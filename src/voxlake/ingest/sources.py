@@ -140,11 +140,12 @@ def local_path_of(url: str) -> str | None:
 
 def source_root(url: str, storage_options: dict[str, Any] | None = None) -> str | None:
     """The location every URL :func:`list_source` yields for ``url`` is at or under (see
-    :func:`is_under`); None for a PACS query, whose listing is no place."""
+    :func:`is_under`); None for a PACS query, whose listing is no place, and for part of
+    an archive (a chained URL), whose other members are no business of this source."""
     from voxlake.ingest import dicomweb, dimse
 
-    if dicomweb.is_dicomweb(url) or dimse.is_dimse(url):
-        return None
+    if dicomweb.is_dicomweb(url) or dimse.is_dimse(url) or "::" in url:
+        return None  # a PACS query, or part of an archive: not a place to prune
     local = local_path_of(url)
     if local is not None:
         return _local_url(os.path.abspath(local)).rstrip("/") or "/"
@@ -424,9 +425,43 @@ def list_source(
             raise SourceError("a PACS source needs the de-identification secret")
         yield from pacs.list_instances(text, secret=secret, storage_options=storage_options)
         return
+    if "::" in text:
+        yield from _list_members(
+            text, storage_options=storage_options, max_member_bytes=max_member_bytes
+        )
+        return
     local = local_path_of(text)
     items = _walk_local(local) if local is not None else _walk_fsspec(text, storage_options)
     yield from _expand(items, storage_options=storage_options, max_member_bytes=max_member_bytes)
+
+
+def _list_members(
+    url: str, *, storage_options: dict[str, Any] | None, max_member_bytes: int
+) -> Iterator[FileRef | ListingProblem]:
+    """The members of ``url``, a chained URL naming a member or a folder of an archive
+    (``zip://dicom/P001::s3://bucket/a.zip``): the archive listed as a whole source would
+    list it (the same caps and path checks), then only that part of it."""
+    inner, _, archive = url.partition("::")
+    protocol, _, member = inner.partition("://")
+    if not member or "::" in archive or archive_protocol(archive) != protocol:
+        raise SourceError(
+            f"not an archive member URL: {url}",
+            code="bad_source",
+            hint="name a member or folder of a .zip / .tar archive, e.g."
+            " zip://dicom/P001::/data/a.zip, or give the archive itself",
+        )
+    prefix = member.strip("/")
+    found = False
+    for item in list_source(
+        archive, storage_options=storage_options, max_member_bytes=max_member_bytes
+    ):
+        name = item.url.partition("::")[0].partition("://")[2]
+        if "::" in item.url and name != prefix and not name.startswith(prefix + "/"):
+            continue
+        found = found or "::" in item.url
+        yield item
+    if not found:
+        raise SourceError(f"no member {member} in {archive}", code="source_not_found")
 
 
 def open_kwargs(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
