@@ -109,20 +109,37 @@ def _json_records(frame: Any) -> str:
     integers as floats)."""
     types = _sql_types(frame)
     columns = [str(c) for c in frame.columns]
-    dates = {i for i, c in enumerate(columns) if types.get(c) == "DATE"}
-    integers = {i for i, c in enumerate(columns) if _is_integer_type(types.get(c, ""))}
-    records = []
-    for row in frame.itertuples(index=False):
-        record: dict[str, Any] = {}
-        for i, (column, value) in enumerate(zip(columns, row, strict=True)):
-            if i in dates and not _missing(value):
-                record[column] = _date(value)
-            elif i in integers and isinstance(value, float) and value.is_integer():
-                record[column] = int(value)
-            else:
-                record[column] = _json_value(value)
-        records.append(record)
+    values = [
+        _json_column(frame.iloc[:, i], types.get(column, "")) for i, column in enumerate(columns)
+    ]
+    records = [dict(zip(columns, row, strict=True)) for row in zip(*values, strict=True)]
     return json.dumps(records, separators=(",", ":"))
+
+
+def _json_column(column: Any, kind: str) -> list[Any]:
+    """One column's cells as JSON values, converted a column at a time where its dtype
+    says what they all are (a 20 MB result took seconds cell by cell)."""
+    import math
+
+    import numpy as np
+    import pandas as pd
+
+    dtype = column.dtype
+    if kind == "DATE":
+        return [None if _missing(v) else _date(v) for v in column]
+    if isinstance(dtype, np.dtype) and dtype.kind in "iub":
+        return list(column.tolist())
+    if isinstance(dtype, np.dtype) and dtype.kind == "f":
+        exact = _is_integer_type(kind)  # DuckDB hands nullable integers over as floats
+        return [
+            (int(v) if exact and v.is_integer() else v) if math.isfinite(v) else None
+            for v in column.tolist()
+        ]
+    if isinstance(dtype, pd.Int64Dtype | pd.BooleanDtype):
+        return [None if v is pd.NA else v for v in column.tolist()]
+    if isinstance(dtype, pd.DatetimeTZDtype) or (isinstance(dtype, np.dtype) and dtype.kind == "M"):
+        return [None if v is pd.NaT else v.isoformat() for v in column]
+    return [v if type(v) is str else _json_value(v) for v in column]
 
 
 _INTEGER_TYPES = frozenset(
@@ -134,6 +151,10 @@ _INTEGER_TYPES = frozenset(
 
 def _is_integer_type(kind: str) -> bool:
     return kind in _INTEGER_TYPES
+
+
+#: Types whose values are JSON values as they are (``float`` too, when finite).
+_PLAIN = (str, int, bool)
 
 
 def _json_value(value: Any) -> Any:
@@ -148,6 +169,8 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, list | tuple):
+        if all(type(v) in _PLAIN or (type(v) is float and math.isfinite(v)) for v in value):
+            return list(value)  # the common case: numbers or strings, as they are
         return [_json_value(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _json_value(v) for k, v in value.items()}
