@@ -331,3 +331,36 @@ def test_overlapping_sources_list_each_file_once(tmp_path, tiny_sample, dask_cli
     )  # fmt: skip
     assert report.files_seen == len(files) == report.instances
     assert len(open_catalog(str(tmp_path / "cat")).instances) == len(files)
+
+
+def test_a_series_split_differently_keeps_no_old_volume_beside_the_new(
+    tmp_path, tiny_sample, dask_client
+):
+    """Files of a second echo join a catalogued series: it now plans one volume per echo
+    under new ids, and the old whole-series volume is retired instead of staying beside
+    them (the same slices twice for training)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    src, catalog, store, config = _ingested_copy(tmp_path, tiny_sample, dask_client)
+    before = open_catalog(catalog)
+    series = max(
+        (s for s in tiny_sample.series if len(s.files) == s.expected_volume().shape[0]),
+        key=lambda s: len(s.files),
+    )
+    key = keyed_hash(SECRET, "series", series.spec.series_instance_uid)
+    (old,) = before.volumes.volume_id[before.volumes.series_key == key]
+    for file in series.files:  # a second echo of every slice
+        ds = pydicom.dcmread(src / file.relative_to(tiny_sample.root / "dicom"))
+        ds.EchoNumbers = 2
+        ds.EchoTime = 90.0
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(src / file.relative_to(tiny_sample.root / "dicom").with_suffix(".e2.dcm"))
+
+    second = ingest([src], catalog=catalog, store=store, config=config, client=dask_client)
+    assert second.failures == 0 and second.volumes_retired == 1
+    after = open_catalog(catalog)
+    rows = after.volumes[after.volumes.series_key == key]
+    assert old not in set(rows.volume_id)
+    assert len(rows) >= 2, rows.split_key.tolist()
+    assert len(after.volumes) == len(before.volumes) - 1 + len(rows)

@@ -25,6 +25,7 @@ from voxlake.ingest.report import ProgressEvent
 from voxlake.ingest.series import VolumePlan, iter_volume_plans
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,23 @@ def _stale_volumes(volumes: pd.DataFrame, instances: pd.DataFrame) -> pd.DataFra
     return volumes[volumes.apply(stale, axis=1).astype(bool)]
 
 
+def _superseded(volumes: pd.DataFrame, planned: dict[str, set[str]]) -> np.ndarray:
+    """Which ``volumes`` rows belong to series that plan other volumes now: a series
+    split differently (files of a second echo or orientation added, say) plans new volume
+    ids, and its old volume would stay beside them, a duplicate for training. Series that
+    plan nothing now (every part failed) keep theirs (see :func:`_stale_volumes` for
+    changed files)."""
+    import numpy as np
+
+    return np.array(
+        [
+            series in planned and volume not in planned[series]
+            for series, volume in zip(volumes.series_key, volumes.volume_id, strict=True)
+        ],
+        dtype=bool,
+    )
+
+
 class VolumeStage(RunState):
     """The volume builds of a run."""
 
@@ -164,6 +182,7 @@ class VolumeStage(RunState):
         rows: list[dict[str, Any]] = []
         futures: dict[Any, VolumePlan] = {}
         rebuilt: set[str] = set()
+        planned: dict[str, set[str]] = {}  # series_key -> the volume ids it plans now
         instances, refused = self._without_damaged_archives(instances)
         rows += [r for r in refused if r["failure_id"] not in known_failures]
         for result in iter_volume_plans(
@@ -182,6 +201,7 @@ class VolumeStage(RunState):
                     rows.append(row)
                 continue
             plan = result
+            planned.setdefault(plan.series_key, set()).add(plan.volume_id)
             if steps is not None:
                 plan = dataclasses.replace(plan, revision=_digest(plan.revision, steps))
             fid = failure_row(
@@ -194,10 +214,12 @@ class VolumeStage(RunState):
                 futures[self._submit(client, plan)] = plan
                 rebuilt.add(plan.volume_id)
         # A stale volume that is being rebuilt is replaced by its new row (or retired if
-        # the build fails); the others are retired now.
-        self.stale = dict(zip(stale.volume_id, stale.revision, strict=True))
-        self.stale = {k: v for k, v in self.stale.items() if k in rebuilt}
-        self._retire(stale[~stale.volume_id.isin(rebuilt)])
+        # the build fails); the others are retired now, with those superseded.
+        self.stale = {
+            v: r for v, r in zip(stale.volume_id, stale.revision, strict=True) if v in rebuilt
+        }
+        done = stale.index[~stale.volume_id.isin(rebuilt)]
+        self._retire(volumes[volumes.index.isin(done) | _superseded(volumes, planned)])
         self.count_failures(rows)
         self.commit({"failures": rows}, "assemble")
         self._note_failed(rows)
