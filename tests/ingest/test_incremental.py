@@ -84,6 +84,17 @@ def _ingested_copy(tmp_path, tiny_sample, dask_client):
     return src, catalog, store, config
 
 
+def _longest_volume(tiny_sample, catalog):
+    """The sample's longest series stored whole: (series, series_key, volume_id)."""
+    series = max(
+        (s for s in tiny_sample.series if len(s.files) == s.expected_volume().shape[0]),
+        key=lambda s: len(s.files),
+    )
+    key = keyed_hash(SECRET, "series", series.spec.series_instance_uid)
+    (volume_id,) = catalog.volumes.volume_id[catalog.volumes.series_key == key]
+    return series, key, volume_id
+
+
 def test_a_series_whose_files_were_overwritten_loses_its_volume_row(
     tmp_path, tiny_sample, dask_client
 ):
@@ -154,12 +165,7 @@ def test_a_series_whose_changed_files_no_longer_build_loses_its_old_volume(
 
     src, catalog, store, config = _ingested_copy(tmp_path, tiny_sample, dask_client)
     before = open_catalog(catalog)
-    series = max(
-        (s for s in tiny_sample.series if len(s.files) == s.expected_volume().shape[0]),
-        key=lambda s: len(s.files),
-    )
-    key = keyed_hash(SECRET, "series", series.spec.series_instance_uid)
-    (old,) = before.volumes.volume_id[before.volumes.series_key == key]
+    series, key, old = _longest_volume(tiny_sample, before)
     middle = series.files[len(series.files) // 2]
     edit_dicom(src / middle.relative_to(tiny_sample.root / "dicom"), change)
 
@@ -344,12 +350,7 @@ def test_a_series_split_differently_keeps_no_old_volume_beside_the_new(
 
     src, catalog, store, config = _ingested_copy(tmp_path, tiny_sample, dask_client)
     before = open_catalog(catalog)
-    series = max(
-        (s for s in tiny_sample.series if len(s.files) == s.expected_volume().shape[0]),
-        key=lambda s: len(s.files),
-    )
-    key = keyed_hash(SECRET, "series", series.spec.series_instance_uid)
-    (old,) = before.volumes.volume_id[before.volumes.series_key == key]
+    series, key, old = _longest_volume(tiny_sample, before)
     for file in series.files:  # a second echo of every slice
         ds = pydicom.dcmread(src / file.relative_to(tiny_sample.root / "dicom"))
         ds.EchoNumbers = 2

@@ -218,7 +218,9 @@ class HeaderStage(RunState):
         if results:
             collect(HeaderBatch(), flush=True)
         self._heal_archives(listed - self.damaged_archives)
-        self._note_missing(known, seen | listed | trouble, trouble | self.damaged_archives)
+        seen.update(listed)  # archives listed whole, and places with problems, are seen too
+        seen.update(trouble)
+        self._note_missing(known, seen, trouble | self.damaged_archives)
 
     def _note_missing(self, known: set[str], seen: set[str], trouble: set[str]) -> None:
         """Find the catalogued files under this run's sources that the listing did not

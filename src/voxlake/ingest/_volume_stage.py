@@ -119,13 +119,13 @@ def _stale_volumes(volumes: pd.DataFrame, instances: pd.DataFrame) -> pd.DataFra
     hashes = set(instances.content_hash.dropna())
     series = set(instances.series_key.dropna())
 
-    def stale(row: pd.Series) -> bool:
-        sources = row.source_hashes
-        if sources is None or len(sources) == 0:
-            return row.series_key not in series
-        return not hashes.issuperset(sources)
-
-    return volumes[volumes.apply(stale, axis=1).astype(bool)]
+    stale = [
+        series_key not in series
+        if sources is None or len(sources) == 0
+        else not hashes.issuperset(sources)
+        for series_key, sources in zip(volumes.series_key, volumes.source_hashes, strict=True)
+    ]
+    return volumes[stale]
 
 
 def _superseded(volumes: pd.DataFrame, planned: dict[str, set[str]]) -> np.ndarray:
