@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,31 @@ def test_failure_messages_and_logs_hold_no_identifying_value(corpus_run):
     text = "\n".join([*catalog.failures.message, *catalog.failures.subject, corpus_run.log])
     assert "catalog commit" in corpus_run.log  # the capture saw the run at DEBUG
     assert [p for p in planted if p in text] == []
+
+
+def test_readers_warnings_are_codes_of_their_files_not_log_lines(corpus_run):
+    """The two series pydicom warns about (an unknown character set, bytes that are not
+    UTF-8) carry the code in every file's row; no other file carries one; the warnings
+    reach no log or console line (they would name no file, and could quote a value)."""
+    catalog = open_catalog(corpus_run.catalog)
+    instances, volumes = catalog.instances, catalog.volumes
+    coded = {u: list(c) for u, c in zip(instances.url, instances.warnings, strict=True) if len(c)}
+    expected = {
+        str(path): [code]
+        for name, code in (("charset_unknown", "charset_unknown"),
+                           ("charset_invalid_bytes", "charset_decode"))
+        for path in corpus_run.corpus.case(name).written.files
+    }  # fmt: skip
+    assert len(expected) >= 8
+    assert coded == expected
+    for text in ("Unknown encoding", "Failed to decode", "UserWarning"):
+        assert text not in corpus_run.log
+    counts = Counter(c for codes in [*instances.warnings, *volumes.warnings] for c in codes)
+    assert corpus_run.report.warnings_by_code == dict(counts)
+    run = catalog.runs.set_index("run_id").loc[corpus_run.report.run_id]
+    assert json.loads(run.warnings_by_code) == dict(counts)
+    files = Counter(c for codes in instances.warnings for c in codes)
+    assert catalog.summary()["warnings_by_code"] == dict(files)
 
 
 def test_a_rerun_over_the_corpus_adds_nothing(corpus_run, tmp_path, dask_client):

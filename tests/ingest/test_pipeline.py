@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -473,6 +474,9 @@ def test_the_cli_prints_a_command_that_shows_what_failed(tmp_path, tiny_sample, 
     shutil.copytree(tiny_sample.root / "dicom", source)
     victim = sorted(source.rglob("*.dcm"))[3]
     victim.write_bytes(victim.read_bytes()[:300])  # cut inside its header
+    odd = sorted(source.rglob("*.dcm"))[5]  # read with a warning, and kept
+    assert odd.read_bytes().count(b"ISO_IR 100") == 1
+    odd.write_bytes(odd.read_bytes().replace(b"ISO_IR 100", b"ISO_IR 999"))
     catalog = tmp_path / "my catalog"
     done = subprocess.run(
         [voxlake, "ingest", str(source), "--catalog", str(catalog), "--store",
@@ -489,3 +493,19 @@ def test_the_cli_prints_a_command_that_shows_what_failed(tmp_path, tiny_sample, 
     )
     assert shown.returncode == 0, shown.stderr
     assert "truncated_header" in shown.stdout and "file" in shown.stdout
+    assert "warning: charset_unknown" in done.stdout
+    hint = [line for line in done.stderr.splitlines() if line.startswith("files read with")]
+    assert len(hint) == 1, done.stderr
+    command = shlex.split(hint[0].split(": ", 1)[1])
+    assert command[:4] == ["voxlake", "catalog", "query", str(catalog)]
+    shown = subprocess.run(
+        [voxlake, *command[1:], "--format", "csv"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[1:] == [f"charset_unknown,1,{odd}"]
+    shown = subprocess.run(
+        [voxlake, "catalog", "show", str(catalog)], capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"files with warning charset_unknown\s*│\s*1\s", shown.stdout), shown.stdout

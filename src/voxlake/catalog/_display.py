@@ -32,6 +32,8 @@ def summary_html(catalog: Catalog) -> str:
         parts.append(_html_table(info["volumes_by_modality"], ("modality", "volumes")))
     if info["failures_by_code"]:
         parts.append(_html_table(info["failures_by_code"], ("failure code", "count")))
+    if info["warnings_by_code"]:
+        parts.append(_html_table(info["warnings_by_code"], ("warning code", "files")))
     runs = catalog.read("runs", columns=["run_id", "status", "started_at", "volumes_written"])
     if len(runs):
         runs = runs.sort_values("started_at").tail(5)

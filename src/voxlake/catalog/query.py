@@ -317,13 +317,15 @@ class Catalog:
 
     # -- display ---------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        """Counts per table and per modality / failure code."""
+        """Counts per table, volumes per modality, failures per code and files per warning
+        code."""
         volumes = self.read("volumes", columns=["modality", "nbytes"])
         failures = self.read("failures", columns=["code"])
         with self._reading():
             rows = {
                 name: self.dataset(name).count_rows() for name in ("instances", "runs", "labels")
             }
+            warned = self._warnings_by_code()
         return {
             "url": self.url,
             "version": self.version,
@@ -336,7 +338,21 @@ class Catalog:
             "volume_bytes": int(volumes["nbytes"].sum()) if len(volumes) else 0,
             "volumes_by_modality": volumes["modality"].value_counts().to_dict(),
             "failures_by_code": failures["code"].value_counts().to_dict(),
+            "warnings_by_code": warned,
         }
+
+    def _warnings_by_code(self) -> dict[str, int]:
+        """Warning code to the number of files (``instances.warnings``) carrying it, most
+        frequent first; empty for a catalog written before warnings were recorded."""
+        import pyarrow.compute as pc
+
+        instances = self.dataset("instances")
+        if "warnings" not in instances.schema.names:
+            return {}
+        codes = pc.list_flatten(instances.to_table(columns=["warnings"]).column("warnings"))
+        counts = pc.value_counts(codes).to_pylist()
+        ranked = sorted(counts, key=lambda c: (-c["counts"], c["values"]))
+        return {c["values"]: c["counts"] for c in ranked}
 
     def _repr_html_(self) -> str:
         from voxlake.catalog._display import summary_html

@@ -228,6 +228,13 @@ _HEADER_JSON = Column(
     "The whole de-identified header in the DICOM JSON model (PS3.18 F), bulk data dropped.",
 )
 
+_WARNINGS = Column(
+    "warnings",
+    "strs",
+    "Codes of the warnings the readers raised about it (docs/reliability.md), sorted;"
+    " empty when none, null in rows written before voxlake recorded them.",
+)
+
 _VOLUME_COLUMNS: tuple[Column, ...] = (
     Column("volume_id", "str", "Stable id: digest of (series key, split key)."),
     Column("revision", "str", "Digest of the exact inputs; a rebuilt volume gets a new one."),
@@ -348,6 +355,11 @@ _RUN_TABLE_COLUMNS: tuple[Column, ...] = (
     Column("files_pruned", "int", "Rows of missing files the run deleted (--prune)."),
     Column("failures", "int", "Failure rows written."),
     Column("failures_by_code", "str", "JSON object: failure code to count."),
+    Column(
+        "warnings_by_code",
+        "str",
+        "JSON object: warning code to the number of files and volumes of the run carrying it.",
+    ),
     Column("bytes_read", "int", "Bytes of source files read."),
     Column("duration_s", "float", "Wall-clock duration in seconds."),
     Column(
@@ -387,9 +399,10 @@ _TABLES: dict[str, tuple[Column, ...]] = {
         *_FRAME_COLUMNS,
         *_PIXEL_COLUMNS,
         _HEADER_JSON,
+        _WARNINGS,
         *_RUN_COLUMNS,
     ),
-    "volumes": (*_VOLUME_COLUMNS, *_RUN_COLUMNS),
+    "volumes": (*_VOLUME_COLUMNS, _WARNINGS, *_RUN_COLUMNS),
     "failures": (*_FAILURE_COLUMNS, *_RUN_COLUMNS),
     "runs": _RUN_TABLE_COLUMNS,
     "labels": _LABEL_COLUMNS,

@@ -201,7 +201,7 @@ def catalog_show(
     url: Annotated[str, typer.Argument(help="Catalog root.")],
     version: Annotated[Optional[int], typer.Option(help="Catalog version to read.")] = None,  # noqa: UP045
 ) -> None:
-    """Summarise a catalog: counts, modalities, failures by code, recent runs.
+    """Summarise a catalog: counts, modalities, failures and warnings by code, recent runs.
 
     Example: `voxlake catalog show out/catalog`
     """
@@ -216,6 +216,8 @@ def catalog_show(
         table.add_row(Text(f"  volumes {modality}"), str(count))
     for code, count in info["failures_by_code"].items():
         table.add_row(f"  failure {code}", str(count))
+    for code, count in info["warnings_by_code"].items():
+        table.add_row(f"  files with warning {code}", str(count))
     out.print(table)
 
 

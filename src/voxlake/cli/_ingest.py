@@ -48,6 +48,10 @@ FAILURES_QUERY = (
     "SELECT code, stage, count(*) AS n, any_value(message) AS example FROM failures "
     "GROUP BY ALL ORDER BY n DESC"
 )
+WARNINGS_QUERY = (
+    "SELECT code, count(*) AS files, any_value(url) AS example FROM (SELECT url,"
+    " unnest(warnings) AS code FROM instances) GROUP BY code ORDER BY files DESC"
+)
 
 
 #: Shorter de-identification secrets are warned about (the keys are HMACs of it).
@@ -82,6 +86,8 @@ def _print_report(report: IngestReport) -> None:
         )
     for code, count in sorted(report.failures_by_code.items()):
         table.add_row(f"  failure: {code}", str(count))
+    for code, count in sorted(report.warnings_by_code.items()):
+        table.add_row(f"  warning: {code}", str(count))
     out.print(table)
 
 
@@ -165,6 +171,12 @@ def run_ingest(
         console.print(
             "what failed and why (docs/reliability.md explains each code): voxlake catalog "
             f"query {shlex.quote(report.catalog_url)} {shlex.quote(FAILURES_QUERY)}",
+            soft_wrap=True,
+        )
+    if report.warnings_by_code:
+        console.print(
+            "files read with warnings (kept; docs/reliability.md explains each code): voxlake"
+            f" catalog query {shlex.quote(report.catalog_url)} {shlex.quote(WARNINGS_QUERY)}",
             soft_wrap=True,
         )
     return report

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from voxlake.catalog.concurrent import ForeignRows
 from voxlake.catalog.query import open_catalog
@@ -287,6 +288,7 @@ class HeaderStage(RunState):
             self.pixel_spans.update(batch.pixel_spans)
             self.kept.update(batch.kept)
         self.count_failures(batch.failures)
+        self.count_warnings(pc.list_flatten(table.column("warnings")).to_pylist())
         self._absorb(self.foreign.poll(), ok)
         # A file that now parses clears its old failure; one that now fails loses its row.
         healed = [u for u in urls if u in bad]

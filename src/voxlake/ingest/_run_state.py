@@ -26,7 +26,7 @@ from voxlake.ingest.report import (
 from voxlake.ingest.sources import recorded_source
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     import pandas as pd
 
@@ -85,6 +85,7 @@ class RunState:
         self.clock = time.perf_counter()
         self.report = IngestReport(self.run_id, catalog, store, headers_only=config.headers_only)
         self.codes: Counter[str] = Counter()
+        self.warning_codes: Counter[str] = Counter()
         # Catalog URL -> real address, for sources whose address must not be stored
         # (PACS locators hold original UIDs). In memory only, for this run.
         self.locators: dict[str, str] = {}
@@ -132,6 +133,7 @@ class RunState:
             "files_pruned": r.files_pruned,
             "failures": r.failures,
             "failures_by_code": json.dumps(dict(self.codes), sort_keys=True),
+            "warnings_by_code": json.dumps(dict(self.warning_codes), sort_keys=True),
             "bytes_read": r.bytes_read,
             "duration_s": time.perf_counter() - self.clock,
             "message": message,
@@ -146,6 +148,10 @@ class RunState:
         self.report.failures += len(rows)
         self.codes.update(row["code"] for row in rows)
 
+    def count_warnings(self, codes: Iterable[str]) -> None:
+        """Count the warning codes of committed files and volumes (one per subject)."""
+        self.warning_codes.update(codes)
+
     def _note_failed(self, rows: pd.DataFrame | list[dict[str, Any]]) -> None:
         """Remember which series and volumes have failure rows (a superset of the table's:
         the snapshot at planning, this run's own rows and other runs' polled since)."""
@@ -158,6 +164,7 @@ class RunState:
     def finish(self, status: str, message: str | None = None) -> IngestReport:
         self.report.status = status
         self.report.failures_by_code = dict(self.codes)
+        self.report.warnings_by_code = dict(self.warning_codes)
         self.report.duration_s = time.perf_counter() - self.clock
         self.commit({"runs": [self.run_row(status, message)]}, f"run {status}")
         return self.report

@@ -23,6 +23,7 @@ from voxlake.ingest.readers.dicom import build_volume
 from voxlake.ingest.readers.native import STORED_SPAN_COLUMNS, stored_spans, with_pixel_spans
 from voxlake.ingest.report import ProgressEvent
 from voxlake.ingest.series import VolumePlan, iter_volume_plans
+from voxlake.ingest.warning_codes import recording
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,9 +70,13 @@ def build_volume_task(plan: VolumePlan, **kwargs: Any) -> dict[str, Any] | Refus
     """:func:`~voxlake.ingest.readers.dicom.build_volume` on a worker, with its failures
     as values. A task that raises is logged by its worker as "Compute Failed" with a
     traceback: once per refused series on the console, for what is an expected,
-    catalogued outcome. An error no failure code describes still raises."""
+    catalogued outcome. An error no failure code describes still raises. The codes of the
+    warnings the readers raised while building it are the row's ``warnings``."""
     try:
-        return build_volume(plan, **kwargs)
+        with recording() as warned:
+            row = build_volume(plan, **kwargs)
+        row["warnings"] = warned.since(0)
+        return row
     except (VoxlakeError, OSError) as exc:
         full = _no_room(exc)
         if full is not None:
@@ -364,6 +369,7 @@ class VolumeStage(RunState):
     def _commit_volumes(self, rows: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
         self.report.volumes_written += len(rows)
         self.count_failures(failures)
+        self.count_warnings(code for row in rows for code in row.get("warnings") or ())
         # The series now assembles: clear its old assembly (and volume) failures, if it
         # has any (a delete that matches nothing is still a Delta commit).
         if self.foreign_failures is not None:

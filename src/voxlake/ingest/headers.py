@@ -22,10 +22,12 @@ from voxlake.ingest import fetched
 from voxlake.ingest.dicom_bytes import PIXEL_KEYWORDS
 from voxlake.ingest.file_reads import read_ahead
 from voxlake.ingest.hashing import content_hash
+from voxlake.ingest.warning_codes import recording
 from voxlake.keys import keyed_hash
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from concurrent.futures import Future
 
     import pyarrow as pa
     import pydicom
@@ -354,55 +356,97 @@ def read_headers(
     refs: Iterable[FileRef], *, secret: str, config: IngestConfig, run_id: str
 ) -> HeaderBatch:
     """Parse a batch of files into instance rows and failure rows (runs on a worker)."""
-    from voxlake.ingest.header_json import HeaderCleaner
-    from voxlake.ingest.header_template import TemplateParser
-
     refs = list(refs)  # a generator is welcome too: the files are gone over twice
     batch = HeaderBatch()
-    # One per batch: series repeat most of their header from file to file.
-    cleaner = HeaderCleaner(secret, config.deid, _element_columns)
-    parser = TemplateParser(max_bytes=config.max_file_bytes)  # ... and their structure
-    layouts: Layouts = {}  # ... and their pixel layout
-    memo = _RowMemo()  # ... and their identifiers and frame columns
     # PACS instances are kept on this worker for the volume tasks (retrieved once).
     keeper = None
     if config.pacs_cache_bytes and not config.headers_only and any(r.locator for r in refs):
         keeper = fetched.worker_address()
-    for ref, read in read_ahead(refs, config):
-        try:
-            data = read.result()
-            batch.bytes_read += len(data)
-            row = _instance_row(
-                ref,
-                data,
-                secret=secret,
-                config=config,
-                run_id=run_id,
-                cleaner=cleaner,
-                parser=parser,
-                layouts=layouts,
-                memo=memo,
-                key_map=batch.key_map if config.key_map_url else None,
-                pixel_spans=batch.pixel_spans,
-            )
-            batch.instances.append(row)
-            if (
-                keeper is not None
-                and ref.locator is not None
-                and fetched.keep(run_id, ref.locator, data, budget=config.pacs_cache_bytes)
-            ):
-                batch.kept[ref.url] = keeper
-        except Exception as exc:  # a parser bug on hostile bytes must not stop the run either
-            if config.on_error == "raise":
-                raise
-            error = (
-                exc
-                if isinstance(exc, VoxlakeError)
-                else HeaderError(f"unexpected {type(exc).__name__} while reading header")
-            )
-            batch.failures.append(_file_failure(ref, error, run_id))
+    with recording() as warned:
+        memos: _Memos | None = None
+        for ref, read in read_ahead(refs, config):
+            if memos is None:
+                memos = _Memos.new(secret, config)
+            start = len(warned.codes)
+            _read_one(ref, read, batch, memos, secret=secret, config=config, run_id=run_id,
+                      keeper=keeper)  # fmt: skip
+            if len(warned.codes) > start:
+                # A warning is raised where a value is first converted: a file remembered
+                # from would spare the next files theirs, and their codes with it.
+                memos = None
+                if batch.instances and batch.instances[-1]["url"] == ref.url:
+                    batch.instances[-1]["warnings"] = warned.since(start)
     batch.table = _drop_rows_the_catalog_cannot_hold(batch, refs, config=config, run_id=run_id)
     return batch
+
+
+@dataclass
+class _Memos:
+    """What a header task remembers from file to file."""
+
+    cleaner: HeaderCleaner  # series repeat most of their header from file to file
+    parser: TemplateParser  # ... and their structure
+    layouts: Layouts  # ... and their pixel layout
+    row: _RowMemo  # ... and their identifiers and frame columns
+
+    @classmethod
+    def new(cls, secret: str, config: IngestConfig) -> _Memos:
+        from voxlake.ingest.header_json import HeaderCleaner
+        from voxlake.ingest.header_template import TemplateParser
+
+        return cls(
+            HeaderCleaner(secret, config.deid, _element_columns),
+            TemplateParser(max_bytes=config.max_file_bytes),
+            {},
+            _RowMemo(),
+        )
+
+
+def _read_one(
+    ref: FileRef,
+    read: Future[bytes],
+    batch: HeaderBatch,
+    memos: _Memos,
+    *,
+    secret: str,
+    config: IngestConfig,
+    run_id: str,
+    keeper: str | None,
+) -> None:
+    """Add `ref`'s instance row (or its failure row) to `batch`."""
+    try:
+        data = read.result()
+        batch.bytes_read += len(data)
+        row = _instance_row(
+            ref,
+            data,
+            secret=secret,
+            config=config,
+            run_id=run_id,
+            cleaner=memos.cleaner,
+            parser=memos.parser,
+            layouts=memos.layouts,
+            memo=memos.row,
+            key_map=batch.key_map if config.key_map_url else None,
+            pixel_spans=batch.pixel_spans,
+        )
+        row["warnings"] = []
+        batch.instances.append(row)
+        if (
+            keeper is not None
+            and ref.locator is not None
+            and fetched.keep(run_id, ref.locator, data, budget=config.pacs_cache_bytes)
+        ):
+            batch.kept[ref.url] = keeper
+    except Exception as exc:  # a parser bug on hostile bytes must not stop the run either
+        if config.on_error == "raise":
+            raise
+        error = (
+            exc
+            if isinstance(exc, VoxlakeError)
+            else HeaderError(f"unexpected {type(exc).__name__} while reading header")
+        )
+        batch.failures.append(_file_failure(ref, error, run_id))
 
 
 def catalog_headers(

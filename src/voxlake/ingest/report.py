@@ -74,6 +74,9 @@ class IngestReport:
     empty_sources: list[str] = field(default_factory=list)
     failures: int = 0
     failures_by_code: dict[str, int] = field(default_factory=dict)
+    #: Warning code (``docs/reliability.md``) to the number of files and volumes of this
+    #: run that carry it (in ``instances.warnings`` and ``volumes.warnings``).
+    warnings_by_code: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
     duration_s: float = 0.0
     dashboard_link: str | None = None
