@@ -339,6 +339,24 @@ def test_overlapping_sources_list_each_file_once(tmp_path, tiny_sample, dask_cli
     assert len(open_catalog(str(tmp_path / "cat")).instances) == len(files)
 
 
+def test_the_listing_fills_the_callers_set_and_skips_what_it_holds(tmp_path, tiny_sample):
+    """The header stage hands its set of seen URLs to the listing (one set of every URL
+    on the driver): files and problems land in it, and URLs already in it are skipped."""
+    from voxlake.ingest import iter_file_batches
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_sample.root / "dicom", src)
+    (src / "broken.zip").write_bytes(b"PK\x03\x04 not a zip")
+    files = sorted(str(p) for p in src.rglob("*") if p.is_file() and p.suffix != ".zip")
+    listed = {files[0]}
+    batches = list(iter_file_batches([src, src], batch_size=7, listed=listed))
+    yielded = [f.url for fs, _ in batches for f in fs]
+    problems = [p.url for _, ps in batches for p in ps]
+    assert sorted(yielded) == files[1:]
+    assert problems == [str(src / "broken.zip")]
+    assert listed == {*files, *problems}
+
+
 def test_a_series_split_differently_keeps_no_old_volume_beside_the_new(
     tmp_path, tiny_sample, dask_client
 ):

@@ -149,9 +149,8 @@ class HeaderStage(RunState):
     def headers(self, client: Any) -> None:
         from distributed import as_completed
 
-        ok, bad = self.seen_files()
-        known = set(ok) | set(bad)  # catalogued before this run: see _note_missing
-        seen: set[str] = set()  # every URL this run's listing yielded
+        ok, bad = self.seen_files()  # catalogued before this run: see _note_missing too
+        seen: set[str] = set()  # every URL this run's listing yielded (filled by it)
         trouble: set[str] = set()  # where the listing hit a problem
         pending = as_completed()
         listed: set[str] = set()  # archives with members in this run's listing
@@ -176,9 +175,9 @@ class HeaderStage(RunState):
             storage_options=self.config.storage_options,
             max_member_bytes=self.config.max_file_bytes,
             secret=self.secret,
+            listed=seen,
         ):
             self.report.files_seen += len(files)
-            seen.update(f.url for f in files)
             trouble.update(p.url for p in problems)
             listed.update(filter(None, map(archive_of, (f.url for f in files))))
             self.damaged_archives.update(p.url for p in problems if p.code == "corrupt_archive")
@@ -219,11 +218,12 @@ class HeaderStage(RunState):
         if results:
             collect(HeaderBatch(), flush=True)
         self._heal_archives(listed - self.damaged_archives)
-        seen.update(listed)  # archives listed whole, and places with problems, are seen too
-        seen.update(trouble)
-        self._note_missing(known, seen, trouble | self.damaged_archives)
+        seen.update(listed)  # archives listed whole are seen too (and problems, listed)
+        self._note_missing((ok, bad), seen, trouble | self.damaged_archives)
 
-    def _note_missing(self, known: set[str], seen: set[str], trouble: set[str]) -> None:
+    def _note_missing(
+        self, known: tuple[dict[str, Any], ...], seen: set[str], trouble: set[str]
+    ) -> None:
         """Find the catalogued files under this run's sources that the listing did not
         yield: deleted, moved or renamed since they were catalogued (:meth:`prune` drops
         them). A source that listed nothing (an empty folder, a share not mounted) is left
@@ -239,10 +239,14 @@ class HeaderStage(RunState):
             else:
                 self.report.empty_sources.append(recorded_source(source))
         self.missing = sorted(
-            url
-            for url in known - seen
-            if any(is_under(url, root) for root in roots)
-            and not any(is_under(url, place) for place in trouble)
+            {
+                url
+                for urls in known  # catalogued before this run, as dicts keyed by URL
+                for url in urls
+                if url not in seen
+                and any(is_under(url, root) for root in roots)
+                and not any(is_under(url, place) for place in trouble)
+            }
         )
         self.report.files_missing = len(self.missing)
 

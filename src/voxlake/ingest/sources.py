@@ -483,12 +483,19 @@ def iter_file_batches(
     storage_options: dict[str, Any] | None = None,
     max_member_bytes: int = _UNLIMITED,
     secret: str | None = None,
+    listed: set[str] | None = None,
 ) -> Iterator[tuple[list[FileRef], list[ListingProblem]]]:
     """Yield ``(files, problems)`` batches of at most ``batch_size`` files across sources,
-    each file once however many of the sources hold it (a folder and a subfolder of it)."""
+    each file once however many of the sources hold it (a folder and a subfolder of it).
+
+    ``listed``: a set the URL of every file and problem yielded is added to (URLs in it
+    before are not yielded), for a caller that needs them afterwards: one set of every
+    URL on the driver, not two.
+    """
     files: list[FileRef] = []
     problems: list[ListingProblem] = []
-    listed: set[str] = set()
+    if listed is None:
+        listed = set()
     for source in sources:
         for item in list_source(
             source,
