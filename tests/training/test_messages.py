@@ -1,4 +1,5 @@
-"""What `voxlake train` says: unknown labels, and counts printed as whole numbers."""
+"""What `voxlake train` says: unknown labels, counts printed as whole numbers, and why a
+metric has no value."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from voxlake.training.train import main
+from voxlake.training.train import _metrics_text, main
 
 
 def test_train_on_an_unknown_label_names_the_attached_ones(
@@ -42,3 +43,15 @@ def test_the_test_line_prints_counts_as_whole_numbers(
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("test:"))
     count = line.split("count ", 1)[1].split(",")[0].split(";")[0]
     assert count.isdigit(), line  # "count 2", not "count 2.000"
+    assert "nan" not in line
+
+
+def test_a_metric_without_a_value_says_why() -> None:
+    """``auc nan`` on a test split of one class; every metric ``nan`` without samples."""
+    nan = float("nan")
+    one_class = {"loss": 0.25, "accuracy": 1.0, "auc": nan, "count": 2.0}
+    assert _metrics_text(one_class) == "loss 0.250, accuracy 1.000, auc n/a (one class), count 2"
+    empty = {"loss": nan, "accuracy": nan, "auc": nan, "count": 0.0}
+    assert _metrics_text(empty) == (
+        "loss n/a (no samples), accuracy n/a (no samples), auc n/a (no samples), count 0"
+    )

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -218,9 +219,9 @@ def _run(
         }
         history.append(row)
         logger.info(
-            "epoch %d: train loss %.4f acc %.3f, validation loss %.4f acc %.3f auc %.3f",
+            "epoch %d: train loss %.4f acc %.3f, validation loss %.4f acc %.3f %s",
             epoch, train_metrics["loss"], train_metrics["accuracy"], validation["loss"],
-            validation["accuracy"], validation["auc"],
+            validation["accuracy"], _metric("auc", validation["auc"], validation),
         )  # fmt: skip
         save_training_state(
             paths["checkpoint.pt"], device, progress=None, stream=train_stream,
@@ -272,23 +273,34 @@ def _print_epoch(row: dict[str, Any]) -> None:
     print(
         f"epoch {row['epoch']}: train loss {train['loss']:.4f} acc {train['accuracy']:.3f}"
         f" | validation loss {val['loss']:.4f} acc {val['accuracy']:.3f}"
-        f" auc {val['auc']:.3f}",
+        f" {_metric('auc', val['auc'], val)}",
         flush=True,
     )
 
 
-def _metric(name: str, value: float) -> str:
-    """``count 2``, not ``count 2.000``: counts are whole however the metrics store them."""
+def _metric(name: str, value: float, metrics: dict[str, Any]) -> str:
+    """``count 2``, not ``count 2.000``: counts are whole however the metrics store them.
+    A metric that has no value says why instead of ``nan``: no samples, or (the AUC)
+    samples of one class only."""
     if name == "count" and value.is_integer():
         return f"{name} {int(value)}"
+    if math.isnan(value):
+        if not metrics.get("count"):
+            return f"{name} n/a (no samples)"
+        if name == "auc":
+            return f"{name} n/a (one class)"
     return f"{name} {value:.3f}"
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    """The test line's metrics: ``loss 0.693, accuracy 0.500, auc n/a (one class), count 2``."""
+    return ", ".join(_metric(k, v, metrics) for k, v in metrics.items() if isinstance(v, float))
 
 
 def _run_and_print(config: TrainConfig, selection: pd.DataFrame | None) -> None:
     report = run_training(config, selection, on_epoch=_print_epoch)
     if World.detect().is_main:
-        test = ", ".join(_metric(k, v) for k, v in report.test.items() if isinstance(v, float))
-        print(f"test: {test}; metrics in {report.metrics_path}", flush=True)
+        print(f"test: {_metrics_text(report.test)}; metrics in {report.metrics_path}", flush=True)
 
 
 def launch(config: TrainConfig, nproc: int, *, selection: pd.DataFrame | None = None) -> int:
