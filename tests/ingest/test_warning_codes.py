@@ -201,3 +201,32 @@ def _read_one(path: Path) -> dict[str, tuple[list[str], dict]]:
     row = batch.instances[0]
     row.pop("ingested_at")
     return {path.name: (row.pop("warnings"), row)}
+
+
+@pytest.mark.integration
+def test_a_volume_built_in_spite_of_a_warning_carries_its_code(tmp_path, dask_client) -> None:
+    """Pixel data a few bytes longer than the frame (padding pydicom removes, with a
+    warning): the volume is stored exactly and carries the code; its files do not."""
+    import numpy as np
+    import pydicom
+
+    from voxlake.catalog import open_catalog
+    from voxlake.ingest import ingest
+    from voxlake.volumes import read_volume
+
+    written = write_series(spec_for("padded", n_slices=4), tmp_path / "src" / "padded")
+    for path in written.files:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = ds.PixelData + b"\0" * 4
+        ds.save_as(path)
+    report = ingest(
+        [tmp_path / "src"], catalog=str(tmp_path / "cat"), store=str(tmp_path / "v.zarr"),
+        config=IngestConfig(secret=SECRET), client=dask_client,
+    )  # fmt: skip
+    catalog = open_catalog(str(tmp_path / "cat"))
+    assert [list(w) for w in catalog.volumes.warnings] == [["excess_pixel_data"]]
+    assert [list(w) for w in catalog.instances.warnings] == [[]] * len(written.files)
+    assert report.warnings_by_code == {"excess_pixel_data": 1}
+    row = catalog.volumes.iloc[0]
+    data, _ = read_volume(row.store_url, row.store_path)
+    assert np.array_equal(data, written.expected_volume())

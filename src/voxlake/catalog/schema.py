@@ -231,8 +231,14 @@ _HEADER_JSON = Column(
 _WARNINGS = Column(
     "warnings",
     "strs",
-    "Codes of the warnings the readers raised about it (docs/reliability.md), sorted;"
-    " empty when none, null in rows written before voxlake recorded them.",
+    "Codes of the warnings the readers raised about the file (docs/reliability.md),"
+    " sorted; empty when none, null in rows written before voxlake recorded them.",
+)
+_VOLUME_WARNINGS = Column(
+    "warnings",
+    "strs",
+    "Codes of the warnings raised while the volume was built (decoding its pixel data:"
+    " docs/reliability.md), sorted; its files' own are in instances.warnings.",
 )
 
 _VOLUME_COLUMNS: tuple[Column, ...] = (
@@ -402,7 +408,7 @@ _TABLES: dict[str, tuple[Column, ...]] = {
         _WARNINGS,
         *_RUN_COLUMNS,
     ),
-    "volumes": (*_VOLUME_COLUMNS, _WARNINGS, *_RUN_COLUMNS),
+    "volumes": (*_VOLUME_COLUMNS, _VOLUME_WARNINGS, *_RUN_COLUMNS),
     "failures": (*_FAILURE_COLUMNS, *_RUN_COLUMNS),
     "runs": _RUN_TABLE_COLUMNS,
     "labels": _LABEL_COLUMNS,
