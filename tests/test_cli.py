@@ -316,3 +316,10 @@ def test_json_records_convert_each_kind_of_column():
         {"i": 2**62, "f": None, "inf": -1.25, "n": None, "b": False,
          "t": None, "l": [2, 3], "s": None, "k": None},
     ]  # fmt: skip
+
+
+def test_the_summary_rate_keeps_a_decimal_below_ten_files_a_second() -> None:
+    """A re-run that read one changed file in 2.6 s printed "0 files/s"."""
+    from voxlake.cli._ingest import _rate
+
+    assert [_rate(v) for v in (0.0, 1 / 2.6, 9.94, 10.2, 211.7)] == ["0", "0.4", "9.9", "10", "212"]

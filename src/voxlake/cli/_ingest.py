@@ -70,7 +70,7 @@ def _print_report(report: IngestReport) -> None:
         ("failures", report.failures),
         ("MB read", f"{report.bytes_read / 1e6:.1f}"),
         ("duration", f"{report.duration_s:.1f} s"),
-        ("throughput", f"{report.mb_per_s:.1f} MB/s, {report.files_per_s:.0f} files/s"),
+        ("throughput", f"{report.mb_per_s:.1f} MB/s, {_rate(report.files_per_s)} files/s"),
         ("catalog version", report.catalog_version),
     ):
         table.add_row(name, str(value))
@@ -89,6 +89,11 @@ def _print_report(report: IngestReport) -> None:
     for code, count in sorted(report.warnings_by_code.items()):
         table.add_row(f"  warning: {code}", str(count))
     out.print(table)
+
+
+def _rate(value: float) -> str:
+    """``212``, but ``0.4`` rather than ``0`` for a run that read a file or two."""
+    return f"{value:.0f}" if value >= 10 or value == 0 else f"{value:.1f}"
 
 
 def _options_or(
