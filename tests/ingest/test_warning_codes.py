@@ -230,3 +230,33 @@ def test_a_volume_built_in_spite_of_a_warning_carries_its_code(tmp_path, dask_cl
     row = catalog.volumes.iloc[0]
     data, _ = read_volume(row.store_url, row.store_path)
     assert np.array_equal(data, written.expected_volume())
+
+
+@pytest.mark.integration
+def test_a_float_image_with_nan_voxels_is_stored_as_is_and_says_so(tmp_path, dask_client) -> None:
+    """NaN outside the mask of a float NIfTI: stored voxel for voxel, counted, and left
+    out of the intensity figures (they were NaN, and so was z-scoring from them)."""
+    import nibabel as nib
+    import numpy as np
+
+    from voxlake.catalog import open_catalog
+    from voxlake.ingest import ingest
+    from voxlake.volumes import read_volume
+
+    data = np.random.default_rng(3).normal(100, 20, (12, 10, 6)).astype(np.float32)
+    data[:3] = np.nan
+    (tmp_path / "src").mkdir()
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "src" / "masked.nii.gz")
+    report = ingest(
+        [tmp_path / "src"], catalog=str(tmp_path / "cat"), store=str(tmp_path / "v.zarr"),
+        config=IngestConfig(secret=SECRET), client=dask_client,
+    )  # fmt: skip
+    row = open_catalog(str(tmp_path / "cat")).volumes.iloc[0]
+    assert list(row.warnings) == ["non_finite_values"]
+    assert report.warnings_by_code == {"non_finite_values": 1}
+    assert row.intensity_non_finite == int(np.isnan(data).sum())
+    finite = data[np.isfinite(data)].astype(np.float64)
+    assert row.intensity_mean == pytest.approx(finite.mean(), rel=1e-6)
+    assert row.intensity_std == pytest.approx(finite.std(), rel=1e-6)
+    stored, _ = read_volume(row.store_url, row.store_path)
+    assert stored.size == data.size and int(np.isnan(stored).sum()) == row.intensity_non_finite

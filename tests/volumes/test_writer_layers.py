@@ -108,7 +108,7 @@ class _PreviousStats:
         var = max(self.total_sq / self.count - mean * mean, 0.0)
         p01, p50, p99 = (float(v) for v in np.percentile(np.concatenate(self.samples), [1, 50, 99]))
         return {"min": self.low, "max": self.high, "mean": mean, "std": var**0.5,
-                "p01": p01, "p50": p50, "p99": p99}  # fmt: skip
+                "p01": p01, "p50": p50, "p99": p99, "non_finite": 0}  # fmt: skip
 
 
 def _previous(data: np.ndarray, config: StoreConfig) -> dict[str, float]:
@@ -152,6 +152,31 @@ def test_statistics_are_numpys_on_the_whole_volume(tmp_path: Path) -> None:
     sample = data.reshape(-1)[::31].astype(np.float32)
     expected = [float(v) for v in np.percentile(sample, [1, 50, 99])]
     assert [stats.p01, stats.p50, stats.p99] == expected
+
+
+def test_nan_and_infinite_voxels_are_counted_and_left_out_of_the_statistics(
+    tmp_path: Path,
+) -> None:
+    """A float image with NaN outside its mask (common in NIfTI): the figures are those
+    of the finite voxels (they were all NaN), and the others are counted."""
+    data = make((40, 30, 33), np.float32, seed=5)
+    data[np.random.default_rng(5).random(data.shape) < 0.2] = np.nan
+    data[0, 0, :3] = [np.inf, -np.inf, np.nan]
+    _, result = _write(tmp_path / "some", data, StoreConfig(), depth=7)
+    finite = data[np.isfinite(data)].astype(np.float64)
+    stats = result.stats
+    assert stats.non_finite == data.size - finite.size > 0
+    assert (stats.min, stats.max) == (finite.min(), finite.max())
+    assert stats.mean == pytest.approx(finite.mean(), rel=1e-9)
+    assert stats.std == pytest.approx(finite.std(), rel=1e-9)
+    sample = data.reshape(-1)[::31]  # one shard layer: storage order is visiting order
+    expected = [float(v) for v in np.percentile(sample[np.isfinite(sample)], [1, 50, 99])]
+    assert [stats.p01, stats.p50, stats.p99] == expected
+
+    data[:] = np.nan
+    _, result = _write(tmp_path / "none", data, StoreConfig(), depth=7)
+    assert result.stats.non_finite == data.size
+    assert all(np.isnan(v) for k, v in result.stats.__dict__.items() if k != "non_finite")
 
 
 def test_4d_statistics_visit_shard_layers_in_order(tmp_path: Path) -> None:

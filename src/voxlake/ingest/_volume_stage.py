@@ -75,7 +75,10 @@ def build_volume_task(plan: VolumePlan, **kwargs: Any) -> dict[str, Any] | Refus
     try:
         with recording() as warned:
             row = build_volume(plan, **kwargs)
-        row["warnings"] = warned.since(0)
+        codes = warned.since(0)
+        if row.get("intensity_non_finite"):
+            codes = sorted({*codes, "non_finite_values"})
+        row["warnings"] = codes
         return row
     except (VoxlakeError, OSError) as exc:
         full = _no_room(exc)

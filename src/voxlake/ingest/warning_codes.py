@@ -92,6 +92,13 @@ _CODES: Final[tuple[tuple[str, str, str], ...]] = (
         r"(overflow|invalid value|divide by zero) encountered",
     ),
     (
+        "non_finite_values",
+        "The volume holds NaN or infinite voxels (a float image: NIfTI, MINC): stored as"
+        " they are, counted in intensity_non_finite and left out of its intensity figures."
+        " Training's z-scoring leaves them NaN.",
+        r"(?!)",  # found in the values, not raised by a reader
+    ),
+    (
         "reader_warning",
         "Any other warning a reader raised about the file (the message is not kept: it may"
         " quote a value).",

@@ -16,6 +16,7 @@ shard (:class:`~voxlake.volumes.sharded.ShardWriter`). The volume is made visibl
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
@@ -57,6 +58,8 @@ class IntensityStats:
     p01: float
     p50: float
     p99: float
+    #: Voxels that are NaN or infinite (float images only), left out of every figure above.
+    non_finite: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,9 @@ class _StatsAccumulator:
         self._depth = shape[-3]
         self._shard_depth = shard_depth
         self._plane = shape[-2] * shape[-1]
-        # visiting index -> (sum, sum of squares, min, max, percentile sample)
-        self._planes: dict[int, tuple[float, float, float, float, np.ndarray]] = {}
+        # visiting index -> (sum, sum of squares, min, max, percentile sample, voxels left
+        # out: NaN or infinite)
+        self._planes: dict[int, tuple[float, float, float, float, np.ndarray, int]] = {}
         self._scratch = _Scratch()
 
     def _visit(self, lead: int, z: int) -> int:
@@ -106,30 +110,44 @@ class _StatsAccumulator:
             lead = int(np.ravel_multi_index(index[:-1], leads)) if leads else 0
             visit = self._visit(lead, z0 + index[-1])
             start = (-visit * self._plane) % _PERCENTILE_STRIDE
+            sample = plane[start::_PERCENTILE_STRIDE].astype(np.float32)
+            left_out = 0
+            if plane.dtype.kind == "f":  # NaN or infinite voxels would make every figure NaN
+                finite = np.isfinite(plane)
+                left_out = plane.size - int(np.count_nonzero(finite))
+                if left_out:
+                    plane = plane[finite]
+                sample = sample[np.isfinite(sample)]  # float32 may overflow a float64 value
             self._planes[visit] = (
                 *_plane_sums(plane, self._scratch),
-                float(plane.min()),
-                float(plane.max()),
-                plane[start::_PERCENTILE_STRIDE].astype(np.float32),
+                float(plane.min()) if plane.size else math.inf,
+                float(plane.max()) if plane.size else -math.inf,
+                sample,
+                left_out,
             )
 
     def result(self) -> IntensityStats:
-        if not self._planes or self._plane == 0:
-            nan = float("nan")
-            return IntensityStats(nan, nan, nan, nan, nan, nan, nan)
-        count, total, total_sq, low, high = 0, 0.0, 0.0, np.inf, -np.inf
+        """The figures of the finite voxels; all NaN when there is none."""
+        count, total, total_sq, low, high, left_out = 0, 0.0, 0.0, math.inf, -math.inf, 0
         samples = []
         for visit in sorted(self._planes):
-            plane_sum, plane_sq, plane_low, plane_high, sample = self._planes[visit]
-            count += self._plane
+            plane_sum, plane_sq, plane_low, plane_high, sample, bad = self._planes[visit]
+            count += self._plane - bad
+            left_out += bad
             total += plane_sum
             total_sq += plane_sq
             low, high = min(low, plane_low), max(high, plane_high)
             samples.append(sample)
+        nan = math.nan
+        if count == 0:
+            return IntensityStats(nan, nan, nan, nan, nan, nan, nan, non_finite=left_out)
         mean = total / count
         var = max(total_sq / count - mean * mean, 0.0)
-        p01, p50, p99 = (float(v) for v in np.percentile(np.concatenate(samples), [1, 50, 99]))
-        return IntensityStats(low, high, mean, var**0.5, p01, p50, p99)
+        sampled = np.concatenate(samples)
+        p01, p50, p99 = (
+            (float(v) for v in np.percentile(sampled, [1, 50, 99])) if sampled.size else (nan,) * 3
+        )
+        return IntensityStats(low, high, mean, var**0.5, p01, p50, p99, non_finite=left_out)
 
 
 def _plane_sums(plane: np.ndarray, scratch: _Scratch | None = None) -> tuple[float, float]:

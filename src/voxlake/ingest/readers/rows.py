@@ -85,6 +85,7 @@ def volume_row(
         "intensity_p01": stats["p01"],
         "intensity_p50": stats["p50"],
         "intensity_p99": stats["p99"],
+        "intensity_non_finite": int(stats.get("non_finite", 0)),  # not in older stores
         "preprocessing": json.dumps(attrs.get("preprocessing", [])),
         "run_id": run_id,
         "ingested_at": dt.datetime.now(dt.UTC),
