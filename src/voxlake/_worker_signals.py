@@ -11,6 +11,13 @@ A stopped run closes its cluster with volume tasks running, and each worker then
 warning per running task ("Async instruction for <Task cancelled ...> ended with
 CancelledError"), which distributed's own comment says happens exclusively in
 ``Worker.close()``; those lines are dropped too, and nothing else that logger says.
+
+The scheduler of a local cluster lives in the driver: when the driver stops (a second
+Ctrl-C aborts its orderly close), a worker whose heartbeat finds the connection closed
+logged "Failed to communicate with scheduler during heartbeat" with two chained
+tracebacks, after the driver's own message. That record is dropped when the cause is the
+closed connection (``CommClosedError``); a heartbeat failing for any other reason is
+still logged.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ def dask_setup(worker: Any) -> None:
     state_machine = logging.getLogger("distributed.worker.state_machine")
     if not any(isinstance(f, _TasksCancelledOnClose) for f in state_machine.filters):
         state_machine.addFilter(_TasksCancelledOnClose())
+    worker_log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _SchedulerGone) for f in worker_log.filters):
+        worker_log.addFilter(_SchedulerGone())
 
 
 class _TasksCancelledOnClose(logging.Filter):
@@ -39,4 +49,15 @@ class _TasksCancelledOnClose(logging.Filter):
             record.levelno == logging.WARNING
             and message.startswith("Async instruction for")
             and message.endswith("ended with CancelledError")
+        )
+
+
+class _SchedulerGone(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from distributed.comm.core import CommClosedError
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not (
+            record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
+            and isinstance(error, CommClosedError)
         )

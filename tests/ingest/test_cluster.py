@@ -138,6 +138,42 @@ def test_local_workers_leave_ctrl_c_to_the_driver_and_drop_close_noise(dask_clie
         ]
 
 
+def _heartbeat_failures_logged() -> list[str]:
+    import logging
+
+    from distributed.comm.core import CommClosedError
+
+    class Kept(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            cause = type(record.exc_info[1]).__name__ if record.exc_info else ""
+            self.messages.append(f"{record.getMessage()} ({cause})")
+
+    logger = logging.getLogger("distributed.worker")
+    kept = Kept()
+    logger.addHandler(kept)
+    try:
+        for error in (CommClosedError("in <TCP (closed) heartbeat>"), OSError("no route")):
+            try:
+                raise error
+            except OSError:  # as Worker.heartbeat logs it
+                logger.exception("Failed to communicate with scheduler during heartbeat.")
+    finally:
+        logger.removeHandler(kept)
+    return kept.messages
+
+
+def test_a_heartbeat_to_a_scheduler_gone_away_is_not_logged(dask_client):
+    """The local scheduler lives in the driver: stopped by a second Ctrl-C, it closes
+    before its workers, and a worker's heartbeat logged its closed connection with two
+    tracebacks after the driver's message. Any other heartbeat failure is still logged."""
+    for messages in dask_client.run(_heartbeat_failures_logged).values():
+        assert messages == ["Failed to communicate with scheduler during heartbeat. (OSError)"]
+
+
 def test_a_busy_dashboard_port_is_no_warning(recwarn):
     """Dask moves the dashboard to a free port (the link reports it) and warned at length
     ("Port 8787 is already in use. Perhaps you already have a cluster running?")."""
