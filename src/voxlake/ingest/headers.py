@@ -368,14 +368,14 @@ def read_headers(
             if memos is None:
                 memos = _Memos.new(secret, config)
             start = len(warned.codes)
-            _read_one(ref, read, batch, memos, secret=secret, config=config, run_id=run_id,
-                      keeper=keeper)  # fmt: skip
+            row = _read_one(ref, read, batch, memos, secret=secret, config=config,
+                            run_id=run_id, keeper=keeper)  # fmt: skip
             if len(warned.codes) > start:
                 # A warning is raised where a value is first converted: a file remembered
                 # from would spare the next files theirs, and their codes with it.
                 memos = None
-                if batch.instances and batch.instances[-1]["url"] == ref.url:
-                    batch.instances[-1]["warnings"] = warned.since(start)
+            if row is not None:
+                row["warnings"] = warned.since(start)
     batch.table = _drop_rows_the_catalog_cannot_hold(batch, refs, config=config, run_id=run_id)
     return batch
 
@@ -412,8 +412,8 @@ def _read_one(
     config: IngestConfig,
     run_id: str,
     keeper: str | None,
-) -> None:
-    """Add `ref`'s instance row (or its failure row) to `batch`."""
+) -> dict[str, Any] | None:
+    """Add `ref`'s instance row (or its failure row) to `batch`; return the instance row."""
     try:
         data = read.result()
         batch.bytes_read += len(data)
@@ -430,7 +430,6 @@ def _read_one(
             key_map=batch.key_map if config.key_map_url else None,
             pixel_spans=batch.pixel_spans,
         )
-        row["warnings"] = []
         batch.instances.append(row)
         if (
             keeper is not None
@@ -438,6 +437,7 @@ def _read_one(
             and fetched.keep(run_id, ref.locator, data, budget=config.pacs_cache_bytes)
         ):
             batch.kept[ref.url] = keeper
+        return row
     except Exception as exc:  # a parser bug on hostile bytes must not stop the run either
         if config.on_error == "raise":
             raise
@@ -447,6 +447,7 @@ def _read_one(
             else HeaderError(f"unexpected {type(exc).__name__} while reading header")
         )
         batch.failures.append(_file_failure(ref, error, run_id))
+        return None
 
 
 def catalog_headers(

@@ -140,8 +140,7 @@ class Recording:
         return sorted(set(self.codes[start:]))
 
 
-_local = threading.local()
-_recordings: dict[int, Recording] = {}  # by thread id, for log records
+_recordings: dict[int, Recording] = {}  # the active recording of each thread, by id
 _lock = threading.Lock()
 _users = 0  # threads recording now
 _saved: Any = None  # the catch_warnings that restores the filters and showwarning
@@ -165,7 +164,7 @@ _PYDICOM_LOG: Final = _PydicomLog()
 
 def recorded() -> int:
     """How many warnings the calling thread recorded so far (0 when not recording)."""
-    active: Recording | None = getattr(_local, "recording", None)
+    active = _recordings.get(threading.get_ident())
     return len(active.codes) if active is not None else 0
 
 
@@ -177,7 +176,7 @@ def _show(
     file: Any = None,
     line: str | None = None,
 ) -> None:
-    active: Recording | None = getattr(_local, "recording", None)
+    active = _recordings.get(threading.get_ident())
     if (
         active is not None
         and issubclass(category, UserWarning | RuntimeWarning)
@@ -199,7 +198,7 @@ def recording() -> Iterator[Recording]:
     """
     global _users, _saved, _shown
     thread = threading.get_ident()
-    outer: Recording | None = getattr(_local, "recording", None)
+    outer = _recordings.get(thread)
     active = Recording()
     with _lock:
         if _users == 0:
@@ -212,11 +211,9 @@ def recording() -> Iterator[Recording]:
             logging.getLogger("pydicom").addFilter(_PYDICOM_LOG)
         _users += 1
         _recordings[thread] = active
-    _local.recording = active
     try:
         yield active
     finally:
-        _local.recording = outer
         if outer is not None:
             outer.codes.extend(active.codes)
         with _lock:
